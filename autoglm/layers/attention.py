@@ -1,0 +1,133 @@
+"""Attention over a block-paged KV cache for a packed batch of sequences.
+
+A step's batch is packed: all new tokens of all sequences are concatenated along one axis `T`. `AttentionContext`
+describes how `T` splits into sequences and where each new token's K/V goes in the cache. It is the only metadata a
+model's forward receives besides `input_ids`, `positions` and optional `inputs_embeds`; it is passed explicitly
+(never a module global).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class AttentionContext:
+    """Per-step attention metadata.
+
+    query_lens[i]   new tokens of sequence i in this step (sum == T)
+    context_lens[i] tokens of sequence i in the cache after this step (already cached + new)
+    slot_mapping    [T] int64, flat cache slot (block * block_size + offset) of each new token's K/V
+    block_tables    [B, max_blocks] int64, the cache blocks of each sequence in order (padding: any valid block id)
+    With `slot_mapping is None` no cache is used: each sequence attends causally over its new tokens only
+    (context_lens must equal query_lens); this is the path for one-shot scoring without an engine.
+    """
+
+    query_lens: list[int]
+    context_lens: list[int]
+    slot_mapping: Tensor | None = None
+    block_tables: Tensor | None = None
+    is_decode: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_decode = all(q == 1 for q in self.query_lens)
+
+    @classmethod
+    def no_cache(cls, lengths: list[int]) -> AttentionContext:
+        return cls(query_lens=list(lengths), context_lens=list(lengths))
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention with GQA; owns this layer's K/V cache (set by the runner, not loaded).
+
+    k_cache / v_cache: [num_blocks, block_size, num_kv_heads, head_dim] or None.
+    """
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None = None
+    ) -> None:
+        super().__init__()
+        self.sliding_window = sliding_window  # a query at position p sees keys p - window < j <= p
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.k_cache: Tensor | None = None
+        self.v_cache: Tensor | None = None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        # q: [T, H, D]; k, v: [T, KV, D] -> [T, H, D]
+        if ctx.slot_mapping is None or self.k_cache is None:
+            return self._uncached(q, k, v, ctx)
+        kc, vc = self.k_cache, self.v_cache
+        assert vc is not None and ctx.block_tables is not None
+        block_size = kc.shape[1]
+        kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
+        vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+        if ctx.is_decode:
+            return self._decode(q, ctx, block_size)
+        outs = []
+        start = 0
+        for i, (ql, cl) in enumerate(zip(ctx.query_lens, ctx.context_lens)):
+            qi = q[start : start + ql]
+            start += ql
+            if ql == cl:  # nothing cached before: attend over the new tokens directly
+                ki, vi = k[start - ql : start], v[start - ql : start]
+            else:
+                nb = (cl + block_size - 1) // block_size
+                blocks = ctx.block_tables[i, :nb]
+                ki = kc[blocks].flatten(0, 1)[:cl].to(q.dtype)
+                vi = vc[blocks].flatten(0, 1)[:cl].to(q.dtype)
+            outs.append(self._causal(qi, ki, vi))
+        return torch.cat(outs, 0)
+
+    def _uncached(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        outs = []
+        start = 0
+        for ql in ctx.query_lens:
+            sl = slice(start, start + ql)
+            outs.append(self._causal(q[sl], k[sl], v[sl]))
+            start += ql
+        return torch.cat(outs, 0)
+
+    def _causal(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q: [S, H, D], k/v: [C, KV, D] with C >= S; query j sees keys 0 .. C - S + j
+        s, c = q.shape[0], k.shape[0]
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if s == c and (self.sliding_window is None or self.sliding_window >= c):
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            mask = torch.ones(s, c, dtype=torch.bool, device=q.device).tril(c - s)
+            if self.sliding_window is not None:
+                mask &= ~torch.ones(s, c, dtype=torch.bool, device=q.device).tril(c - s - self.sliding_window)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(0, 1)
+
+    def _decode(self, q: Tensor, ctx: AttentionContext, block_size: int) -> Tensor:
+        # One new token per sequence: gather every sequence's blocks at once and mask the tail.
+        assert self.k_cache is not None and self.v_cache is not None and ctx.block_tables is not None
+        bsz = len(ctx.query_lens)
+        max_ctx = max(ctx.context_lens)
+        nb = (max_ctx + block_size - 1) // block_size
+        tables = ctx.block_tables[:, :nb]
+        k = self.k_cache[tables].flatten(1, 2)[:, :max_ctx].to(q.dtype)  # [B, L, KV, D]
+        v = self.v_cache[tables].flatten(1, 2)[:, :max_ctx].to(q.dtype)
+        lens = torch.tensor(ctx.context_lens, device=q.device)
+        idx = torch.arange(max_ctx, device=q.device)[None, :]
+        mask = idx < lens[:, None]
+        if self.sliding_window is not None:
+            mask &= idx >= lens[:, None] - self.sliding_window
+        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        out = F.scaled_dot_product_attention(
+            q.view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
+        )  # [B, H, 1, D]
+        return out.transpose(1, 2).reshape(bsz, self.num_heads, self.head_dim)

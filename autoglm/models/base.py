@@ -1,0 +1,39 @@
+"""The contract between models, the loader and the engine.
+
+A decoder is an `nn.Module` built on the `meta` device from a config and filled by a loader. The engine never
+looks inside it: it calls `embed_tokens`, `forward` and `compute_logits`, and attaches K/V caches to the
+`Attention` modules it finds (`autoglm.layers.attention.Attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from autoglm.layers.attention import AttentionContext
+
+
+@runtime_checkable
+class DecoderModel(Protocol):
+    """Packed-batch causal decoder.
+
+    embed_tokens(input_ids [T]) -> [T, D]           input embeddings, already scaled as the model needs
+    forward(input_ids [T], positions [T] or [3, T], ctx, inputs_embeds [T, D] | None) -> hidden [T, D]
+        `positions` is 3-row for M-RoPE models (`uses_mrope`), else 1-row; when `inputs_embeds` is given
+        `input_ids` is ignored (media embeddings have been merged into it by the runner).
+    compute_logits(hidden [N, D]) -> [N, vocab] float32
+    """
+
+    uses_mrope: bool
+    vocab_size: int
+    hidden_size: int
+    max_position_embeddings: int
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor: ...
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext, inputs_embeds: Tensor | None = None
+    ) -> Tensor: ...
+
+    def compute_logits(self, hidden: Tensor) -> Tensor: ...
