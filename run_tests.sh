@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs system packages (Chromium for the status-page test),
+# creates .venv, installs autoglm with its test extras (torch==2.13.0 CPU), then runs pytest.
+# Extra arguments go to pytest (e.g. `./run_tests.sh -m slow`, `./run_tests.sh tests/unit -x`).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "[run_tests] installing chromium (headless status-page test)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[run_tests] creating .venv"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+echo "[run_tests] installing autoglm[test]"
+.venv/bin/python -m pip install -q -e '.[test]'
+
+export PYTHONUNBUFFERED=1
+exec .venv/bin/python -m pytest "$@"
