@@ -1,0 +1,90 @@
+"""Engine configuration: one frozen dataclass built once by a factory.
+
+Precedence for every field: explicit value (CLI flag / keyword) > `AUTOGLM_<FIELD>` environment variable > value from
+the model files (e.g. the context length) > the built-in default below.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from autoglm.errors import InvalidRequest
+
+ENV_PREFIX = "AUTOGLM_"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of the batch-first engine (scheduler, KV cache, runner)."""
+
+    max_model_len: int | None = None  # None: the model's context length
+    max_num_seqs: int = 16  # requests in one batch
+    max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decode tokens)
+    block_size: int = 16  # tokens per KV cache block
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None: kv_cache_fraction of available RAM
+    kv_cache_fraction: float = 0.25
+    num_kv_blocks: int | None = None  # exact block count (tests, benchmarks); overrides the memory budget
+    kv_cache_dtype: str = "auto"  # "auto" = the decoder's dtype
+    max_waiting: int = 1024  # waiting-queue bound; beyond it add_request raises Overloaded
+    enable_prefix_caching: bool = False  # seam only: see kv_cache.KVCacheManager
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}", param=name)
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidRequest(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise InvalidRequest(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+
+    @classmethod
+    def from_sources(
+        cls,
+        explicit: Mapping[str, Any] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        model_values: Mapping[str, Any] | None = None,
+    ) -> EngineConfig:
+        """Merge flag values (None = not given) > AUTOGLM_* env > model-file values > defaults.
+
+        Unknown explicit keys raise InvalidRequest naming them (typos in `LLM(**engine_kwargs)` must not pass silently).
+        """
+        explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
+        env = os.environ if env is None else env
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(explicit) - set(known))
+        if unknown:
+            raise InvalidRequest(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for name in known:
+            if name in explicit:
+                values[name] = explicit[name]
+            elif (raw := env.get(ENV_PREFIX + name.upper())) not in (None, ""):
+                values[name] = _parse_env(name, raw, hints[name])
+            elif model_values and model_values.get(name) is not None:
+                values[name] = model_values[name]
+        return cls(**values)
+
+
+def _parse_env(name: str, raw: str, hint: Any) -> Any:
+    # Field types are `T` or `T | None`; take the non-None member.
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return hint(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"environment variable {ENV_PREFIX}{name.upper()}={raw!r} is not a valid {hint.__name__}"
+        ) from None
