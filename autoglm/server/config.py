@@ -1,0 +1,168 @@
+"""ServerConfig: every `autoglm serve` flag, each also readable from an `AUTOGLM_<FLAG>` environment variable.
+
+Precedence: command-line flag > `AUTOGLM_*` environment variable > built-in default (model files supply sampling
+defaults later, per request). One table (`_OPTIONS`) drives argparse, the environment and the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from autoglm.errors import ConfigError
+
+# Server-wide defaults for how reasoning reaches the client (API_NOTES §2). Requests may override per call.
+REASONING_FORMATS = ("merged", "separate", "inline", "hidden")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str | None = None  # None: the built-in default model
+    mmproj: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: tuple[str, ...] = ()  # first = the name /v1/models reports; the rest are aliases
+    api_key: str | None = None
+    max_model_len: int | None = None
+    reasoning_format: str = "merged"
+    allowed_local_media_path: str | None = None
+    allow_remote_media: bool = False
+    limit_mm_per_prompt: int = 8
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 24_000_000
+    remote_media_timeout: float = 5.0
+    dtype: str = "auto"
+    device: str = "cpu"
+    no_vision: bool = False
+    max_num_seqs: int | None = None
+    kv_cache_memory: int | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise ConfigError(
+                f"--reasoning-format must be one of {', '.join(REASONING_FORMATS)}, got {self.reasoning_format!r}"
+            )
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.limit_mm_per_prompt < 0:
+            raise ConfigError(f"--limit-mm-per-prompt must be >= 0, got {self.limit_mm_per_prompt}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+
+    @classmethod
+    def from_sources(
+        cls, cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerConfig:
+        """Merge flags (values of None mean "not given") over `AUTOGLM_*` variables over defaults."""
+        cli = cli or {}
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for opt in _OPTIONS:
+            if cli.get(opt.dest) is not None and cli.get(opt.dest) != ():
+                values[opt.dest] = _coerce(opt, cli[opt.dest], source=opt.flags[0])
+            elif opt.env in environ and environ[opt.env] != "":
+                values[opt.dest] = _coerce(opt, environ[opt.env], source=opt.env)
+        return cls(**values)
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """For the status page: everything but the API key."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        out["api_key"] = "set" if self.api_key else None
+        out["served_model_name"] = list(self.served_model_name)
+        return out
+
+
+@dataclass(frozen=True)
+class _Option:
+    flags: tuple[str, ...]
+    dest: str
+    kind: type  # str, int, float, bool, list
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "AUTOGLM_" + self.dest.upper()
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option(("-m", "--model"), "model", str, "model directory or .gguf file (default: the built-in model)"),
+    _Option(("--mmproj",), "mmproj", str, "GGUF vision projector for a GGUF model (llama.cpp's --mmproj)"),
+    _Option(("--host",), "host", str, "bind address (default 127.0.0.1; use 0.0.0.0 to serve the network)"),
+    _Option(("--port",), "port", int, "TCP port (default 8000)"),
+    _Option(
+        ("--served-model-name",), "served_model_name", list, "name clients send as `model`; repeat for aliases",
+        metavar="NAME",
+    ),
+    _Option(("--api-key",), "api_key", str, "require `Authorization: Bearer KEY` on /v1 (default: off)"),
+    _Option(("--max-model-len",), "max_model_len", int, "context window in tokens (default: the model's)"),
+    _Option(
+        ("--reasoning-format",), "reasoning_format", str, "default reasoning placement (see README's thinking table)",
+        choices=REASONING_FORMATS,
+    ),
+    _Option(
+        ("--allowed-local-media-path",), "allowed_local_media_path", str,
+        "directory under which file:// and plain-path images may be read (default: none)",
+    ),
+    _Option(("--allow-remote-media",), "allow_remote_media", bool, "allow http(s) image URLs (default: refused)"),
+    _Option(("--limit-mm-per-prompt",), "limit_mm_per_prompt", int, "most images in one prompt (default 8)"),
+    _Option(("--max-image-bytes",), "max_image_bytes", int, "largest encoded image accepted (default 20 MiB)"),
+    _Option(("--max-image-pixels",), "max_image_pixels", int, "largest width*height accepted (default 24M)"),
+    _Option(("--remote-media-timeout",), "remote_media_timeout", float, "seconds for fetching a remote image"),
+    _Option(("--dtype",), "dtype", str, "weight dtype: auto, float32, bfloat16, float16"),
+    _Option(("--device",), "device", str, "device for the model: cpu, cuda, cuda:1, ..."),
+    _Option(("--no-vision",), "no_vision", bool, "do not load the vision encoder (text-only)"),
+    _Option(("--max-num-seqs",), "max_num_seqs", int, "most requests decoded together"),
+    _Option(("--kv-cache-memory",), "kv_cache_memory", int, "bytes for the KV cache (default: engine's choice)"),
+    _Option(("--log-level",), "log_level", str, "debug, info, warning, error"),
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(opt: _Option, value: Any, *, source: str) -> Any:
+    try:
+        if opt.kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+        if opt.kind is list:
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            return tuple(s.strip() for s in items if s.strip())
+        result = opt.kind(value)
+        if opt.choices and result not in opt.choices:
+            raise ValueError(f"expected one of {', '.join(opt.choices)}")
+        return result
+    except ValueError as exc:
+        raise ConfigError(f"{source}={value!r} is not a valid {opt.kind.__name__}: {exc}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every server flag; defaults are None so `from_sources` can tell "not given" from "given"."""
+    for opt in _OPTIONS:
+        help_text = f"{opt.help} [env {opt.env}]"
+        if opt.kind is bool:
+            parser.add_argument(*opt.flags, dest=opt.dest, action="store_const", const=True, default=None,
+                                help=help_text)
+        elif opt.kind is list:
+            parser.add_argument(*opt.flags, dest=opt.dest, action="append", default=None, metavar=opt.metavar,
+                                help=help_text)
+        else:
+            parser.add_argument(*opt.flags, dest=opt.dest, type=opt.kind, default=None, choices=opt.choices,
+                                metavar=opt.metavar, help=help_text)
+
+
+def option_table() -> list[tuple[str, str, str]]:
+    """(flags, env var, help) rows, for documentation."""
+    return [(", ".join(o.flags), o.env, o.help) for o in _OPTIONS]

@@ -1,0 +1,211 @@
+"""Pydantic models of the OpenAI wire formats we accept (API_NOTES §2).
+
+Requests are validated here; a validation failure becomes an OpenAI-shaped 400 in `errors_http`. Unknown keys are
+allowed (vLLM ignores and logs them) and reported by `unknown_keys()` so the route can log them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from autoglm.engine.sampling_params import SamplingParams
+from autoglm.errors import InvalidRequest
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def unknown_keys(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+# --- message content parts -------------------------------------------------------------------------------------
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Lenient):
+    url: str
+    detail: str | None = None
+
+
+class ImageURLPart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_string(cls, value: Any) -> Any:
+        # Some clients send `"image_url": "data:..."` instead of `{"url": ...}`.
+        return {"url": value} if isinstance(value, str) else value
+
+
+class InputAudio(_Lenient):
+    data: str
+    format: str = "wav"
+
+
+class InputAudioPart(_Lenient):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImageURLPart | InputAudioPart, Field(discriminator="type")]
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    reasoning_content: str | None = None  # accepted on assistant history (llama.cpp / DeepSeek name)
+    reasoning: str | None = None  # accepted on assistant history (vLLM / Ollama name)
+
+    def to_engine(self) -> dict[str, Any]:
+        """The OpenAI-style dict `build_chat_prompt` takes ("developer" is a system turn for chat templates)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        if isinstance(self.content, list):
+            out["content"] = [part.model_dump(exclude_none=True) for part in self.content]
+        else:
+            out["content"] = self.content if self.content is not None else ""
+        reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        if reasoning is not None:
+            out["reasoning_content"] = reasoning
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+# --- requests --------------------------------------------------------------------------------------------------
+class _SamplingFields(_Lenient):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    user: str | None = None
+
+    def check_n(self) -> None:
+        if self.n != 1:
+            raise InvalidRequest(f"only n=1 is supported, got n={self.n}", param="n")
+
+    def base_sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=[s for s in stop if s],
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        params.validate()
+        return params
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    return_reasoning: bool | None = None
+    reasoning_format: str | None = None
+    # Accepted so that common clients do not fail; we do not implement tool calling or JSON mode yet.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _non_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value:
+            raise ValueError("messages must contain at least one message")
+        return value
+
+    def thinking(self) -> bool | None:
+        """`enable_thinking`, top level or in `chat_template_kwargs` (top level wins)."""
+        if self.enable_thinking is not None:
+            return self.enable_thinking
+        value = (self.chat_template_kwargs or {}).get("enable_thinking")
+        return None if value is None else bool(value)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling_params(self) -> SamplingParams:
+        self.check_n()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.base_sampling(self.requested_max_tokens(), logprobs)
+
+    def media_counts(self) -> dict[str, int]:
+        counts = {"image": 0, "audio": 0}
+        for message in self.messages:
+            if isinstance(message.content, list):
+                for part in message.content:
+                    if isinstance(part, ImageURLPart):
+                        counts["image"] += 1
+                    elif isinstance(part, InputAudioPart):
+                        counts["audio"] += 1
+        return counts
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for /v1/completions
+    logprobs: int | None = None  # legacy API: number of top alternatives
+    echo: bool = False
+    suffix: str | None = None
+
+    def single_prompt(self) -> str | list[int]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise InvalidRequest("only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, list) and not prompt or prompt == "":
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        return prompt  # type: ignore[return-value]
+
+    def sampling_params(self) -> SamplingParams:
+        self.check_n()
+        if self.echo:
+            raise InvalidRequest("echo is not supported", param="echo")
+        if self.suffix:
+            raise InvalidRequest("suffix is not supported", param="suffix")
+        return self.base_sampling(self.max_tokens, self.logprobs)

@@ -1,0 +1,86 @@
+"""What the routes share: the loaded model, its engine, the config, metrics and health checks (`app.state.autoglm`)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from autoglm.errors import AuthenticationError, ModelNotFound, ServiceUnavailable
+from autoglm.multimodal.media import MediaPolicy
+from autoglm.server.config import ServerConfig
+from autoglm.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from autoglm.models.loaded import LoadedModel
+    from autoglm.server.health import HealthChecker
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    metrics: Metrics
+    model: LoadedModel | None = None
+    engine: Any = None  # autoglm.engine.async_engine.AsyncEngine (duck-typed so tests can stand in a fake)
+    health: HealthChecker | None = None
+    load_error: str | None = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def media(self) -> MediaPolicy:
+        c = self.config
+        return MediaPolicy(
+            allowed_local_media_path=c.allowed_local_media_path,
+            allow_remote=c.allow_remote_media,
+            max_bytes=c.max_image_bytes,
+            max_pixels=c.max_image_pixels,
+            timeout=c.remote_media_timeout,
+        )
+
+    @property
+    def served_names(self) -> list[str]:
+        if self.config.served_model_name:
+            return list(self.config.served_model_name)
+        return [self.model.name if self.model is not None else "model"]
+
+    @property
+    def max_model_len(self) -> int:
+        engine_len = getattr(getattr(getattr(self.engine, "engine", None), "config", None), "max_model_len", None)
+        if isinstance(engine_len, int):
+            return engine_len
+        if self.config.max_model_len is not None:
+            return self.config.max_model_len
+        return self.model.max_model_len if self.model is not None else 0
+
+    def ready_model(self) -> LoadedModel:
+        if self.model is None or self.engine is None:
+            raise ServiceUnavailable(self.load_error or "the model is still loading; retry when /health/ready is 200")
+        return self.model
+
+    def resolve_model_name(self, requested: str | None) -> str:
+        """The name to echo back; 404 for a name we do not serve (an empty or missing name means the default)."""
+        names = self.served_names
+        if not requested:
+            return names[0]
+        if requested in names:
+            return requested
+        raise ModelNotFound(f"The model `{requested}` does not exist.")
+
+    def check_api_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise AuthenticationError(
+                "Incorrect API key provided. Send the server's key as `Authorization: Bearer KEY`.",
+                code="invalid_api_key",
+            )
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.autoglm
