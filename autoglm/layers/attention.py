@@ -72,7 +72,7 @@ class Attention(nn.Module):
             return self._decode(q, ctx, block_size)
         outs = []
         start = 0
-        for i, (ql, cl) in enumerate(zip(ctx.query_lens, ctx.context_lens)):
+        for i, (ql, cl) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
             qi = q[start : start + ql]
             start += ql
             if ql == cl:  # nothing cached before: attend over the new tokens directly

@@ -1,0 +1,108 @@
+"""Rotary position embeddings: 1-D, partial, interleaved or half-split, and GLM-4.1V's 3-row M-RoPE.
+
+Angles are computed on the fly from the positions (float32, like transformers), so there is no position-length
+cache to size and M-RoPE positions past `max_position_embeddings` still work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from autoglm.errors import ConfigError
+
+
+def rotate_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """GPT-J / GLM style: dims (0,1), (2,3), ... are rotated as pairs. x: [..., R]; cos/sin: [..., R/2]."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+def rotate_half_split(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """GPT-NeoX / LLaMA style: dim i is paired with dim i + R/2. x: [..., R]; cos/sin: [..., R/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to the first `rotary_dim` dims of each head of q and k.
+
+    positions: [T] (1-D), or [3, T] with `mrope_section` (M-RoPE: frequency j takes its position from row
+    r(j), where the frequency axis is split into consecutive chunks of `mrope_section` sizes -> rows 0, 1, 2).
+    """
+
+    def __init__(
+        self,
+        rotary_dim: int,
+        base: float,
+        *,
+        interleaved: bool,
+        mrope_section: list[int] | None = None,
+        scaling: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if rotary_dim % 2:
+            raise ConfigError(f"rotary dimension must be even, got {rotary_dim}")
+        if mrope_section is not None and 2 * sum(mrope_section) != rotary_dim:
+            raise ConfigError(
+                f"mrope_section {mrope_section} must sum to rotary_dim / 2 = {rotary_dim // 2}", param="mrope_section"
+            )
+        self.rotary_dim = rotary_dim
+        self.base = base
+        self.interleaved = interleaved
+        self.mrope_section = list(mrope_section) if mrope_section is not None else None
+        self.scaling = scaling  # position scaling factor (linear rope scaling); 1.0 for GLM
+        # Derived, never loaded: kept out of the state dict (and off `meta`) in a per-device cache.
+        self._tables: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
+
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """-> (inv_freq [R/2] float32, M-RoPE row of each frequency [R/2] or None) on `device`."""
+        if device not in self._tables:
+            exps = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).float() / self.rotary_dim
+            inv_freq = 1.0 / (self.base**exps)
+            rows = None
+            if self.mrope_section is not None:
+                rows = torch.tensor(
+                    [i % 3 for i, n in enumerate(self.mrope_section) for _ in range(n)], dtype=torch.long, device=device
+                )
+            self._tables[device] = (inv_freq, rows)
+        return self._tables[device]
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions [T] or [3, T] -> cos, sin [T, R/2] in `dtype` (rounded like transformers does)."""
+        inv_freq, rows = self._table(positions.device)
+        pos = positions.float()
+        if self.scaling != 1.0:
+            pos = pos / self.scaling
+        if rows is None:
+            if pos.dim() != 1:
+                raise ValueError(f"expected 1-D positions [T], got shape {tuple(positions.shape)}")
+            freqs = pos[:, None] * inv_freq  # [T, R/2]
+        else:
+            if pos.dim() == 1:  # text-only: the same position on all three rows
+                pos = pos.expand(3, -1)
+            if pos.dim() != 2 or pos.shape[0] != 3:
+                raise ValueError(f"expected M-RoPE positions [3, T], got shape {tuple(positions.shape)}")
+            # Frequency j takes its angle from position row rows[j].
+            freqs = pos[rows].transpose(0, 1) * inv_freq  # [T, R/2]
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: [T, H, D] with D >= rotary_dim; cos/sin: [T, R/2] -> [T, H, D]."""
+        r = self.rotary_dim
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+        rotate = rotate_interleaved if self.interleaved else rotate_half_split
+        if r == x.shape[-1]:
+            return rotate(x, cos, sin)
+        return torch.cat((rotate(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+
+    def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        # q: [T, H, D], k: [T, KV, D]
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        return (
+            f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}, "
+            f"mrope_section={self.mrope_section}"
+        )

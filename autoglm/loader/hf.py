@@ -1,0 +1,240 @@
+"""Load a Hugging Face model directory (config.json + safetensors, single or sharded) into a `LoadedModel`.
+
+The model is built on `meta` and every parameter is assigned a tensor read from the mmap'd safetensors files, so
+peak memory is about the weights once. No transformers import; no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from autoglm.errors import ConfigError, CorruptFile, ModelLoadError
+from autoglm.loader.weights import fill_parameters
+from autoglm.models.config import TextConfig, read_config_json
+from autoglm.models.loaded import LoadedModel, ModuleInfo
+from autoglm.models.registry import ModelSpec, hf_spec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# generation_config.json keys that become request defaults (as vLLM applies them)
+_GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "do_sample")
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: TextConfig) -> torch.dtype:
+    """ "auto" -> the checkpoint's torch_dtype/dtype (float32 when absent); else a named float dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"unsupported dtype {dtype}; supported: auto, {', '.join(_DTYPES)}", param="dtype")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name == "auto":
+        return _DTYPES.get(config.torch_dtype or "float32", torch.float32)
+    if name not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(_DTYPES)}", param="dtype")
+    return _DTYPES[name]
+
+
+def resolve_devices(device: str | torch.device | dict[str, Any]) -> dict[str, torch.device]:
+    """A device or {"decoder": ..., "vision": ...} -> one device per module (vision defaults to the decoder's)."""
+    if isinstance(device, dict):
+        unknown = set(device) - {"decoder", "vision"}
+        if unknown:
+            raise ConfigError(f"unknown module(s) in device map: {sorted(unknown)}; known: decoder, vision")
+        dec = torch.device(device.get("decoder", "cpu"))
+        return {"decoder": dec, "vision": torch.device(device.get("vision", dec))}
+    d = torch.device(device)
+    return {"decoder": d, "vision": d}
+
+
+def safetensors_files(root: Path) -> list[Path]:
+    """The checkpoint's safetensors files: from model.safetensors.index.json when present, else all *.safetensors."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CorruptFile(f"{index}: invalid safetensors index ({e})") from e
+        files = [root / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{index} names shard {f.name}, which does not exist")
+        return files
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+            raise ModelLoadError(f"{root}: only pickle weights (*.bin/*.pt) found; we load safetensors only")
+        raise ModelLoadError(f"{root}: no *.safetensors weight files")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
+    """Yield (checkpoint name, tensor) from each file (mmap'd); CorruptFile names the file on a bad header/data."""
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key)
+        except SafetensorError as e:
+            raise CorruptFile(f"{f}: corrupt or truncated safetensors file ({e})") from e
+
+
+def read_generation_config(root: Path) -> dict[str, Any]:
+    f = root / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f}: invalid JSON: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _load_tokenizer(root: Path) -> tuple[Any, Any]:
+    """(Tokenizer, ChatTemplate | None) from the directory's tokenizer files."""
+    try:
+        from autoglm.tokenizer.tokenizer import Tokenizer
+    except ImportError:  # the tokenizer package lands separately; a model without it still runs on ids
+        log.warning("autoglm.tokenizer.tokenizer is not available; loading %s without a tokenizer", root)
+        return None, None
+    tokenizer = Tokenizer.from_hf_dir(root)
+    try:
+        from autoglm.tokenizer.chat_template import ChatTemplate
+    except ImportError:
+        return tokenizer, None
+    return tokenizer, ChatTemplate.from_hf_dir(root)
+
+
+def _module_info(
+    model: nn.Module, spec: ModelSpec, name: str, root: Path, device: torch.device, seconds: float
+) -> ModuleInfo | None:
+    params = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if (spec.vision_prefix is not None and n.startswith(spec.vision_prefix)) == (name == "vision")
+    ]
+    if not params:
+        return None
+    by_type: dict[str, int] = {}
+    for _, p in params:
+        t = str(p.dtype).removeprefix("torch.")
+        by_type[t] = by_type.get(t, 0) + p.numel() * p.element_size()
+    dtypes = sorted(by_type, key=lambda t: -by_type[t])
+    return ModuleInfo(
+        name=name,
+        path=str(root),
+        format="safetensors",
+        quantization=dtypes[0],
+        device=str(device),
+        parameters=sum(p.numel() for _, p in params),
+        bytes=sum(by_type.values()),
+        load_seconds=seconds,
+        bytes_by_type=by_type,
+    )
+
+
+def load_hf(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | dict[str, Any] = "cpu",
+    no_vision: bool = False,
+) -> LoadedModel:
+    """Load an HF model directory. dtype: "auto" | "float32" | "bfloat16" | "float16"; device: a device or
+    {"decoder": ..., "vision": ...}; no_vision skips the vision tower (its tensors are read past, not loaded)."""
+    t0 = time.perf_counter()
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelLoadError(f"{root}: not a model directory")
+    config = read_config_json(root)
+    spec = hf_spec(config, source=str(root / "config.json"))
+    text_config = TextConfig.from_dict(config)
+    torch_dtype = resolve_dtype(dtype, text_config)
+    devices = resolve_devices(device)
+    files = safetensors_files(root)
+
+    with torch.device("meta"):
+        model = spec.build(config, no_vision)
+
+    vp = spec.vision_prefix
+
+    def is_vision(name: str) -> bool:
+        return vp is not None and name.startswith(vp)
+
+    def renamed() -> Iterator[tuple[str, Tensor]]:
+        for key, tensor in iter_safetensors(files):
+            ours = spec.rename(key)
+            if ours is not None:
+                yield ours, tensor
+
+    report = fill_parameters(
+        model,
+        renamed(),
+        source=str(root),
+        dtype=torch_dtype,
+        device=lambda n: devices["vision"] if is_vision(n) else devices["decoder"],
+        drop=(lambda n: is_vision(n)) if no_vision else None,
+        group_of=lambda n: "vision" if is_vision(n) else "decoder",
+    )
+    model.eval()
+
+    tokenizer, chat_template = _load_tokenizer(root)
+    gen = read_generation_config(root)
+    eos = _as_ids(gen.get("eos_token_id")) or text_config.eos_token_ids
+    defaults = {k: gen[k] for k in _GEN_KEYS if k in gen}
+
+    modules = [
+        info
+        for name in ("decoder", "vision")
+        if (info := _module_info(model, spec, name, root, devices[name], report.seconds.get(name, 0.0))) is not None
+    ]
+    encoders: dict[str, Any] = {}
+    if vp is not None and not no_vision:
+        encoder = model.vision_encoder()  # type: ignore[operator]
+        if encoder is not None:
+            encoders[encoder.modality] = encoder
+    if modules:
+        # the decoder row also carries the time outside the tensor loop (config, build, tokenizer)
+        modules[0].load_seconds += (time.perf_counter() - t0) - sum(report.seconds.values())
+    for info in modules:
+        log.info(
+            "loaded %s from %s: %s, %s on %s, %d parameters, %d bytes, %.2fs",
+            info.name,
+            info.path,
+            info.format,
+            info.quantization,
+            info.device,
+            info.parameters,
+            info.bytes,
+            info.load_seconds,
+        )
+    return LoadedModel(
+        decoder=model,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        encoders=encoders,
+        generation_defaults=defaults,
+        eos_token_ids=eos,
+        name=root.resolve().name,
+        path=str(root),
+        architecture=spec.architecture,
+        max_model_len=text_config.max_position_embeddings,
+        modules=modules,
+    )

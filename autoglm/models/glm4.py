@@ -1,0 +1,160 @@
+"""GLM-4 text decoder (Glm4ForCausalLM) and the GLM-4.1V text model (3-row M-RoPE), in plain PyTorch.
+
+Attribute names follow transformers (`model.layers.N.self_attn.q_proj`, `mlp.gate_up_proj`, ...) so HF checkpoints
+load by name. Both classes run a packed batch: all new tokens of all sequences along one axis `T`, split by the
+`AttentionContext`; K/V caches are attached by the engine to each layer's `Attention` module.
+Differences from LLaMA: sandwich norms (post_self_attn / post_mlp), partial rotary (first half of each head) with
+*interleaved* pairs (0,1), (2,3), ..., q/k/v bias, fused gate_up_proj.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from autoglm.layers.activation import GatedActivation
+from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.layers.linear import Linear
+from autoglm.layers.norm import RMSNorm
+from autoglm.layers.rotary import RotaryEmbedding
+from autoglm.models.config import TextConfig
+
+
+class Glm4MLP(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = GatedActivation(config.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [T, D] -> [T, D]
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Glm4Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        assert config.head_dim is not None and config.num_key_value_heads is not None
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = Linear(d, self.num_heads * hd, bias=config.attention_bias)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=False)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rotary: RotaryEmbedding, ctx: AttentionContext) -> Tensor:
+        # x: [T, D]; cos/sin: [T, R/2]
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        o = self.attn(q, k, v, ctx)  # [T, H, hd]
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class Glm4DecoderLayer(nn.Module):
+    """Sandwich-norm block: x + post_self_attn_norm(attn(input_norm(x))), then the same around the MLP."""
+
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Glm4Attention(config, layer_idx)
+        self.mlp = Glm4MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rotary: RotaryEmbedding, ctx: AttentionContext) -> Tensor:
+        # x: [T, D]
+        h = self.self_attn(self.input_layernorm(x), cos, sin, rotary, ctx)
+        x = x + self.post_self_attn_layernorm(h)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + self.post_mlp_layernorm(h)
+
+
+class Glm4Model(nn.Module):
+    """Embedding + decoder layers + final norm (HF `Glm4Model`; with `mrope_section`, HF `Glm4vTextModel`).
+
+    forward(input_ids [T], positions [T] | [3, T], ctx, inputs_embeds [T, D] | None) -> normed hidden [T, D].
+    """
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.uses_mrope = config.uses_mrope
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Glm4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            config.rotary_dim, config.rope_theta, interleaved=True, mrope_section=config.mrope_section
+        )
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext, inputs_embeds: Tensor | None = None
+    ) -> Tensor:
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, D]
+        # Angles once per step, shared by every layer.
+        cos, sin = self.rotary_emb.cos_sin(positions, h.dtype)  # [T, R/2]
+        for layer in self.layers:
+            h = layer(h, cos, sin, self.rotary_emb, ctx)
+        return self.norm(h)
+
+
+class Glm4vTextModel(Glm4Model):
+    """The GLM-4.1V text model: `Glm4Model` with M-RoPE (positions [3, T]; a 1-D [T] is taken as text-only).
+
+    autoglm.models.glm4v holds it as `language_model` beside `visual` and `lm_head`.
+    """
+
+    def __init__(self, config: TextConfig) -> None:
+        if not config.uses_mrope:
+            raise ValueError("Glm4vTextModel needs a config with mrope_section (model_type glm4v_text)")
+        super().__init__(config)
+
+
+class Glm4ForCausalLM(nn.Module):
+    """HF `Glm4ForCausalLM`: `model` + `lm_head`. Implements autoglm.models.base.DecoderModel.
+
+    Built from a config with `mrope_section` it is the GLM-4.1V text model with its head (uses_mrope=True).
+    """
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Glm4vTextModel(config) if config.uses_mrope else Glm4Model(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.uses_mrope = config.uses_mrope
+        self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
+        self.max_position_embeddings = config.max_position_embeddings
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def tied_parameters(self) -> dict[str, str]:
+        """Parameters that are another parameter (name -> source name); loaders fill only the source."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext, inputs_embeds: Tensor | None = None
+    ) -> Tensor:
+        return self.model(input_ids, positions, ctx, inputs_embeds)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        # hidden: [N, D] -> [N, vocab] float32 (sampling wants full precision)
+        return self.lm_head(hidden).float()
+
+
+__all__ = ["Glm4ForCausalLM", "Glm4Model", "Glm4vTextModel", "Glm4DecoderLayer", "Glm4Attention", "Glm4MLP"]
