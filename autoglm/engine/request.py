@@ -106,6 +106,7 @@ class Request:
     prompt_logits: list[Tensor] = field(default_factory=list)  # chunks of [n, V] float32 when requested
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    last_channel: str = "content"  # where text released by the detokenizer at the end goes
 
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

@@ -72,7 +72,9 @@ class SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise InvalidRequest(f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InvalidRequest(
+                f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         if isinstance(kwargs.get("stop"), str):
             kwargs["stop"] = [kwargs["stop"]]
         return cls(**kwargs)

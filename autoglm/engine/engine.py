@@ -1,0 +1,334 @@
+"""The synchronous engine: add requests, `step()` the batch, read `RequestOutput`s. Not thread-safe by itself
+(`AsyncEngine` drives it from one thread).
+
+A step: the scheduler picks tokens for this step -> the runner packs, runs and samples -> each sampled token goes
+through the request's detokenizer (never half a UTF-8 character), its reasoning splitter (tag tokens dropped) and
+stop checks (stop ids are never emitted; stop strings are cut exactly) -> finished requests free their KV blocks.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+
+from autoglm.config import EngineConfig
+from autoglm.engine.kv_cache import KVCacheManager, plan_num_blocks
+from autoglm.engine.prompt import PromptInputs
+from autoglm.engine.request import Request, RequestStatus
+from autoglm.engine.runner import ModelRunner, decoder_dtype_device, kv_bytes_per_block
+from autoglm.engine.sampler import TokenLogprob
+from autoglm.engine.sampling_params import SamplingParams
+from autoglm.engine.scheduler import Scheduler
+from autoglm.errors import ContextTooLong, InvalidRequest, Overloaded
+from autoglm.models.loaded import LoadedModel
+
+_DTYPE_BYTES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (deltas since the previous output)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    content_delta: str
+    reasoning_delta: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" when finished
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_reasoning_tokens: int = 0
+    prompt_logits: torch.Tensor | None = None  # [P, V] float32, only for score requests once finished
+    first_token_time: float | None = None
+    arrival_time: float | None = None
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config = config or EngineConfig()
+        model_len = config.max_model_len or model.max_model_len
+        dtype, _ = decoder_dtype_device(model)
+        cache_dtype = dtype if config.kv_cache_dtype == "auto" else _DTYPE_BYTES[config.kv_cache_dtype]
+        bytes_per_block = kv_bytes_per_block(model, config.block_size, cache_dtype)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            budget = config.kv_cache_memory or int(psutil.virtual_memory().available * config.kv_cache_fraction)
+            num_blocks = plan_num_blocks(
+                block_size=config.block_size,
+                bytes_per_block=bytes_per_block,
+                max_model_len=model_len,
+                max_num_seqs=config.max_num_seqs,
+                budget_bytes=budget,
+            )
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # A sequence can never outgrow the whole cache: that bounds the context too.
+        self.max_model_len = min(model_len, self.kv.capacity_tokens)
+        self.kv_cache_bytes = num_blocks * bytes_per_block
+        self.scheduler = Scheduler(
+            self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(
+            model, num_blocks=num_blocks, block_size=config.block_size, kv_cache_dtype=config.kv_cache_dtype
+        )
+        self.requests: dict[str, Request] = {}
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+        self._eos = frozenset(model.eos_token_ids)
+        self._reasoning_ids = _reasoning_tag_ids(model)
+
+    # --- requests -------------------------------------------------------------------------------------------------
+    def make_request(
+        self, request_id: str, prompt: PromptInputs, params: SamplingParams, *, return_prompt_logits: bool = False
+    ) -> Request:
+        """Validate and build a request without touching engine state (safe from any thread)."""
+        n_prompt = len(prompt.token_ids)
+        if n_prompt == 0:
+            raise InvalidRequest("the prompt is empty", param="messages")
+        vocab = int(getattr(self.model.decoder, "vocab_size", 0) or 0)
+        if vocab and (bad := [t for t in prompt.token_ids if not 0 <= t < vocab]):
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+        params = params.resolve(self.model.generation_defaults)
+        n_max = self.max_model_len
+        if params.max_tokens is not None and n_prompt + params.max_tokens > n_max:
+            raise ContextTooLong(
+                f"This model's maximum context length is {n_max} tokens. However, you requested "
+                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the messages, {params.max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="max_tokens",
+            )
+        if n_prompt >= n_max:
+            raise ContextTooLong(
+                f"This model's maximum context length is {n_max} tokens. However, your messages resulted in "
+                f"{n_prompt} tokens. Please reduce the length of the messages.",
+                param="messages",
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else n_max - n_prompt
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return Request(
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            max_tokens=max_tokens,
+            stop_token_ids=stop_ids,
+            generator=torch.Generator().manual_seed(seed),
+            detokenizer=_make_detokenizer(self.model, params),
+            reasoning=_make_reasoning_splitter(self._reasoning_ids, prompt.token_ids),
+            return_prompt_logits=return_prompt_logits,
+        )
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise Overloaded(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def add_request(
+        self, request_id: str, prompt: PromptInputs, params: SamplingParams | None = None, **kw: Any
+    ) -> Request:
+        req = self.make_request(request_id, prompt, params or SamplingParams(), **kw)
+        self.add(req)
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (None if unknown or done)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        return self._output(req, [], "", "", [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        sampled = self.runner.run(batch)
+        self.num_steps += 1
+        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            req.num_computed_tokens += n
+            if req.media_embeds and not req.is_prefilling:
+                req.media_embeds.clear()  # cached only until the prompt's slots are in the KV cache
+        now = time.monotonic()
+        outputs = []
+        for req, token, logprob in sampled:
+            outputs.append(self._process_token(req, token, logprob, now))
+        return outputs
+
+    def _process_token(self, req: Request, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        self.num_generated_tokens += 1
+        req.num_generated += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.last_token_time = now
+        content, reasoning = "", ""
+        new_ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        status: RequestStatus | None = None
+        if token in req.stop_token_ids:
+            status = RequestStatus.FINISHED_STOPPED  # never emitted
+        else:
+            new_ids.append(token)
+            req.token_ids.append(token)
+            req.output_token_ids.append(token)
+            if logprob is not None:
+                logprobs.append(logprob)
+                req.logprobs.append(logprob)
+            channel = req.reasoning.route(token) if req.reasoning is not None else "content"
+            text = req.detokenizer.add_token(token)
+            if channel == "reasoning":
+                req.num_reasoning_tokens += 1
+            content, reasoning = _route(req, channel, text)
+            if req.content.stopped or req.reasoning_text.stopped:
+                status = RequestStatus.FINISHED_STOPPED
+            elif req.num_generated >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            tail = req.detokenizer.finalize()
+            c, r = _route(req, req.last_channel, tail)
+            content += c + req.content.flush()
+            reasoning += r + req.reasoning_text.flush()
+            self.scheduler.finish(req, status)
+            self.requests.pop(req.request_id, None)
+        return self._output(req, new_ids, content, reasoning, logprobs)
+
+    def _output(
+        self, req: Request, new_ids: list[int], content: str, reasoning: str, logprobs: list[TokenLogprob]
+    ) -> RequestOutput:
+        finished = req.status.finished
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new_ids,
+            content_delta=content,
+            reasoning_delta=reasoning,
+            finished=finished,
+            finish_reason=req.finish_reason,
+            logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_reasoning_tokens=req.num_reasoning_tokens,
+            prompt_logits=torch.cat(req.prompt_logits) if finished and req.prompt_logits else None,
+            first_token_time=req.first_token_time,
+            arrival_time=req.arrival_time,
+        )
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": self.kv.num_blocks,
+            "kv_blocks_used": self.kv.num_used_blocks,
+            "kv_blocks_free": self.kv.num_free_blocks,
+            "kv_block_size": self.kv.block_size,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "tokens_generated": self.num_generated_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "steps": self.num_steps,
+            "max_model_len": self.max_model_len,
+        }
+
+    def close(self) -> None:
+        for rid in list(self.requests):
+            self.abort(rid)
+        self.runner.release()
+
+
+def _route(req: Request, channel: str | None, text: str) -> tuple[str, str]:
+    """Send decoded text to the channel of the token that completed it; tag tokens (None) keep the last channel
+    for bytes they release, but their own text is dropped by the detokenizer (special) or here."""
+    if channel is None:
+        return "", ""
+    req.last_channel = channel
+    if not text:
+        return "", ""
+    if channel == "reasoning":
+        return "", req.reasoning_text.push(text)
+    return req.content.push(text), ""
+
+
+# --- adapters to the tokenizer package (autoglm.tokenizer.detokenizer / .reasoning) --------------------------------
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _reasoning_tag_ids(model: LoadedModel) -> dict[str, int]:
+    ids = {}
+    for tag in _TAGS:
+        tid = model.tokenizer.token_to_id(tag)
+        if tid is not None:
+            ids[tag] = tid
+    return ids
+
+
+def _make_detokenizer(model: LoadedModel, params: SamplingParams) -> Any:
+    try:
+        from autoglm.tokenizer.detokenizer import Detokenizer
+    except ImportError:
+        return _PrefixDetokenizer(model, params.skip_special_tokens)
+    return Detokenizer(model.tokenizer, skip_special_tokens=params.skip_special_tokens)
+
+
+def _make_reasoning_splitter(tag_ids: dict[str, int], prompt_ids: list[int]) -> Any:
+    if "<think>" not in tag_ids or "</think>" not in tag_ids:
+        return None  # a model without reasoning tags: everything is content
+    try:
+        from autoglm.tokenizer.reasoning import ReasoningSplitter
+    except ImportError:
+        return _TagSplitter(tag_ids, prompt_ids)
+    return ReasoningSplitter(tag_ids, prompt_ids)
+
+
+class _PrefixDetokenizer:
+    """Fallback until autoglm.tokenizer.detokenizer lands: decode everything, emit the new complete text."""
+
+    def __init__(self, model: LoadedModel, skip_special_tokens: bool) -> None:
+        self.tokenizer = model.tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def add_token(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):
+            return ""
+        out, self.emitted = text[self.emitted :], len(text)
+        return out
+
+    def finalize(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        out, self.emitted = text[self.emitted :], len(text)
+        return out
+
+
+class _TagSplitter:
+    """Fallback until autoglm.tokenizer.reasoning lands."""
+
+    def __init__(self, tag_ids: dict[str, int], prompt_ids: list[int]) -> None:
+        self.think, self.end_think = tag_ids["<think>"], tag_ids["</think>"]
+        self.tags = set(tag_ids.values())
+        self.state = "content"
+        for t in prompt_ids:
+            if t == self.think:
+                self.state = "reasoning"
+            elif t == self.end_think:
+                self.state = "content"
+
+    def route(self, token_id: int) -> str | None:
+        if token_id == self.think:
+            self.state = "reasoning"
+        elif token_id == self.end_think:
+            self.state = "content"
+        return None if token_id in self.tags else self.state

@@ -1,0 +1,169 @@
+"""A scheduled batch -> packed tensors -> encoders + decoder -> logits -> sampled tokens. Decides no policy.
+
+Owns the K/V tensors: one `[num_blocks, block_size, n_kv, head_dim]` pair per `Attention` module of the decoder,
+attached as `k_cache` / `v_cache`, on that module's device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from autoglm.engine.request import Request
+from autoglm.engine.sampler import Sampler, SamplingRow, TokenLogprob
+from autoglm.engine.scheduler import ScheduledBatch
+from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.models.loaded import LoadedModel
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attention_layers(model: LoadedModel) -> list[Attention]:
+    return [m for m in model.decoder.modules() if isinstance(m, Attention)]
+
+
+def decoder_dtype_device(model: LoadedModel) -> tuple[torch.dtype, torch.device]:
+    """dtype/device of the decoder's hidden states (quantized weights may be uint8, so ask the embedding)."""
+    with torch.inference_mode():
+        probe = model.decoder.embed_tokens(torch.zeros(1, dtype=torch.long, device=_first_device(model)))
+    return probe.dtype, probe.device
+
+
+def _first_device(model: LoadedModel) -> torch.device:
+    for p in model.decoder.parameters():
+        return p.device
+    for b in model.decoder.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def kv_bytes_per_block(model: LoadedModel, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers (K and V)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return sum(2 * block_size * a.num_kv_heads * a.head_dim * itemsize for a in attention_layers(model))
+
+
+class ModelRunner:
+    def __init__(self, model: LoadedModel, *, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> None:
+        self.model = model
+        self.decoder = model.decoder
+        self.block_size = block_size
+        self.dtype, self.device = decoder_dtype_device(model)
+        cache_dtype = self.dtype if kv_cache_dtype == "auto" else _DTYPES[kv_cache_dtype]
+        self.layers = attention_layers(model)
+        for attn in self.layers:
+            dev = self.device  # the decoder lives on one device (encoders may be elsewhere)
+            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=dev)
+            attn.v_cache = torch.zeros(shape, dtype=cache_dtype, device=dev)
+        self.sampler = Sampler()
+
+    def release(self) -> None:
+        for attn in self.layers:
+            attn.k_cache = attn.v_cache = None
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[tuple[Request, int, TokenLogprob | None]]:
+        """Run one step; returns (request, token, logprob) for each request that reaches the end of its tokens."""
+        ids: list[int] = []
+        positions: list[Tensor] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []  # packed index of each sampling request's last token
+        samplers: list[Request] = []
+        score_spans: list[tuple[Request, int, int]] = []  # LLM.score: every position of these spans
+        media_rows: list[tuple[int, Tensor]] = []  # (packed start index, embeddings rows)
+        start = 0
+        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            c = req.num_computed_tokens
+            ids.extend(req.token_ids[c : c + n])
+            positions.append(req.positions(c, c + n))
+            slots.extend(req.block_table[j // self.block_size] * self.block_size + j % self.block_size
+                         for j in range(c, c + n))
+            media_rows.extend(self._media_rows(req, c, c + n, start))
+            if req.return_prompt_logits:
+                score_spans.append((req, start, n))
+            if c + n == req.num_tokens:
+                logit_rows.append(start + n - 1)
+                samplers.append(req)
+            start += n
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
+        pos = self._pack_positions(positions)
+        max_blocks = max(len(r.block_table) for r in batch.requests)
+        tables = torch.tensor(
+            [r.block_table + [r.block_table[0]] * (max_blocks - len(r.block_table)) for r in batch.requests],
+            dtype=torch.long,
+            device=self.device,
+        )  # [B, max_blocks]; padding with a valid block id, never read
+        ctx = AttentionContext(
+            query_lens=list(batch.num_new_tokens),
+            context_lens=[r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_new_tokens, strict=True)],
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=tables,
+        )
+        embeds = None
+        if media_rows:
+            embeds = self.decoder.embed_tokens(input_ids)  # [T, D]
+            for at, rows in media_rows:
+                embeds[at : at + rows.shape[0]] = rows.to(embeds.device, embeds.dtype)
+        hidden = self.decoder(input_ids, pos, ctx, inputs_embeds=embeds)  # [T, D]
+        for req, at, n in score_spans:
+            req.prompt_logits.append(self.decoder.compute_logits(hidden[at : at + n]).float().cpu())
+        if not samplers:
+            return []
+        logits = self.decoder.compute_logits(hidden[logit_rows])  # [S, V]
+        rows = [_sampling_row(r) for r in samplers]
+        tokens, logprobs = self.sampler(logits, rows)
+        return list(zip(samplers, tokens, logprobs, strict=True))
+
+    def _pack_positions(self, positions: list[Tensor]) -> Tensor:
+        if getattr(self.decoder, "uses_mrope", False):
+            # text-only prompts carry 1-D positions; M-RoPE wants the same value on all 3 rows
+            positions = [p if p.dim() == 2 else p.expand(3, -1) for p in positions]
+            return torch.cat(positions, 1).to(self.device)  # [3, T]
+        return torch.cat(positions).to(self.device)  # [T]
+
+    def _media_rows(self, req: Request, lo: int, hi: int, packed_start: int) -> list[tuple[int, Tensor]]:
+        """Embedding rows of the request's media items that overlap tokens [lo, hi), encoding each item once."""
+        out = []
+        for k, item in enumerate(req.prompt.media):
+            a, b = item.offset, item.offset + item.n_slots
+            if b <= lo or a >= hi:
+                continue
+            if k not in req.media_embeds:
+                req.media_embeds[k] = self._encode(item)
+            emb = req.media_embeds[k]  # [n_slots, D]
+            s, e = max(a, lo), min(b, hi)
+            out.append((packed_start + s - lo, emb[s - a : e - a]))
+        return out
+
+    def _encode(self, item: object) -> Tensor:
+        from autoglm.engine.prompt import MediaItem
+
+        assert isinstance(item, MediaItem)
+        encoder = self.model.encoders.get(item.modality)
+        if encoder is None:  # prompt building checks this; a direct PromptInputs may not have
+            from autoglm.errors import UnsupportedModality
+
+            raise UnsupportedModality(f"no {item.modality} encoder is loaded for this model")
+        emb = encoder.encode(item.inputs)
+        if emb.shape[0] != item.n_slots:
+            raise RuntimeError(f"{item.modality} encoder returned {emb.shape[0]} rows for {item.n_slots} slots")
+        return emb.to(self.device, self.dtype)
+
+
+def _sampling_row(req: Request) -> SamplingRow:
+    p = req.params
+    return SamplingRow(
+        temperature=float(p.temperature or 0.0),
+        top_p=float(p.top_p if p.top_p is not None else 1.0),
+        top_k=int(p.top_k or 0),
+        min_p=float(p.min_p or 0.0),
+        presence_penalty=float(p.presence_penalty or 0.0),
+        frequency_penalty=float(p.frequency_penalty or 0.0),
+        repetition_penalty=float(p.repetition_penalty if p.repetition_penalty is not None else 1.0),
+        prompt_token_ids=req.prompt.token_ids,
+        output_token_ids=req.output_token_ids,
+        generator=req.generator,
+        logprobs=p.logprobs,
+    )
+
