@@ -206,10 +206,8 @@ def load_hf(
         if (info := _module_info(model, spec, name, root, devices[name], report.seconds.get(name, 0.0))) is not None
     ]
     encoders: dict[str, Any] = {}
-    if vp is not None and not no_vision:
-        encoder = model.vision_encoder()  # type: ignore[operator]
-        if encoder is not None:
-            encoders[encoder.modality] = encoder
+    if spec.encoders is not None and not no_vision:
+        encoders = spec.encoders(model, root)
     if modules:
         # the decoder row also carries the time outside the tensor loop (config, build, tokenizer)
         modules[0].load_seconds += (time.perf_counter() - t0) - sum(report.seconds.values())

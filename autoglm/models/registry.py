@@ -8,9 +8,9 @@ the vision tower (dropped when loading with no_vision).
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -25,23 +25,12 @@ def _identity(name: str) -> str | None:
     return name
 
 
-# GLM-4.1V: transformers 5.x saves model.language_model.* / model.visual.* / lm_head.*; older exports (and
-# transformers < 4.52) saved model.* (text) / visual.* / lm_head.*. Ours: language_model.*, visual.*, lm_head.*.
-_GLM4V_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^model\.language_model\."), "language_model."),
-    (re.compile(r"^model\.visual\."), "visual."),
-    (re.compile(r"^visual\."), "visual."),
-    (re.compile(r"^lm_head\."), "lm_head."),
-    (re.compile(r"^model\."), "language_model."),
-)
-
-
 def glm4v_rename(name: str) -> str | None:
-    """GLM-4.1V checkpoint tensor name -> our parameter name (autoglm.models.glm4v layout)."""
-    for pattern, repl in _GLM4V_RULES:
-        if pattern.match(name):
-            return pattern.sub(repl, name, count=1)
-    return name
+    """GLM-4.1V checkpoint tensor name (5.x `model.language_model.*` / `model.visual.*` or older `model.*` /
+    `visual.*`) -> our parameter name; the table lives beside the model in autoglm.models.glm4v."""
+    from autoglm.models.glm4v import checkpoint_to_param
+
+    return checkpoint_to_param(name)
 
 
 def _lazy(module: str, attr: str) -> Callable[..., Any]:
@@ -65,6 +54,13 @@ def _build_glm4v(config: dict[str, Any], no_vision: bool) -> nn.Module:
     return _lazy("autoglm.models.glm4v", "build_glm4v")(config, no_vision=no_vision)
 
 
+def _glm4v_encoders(model: nn.Module, root: Path) -> dict[str, Any]:
+    from autoglm.multimodal.image import ImageProcessorConfig
+
+    encoder = model.vision_encoder(ImageProcessorConfig.from_dir(root))  # type: ignore[operator]
+    return {} if encoder is None else {encoder.modality: encoder}
+
+
 def _build_gemma3(config: dict[str, Any], no_vision: bool) -> nn.Module:
     return _lazy("autoglm.models.gemma3", "Gemma3ForCausalLM")(TextConfig.from_dict(config))
 
@@ -76,18 +72,20 @@ class ModelSpec:
     build(config_json_dict, no_vision) -> model (call it under `torch.device("meta")`)
     rename(checkpoint name) -> our parameter name, or None to drop the tensor on purpose
     vision_prefix: our names under it are the vision tower (own device; dropped with no_vision)
+    encoders(model, model_dir) -> {modality: Encoder} once the model is filled (skipped with no_vision)
     """
 
     architecture: str
     build: Callable[[dict[str, Any], bool], nn.Module]
     rename: Rename = _identity
     vision_prefix: str | None = None
+    encoders: Callable[[nn.Module, Path], dict[str, Any]] | None = None
 
 
 HF_ARCHITECTURES: dict[str, ModelSpec] = {
     "Glm4ForCausalLM": ModelSpec("Glm4ForCausalLM", _build_glm4),
     "Glm4vForConditionalGeneration": ModelSpec(
-        "Glm4vForConditionalGeneration", _build_glm4v, glm4v_rename, vision_prefix="visual."
+        "Glm4vForConditionalGeneration", _build_glm4v, glm4v_rename, vision_prefix="visual.", encoders=_glm4v_encoders
     ),
     "Gemma3ForCausalLM": ModelSpec("Gemma3ForCausalLM", _build_gemma3),
 }
