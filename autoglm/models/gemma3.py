@@ -1,0 +1,271 @@
+"""Gemma 3 text decoder (Gemma3ForCausalLM), packed-batch, HF attribute names.
+
+Gemma specifics: RMSNorm scales by (1 + w); q/k RMSNorm per head; sandwich norms around attention and MLP;
+every `sliding_window_pattern`-th layer is global (rope base `rope_theta`), the others are sliding-window layers with
+their own rope base (`rope_local_base_freq`); attention scale `query_pre_attn_scalar ** -0.5`; embeddings scaled by
+sqrt(hidden); GELU-tanh gated MLP; lm_head tied to the embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autoglm.errors import ConfigError
+from autoglm.layers.attention import Attention, AttentionContext
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+@dataclass
+class Gemma3Config:
+    vocab_size: int = 262_144
+    hidden_size: int = 640
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32_768
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_local_base_freq: float = 10_000.0  # sliding layers
+    rope_scaling_factor: float = 1.0  # "linear" scaling of global layers (larger Gemma 3 models)
+    query_pre_attn_scalar: float = 256.0
+    sliding_window: int | None = 512
+    sliding_window_pattern: int = 6
+    layer_types: list[str] = field(default_factory=list)
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    hidden_activation: str = "gelu_pytorch_tanh"
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            # HF's rule: layer i is global when (i + 1) is a multiple of the pattern
+            self.layer_types = [
+                FULL if (i + 1) % self.sliding_window_pattern == 0 else SLIDING for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"gemma3 config: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        if self.attn_logit_softcapping is not None:
+            raise ConfigError("gemma3 config: attn_logit_softcapping is not supported (Gemma 3 does not use it)")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"gemma3 config: unsupported hidden_activation {self.hidden_activation!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Gemma3Config:
+        """From an HF config.json dict (transformers 4.5x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        if isinstance(d.get("text_config"), dict):  # Gemma3ForConditionalGeneration wraps the text config
+            d = {**d["text_config"]}
+        known = {f.name for f in fields(cls)}
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k in known and v is not None}
+        kw.pop("rope_scaling_factor", None)
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict) and FULL in rp:
+            kw["rope_theta"] = float(rp[FULL].get("rope_theta", kw.get("rope_theta", cls.rope_theta)))
+            kw["rope_local_base_freq"] = float(rp.get(SLIDING, {}).get("rope_theta", cls.rope_local_base_freq))
+            scaling: dict[str, Any] | None = rp[FULL]
+        else:
+            scaling = d.get("rope_scaling")
+        if isinstance(scaling, dict):
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind == "linear":
+                kw["rope_scaling_factor"] = float(scaling["factor"])
+            elif kind != "default":
+                raise ConfigError(f"gemma3 config: unsupported rope scaling type {kind!r}")
+        return cls(**kw)
+
+
+class Gemma3RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled by (1 + weight) (Gemma's zero-centred weights)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Gemma3Rotary(nn.Module):
+    """NeoX-style ("rotate half") rotary embedding over the whole head."""
+
+    inv_freq: Tensor
+
+    def __init__(self, head_dim: int, base: float, scaling_factor: float = 1.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+        self.scaling_factor = scaling_factor
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> Tensor:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+        return 1.0 / (self.base**exponent) / self.scaling_factor
+
+    def reset(self, device: torch.device) -> None:
+        """Recompute the (non-persistent) buffer after a model was built on `meta` and materialised."""
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        # q: [T, H, D], k: [T, KV, D], positions: [T]
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[:, None, :].to(q.dtype), emb.sin()[:, None, :].to(q.dtype)  # [T, 1, D]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: Gemma3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_norm = Gemma3RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = Gemma3RMSNorm(self.head_dim, config.rms_norm_eps)
+        sliding = self.layer_type == SLIDING
+        if sliding:
+            self.rotary = Gemma3Rotary(self.head_dim, config.rope_local_base_freq)
+        else:
+            self.rotary = Gemma3Rotary(self.head_dim, config.rope_theta, config.rope_scaling_factor)
+        self.attn = Attention(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            scale=config.query_pre_attn_scalar**-0.5,
+            sliding_window=config.sliding_window if sliding else None,
+        )
+
+    def forward(self, x: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
+        # x: [T, D]
+        t = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(q, k, positions)
+        out = self.attn(q, k, v, ctx)  # [T, H, Dh]
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: Gemma3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Gemma3Attention(config, layer_idx)
+        self.mlp = Gemma3MLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
+
+    def forward(self, h: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), positions, ctx))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3TextModel(nn.Module):
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Gemma3RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Implements `autoglm.models.base.DecoderModel`.
+
+    With tied embeddings there is no `lm_head` module: logits use `model.embed_tokens` (dense weight, or a GGUF
+    embedding's quantized rows through its `as_linear` view) so the big matrix is held once.
+    """
+
+    uses_mrope = False
+
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
+        self.max_position_embeddings = config.max_position_embeddings
+        # HF multiplies by sqrt(hidden) rounded to the weight dtype; we keep the float value and round the same way
+        self.embed_scale = math.sqrt(config.hidden_size)
+        self.model = Gemma3TextModel(config)
+        self.lm_head: nn.Module | None = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    @classmethod
+    def from_config_dict(cls, d: dict[str, Any]) -> Gemma3ForCausalLM:
+        return cls(Gemma3Config.from_dict(d))
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        """Recompute non-persistent buffers (rotary frequencies) after loading from `meta`."""
+        for m in self.modules():
+            if isinstance(m, Gemma3Rotary):
+                m.reset(torch.device(device))
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        # input_ids: [T] -> [T, D]
+        emb = self.model.embed_tokens(input_ids)
+        return emb * torch.tensor(self.embed_scale, dtype=emb.dtype)
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext, inputs_embeds: Tensor | None = None
+    ) -> Tensor:
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, D]
+        if positions.dim() == 2:  # a 3-row M-RoPE layout from a generic caller: text rows are all equal
+            positions = positions[0]
+        for layer in self.model.layers:
+            h = layer(h, positions, ctx)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        # hidden: [N, D] -> [N, V] float32
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        else:
+            emb = self.model.embed_tokens
+            as_linear = getattr(emb, "as_linear", None)
+            logits = as_linear(hidden) if as_linear is not None else F.linear(hidden, emb.weight)
+        logits = logits.float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
