@@ -1,0 +1,137 @@
+"""FastAPI app factory. The lifespan loads the model (unless one is handed in), logs one line per module, starts the
+engine loop, then logs `Server listening on http://HOST:PORT` and `All modules loaded successfully`.
+
+`autoglm serve` binds the socket before the app starts, so a taken port fails at once and clients that connect while
+the model loads wait in the listen backlog instead of being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from autoglm.server import health, openai_api, status_page
+from autoglm.server.config import ServerConfig
+from autoglm.server.errors_http import RequestIdMiddleware, install_error_handlers
+from autoglm.server.health import HealthChecker
+from autoglm.server.metrics import Metrics
+from autoglm.server.state import ServerState, get_state
+
+if TYPE_CHECKING:
+    from autoglm.models.loaded import LoadedModel, ModuleInfo
+
+log = logging.getLogger("autoglm.server")
+
+
+def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine: Any = None) -> FastAPI:
+    """`model`/`engine` may be given (tests, embedding); otherwise the lifespan loads `config.model` and builds the
+    engine from it."""
+    state = ServerState(config=config, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _start(state, model, engine)
+        try:
+            yield
+        finally:
+            await _stop(state)
+
+    app = FastAPI(
+        title="autoglm",
+        version=_version(),
+        description="OpenAI-compatible server for AutoGLM-Phone-class (GLM-4.1V) models",
+        lifespan=lifespan,
+    )
+    app.state.autoglm = state
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(openai_api.router)
+    app.include_router(health.router)
+    app.include_router(status_page.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        return Response(get_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _start(state: ServerState, model: LoadedModel | None, engine: Any) -> None:
+    config = state.config
+    if model is None:
+        from autoglm.loader import load_model
+
+        target = config.model or "the built-in default model"
+        log.info("Loading %s", target)
+        started = time.monotonic()
+        model = await asyncio.to_thread(
+            load_model, config.model, mmproj=config.mmproj, dtype=config.dtype, device=config.device,
+            no_vision=config.no_vision,
+        )
+        log.info("Model %s (%s) loaded in %.2f s", model.name, model.architecture, time.monotonic() - started)
+    for info in model.modules:
+        log.info("%s", module_line(info))
+    if engine is None:
+        engine = await asyncio.to_thread(build_engine, model, config)
+    state.model = model
+    state.engine = engine
+    state.metrics.set_stats_source(getattr(engine, "stats", None))
+    state.health = HealthChecker(model, engine)
+    log.info("Server listening on http://%s:%d", config.host, config.port)
+    log.info("Serving %s as %s (context %d tokens)", model.path or model.name, ", ".join(state.served_names),
+             state.max_model_len)
+    log.info("All modules loaded successfully")
+
+
+async def _stop(state: ServerState) -> None:
+    engine = state.engine
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:
+        result = shutdown()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+def build_engine(model: LoadedModel, config: ServerConfig) -> Any:
+    from autoglm.config import EngineConfig
+    from autoglm.engine.async_engine import AsyncEngine
+    from autoglm.engine.engine import Engine
+
+    engine_config = EngineConfig.from_sources(
+        {
+            "max_model_len": config.max_model_len,
+            "max_num_seqs": config.max_num_seqs,
+            "kv_cache_memory": config.kv_cache_memory,
+        },
+        model_values={"max_model_len": model.max_model_len},
+    )
+    return AsyncEngine(Engine(model, engine_config))
+
+
+def module_line(info: ModuleInfo) -> str:
+    """`decoder: /m/model.safetensors | safetensors float32 | cpu | 9.40B params | 18.8 GB | 3.21 s`"""
+    return (
+        f"Loaded module {info.name}: {info.path} | {info.format} {info.quantization} | {info.device} | "
+        f"{_human(info.parameters, '')} params | {_human(info.bytes, 'B')} | {info.load_seconds:.2f} s"
+    )
+
+
+def _human(n: int, unit: str) -> str:
+    for suffix, scale in (("T", 1e12), ("G" if unit else "B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n}{unit}"
+
+
+def _version() -> str:
+    from autoglm import __version__
+
+    return __version__
