@@ -1,0 +1,112 @@
+"""`autoglm serve [MODEL]`: the OpenAI-compatible server (llama-server-like `-m X.gguf --mmproj Y.gguf` too).
+
+The listening socket is bound before anything heavy happens, so a taken port fails at once with a clear message
+(exit status 2) instead of after loading a 9B model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import socket
+import sys
+from typing import Any
+
+from autoglm.errors import AutoGLMError
+
+EXIT_PORT_IN_USE = 2
+EXIT_STARTUP_FAILED = 3
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def register(subparsers: Any) -> None:
+    from autoglm.server.config import add_arguments
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), "
+        "with /health, /health/ready, /metrics and a status page at /. Every flag can also be set with the "
+        "AUTOGLM_<FLAG> environment variable (e.g. AUTOGLM_PORT=8000); flags win.",
+    )
+    parser.add_argument("model_pos", nargs="?", metavar="MODEL",
+                        help="model directory or .gguf file (default: the built-in model) [env AUTOGLM_MODEL]")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from autoglm.server.config import ServerConfig
+
+    values = vars(args).copy()
+    if values.get("model") is None:
+        values["model"] = values.get("model_pos")
+    try:
+        config = ServerConfig.from_sources(values)
+    except AutoGLMError as exc:
+        print(f"autoglm serve: {exc.message}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    return serve(config)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen; raises OSError (EADDRINUSE when the port is taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # SO_REUSEADDR on Linux still refuses a port another socket listens on; it only skips TIME_WAIT leftovers.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config: Any) -> int:
+    import uvicorn
+
+    from autoglm.server.app import create_app
+
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    log = logging.getLogger("autoglm.server")
+    try:
+        sock = bind_socket(config.host, config.port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"autoglm serve: port {config.port} on {config.host} is already in use "
+                  "(is another server running? stop it or pick another --port)", file=sys.stderr)
+            return EXIT_PORT_IN_USE
+        print(f"autoglm serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_config=None, log_level=config.log_level.lower(), timeout_graceful_shutdown=5,
+        access_log=config.log_level.lower() == "debug",
+    ))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        log.error("Server did not start (see the errors above)")
+        return EXIT_STARTUP_FAILED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m autoglm.commands.serve ...` without the CLI frame."""
+    parser = argparse.ArgumentParser(prog="autoglm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
