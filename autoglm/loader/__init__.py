@@ -1,0 +1,60 @@
+"""`load_model`: one entry point that decides what a path is (by its contents, never its name) and loads it.
+
+- a directory with config.json      -> autoglm.loader.hf.load_hf
+- a file starting with b"GGUF"      -> autoglm.loader.gguf.load_gguf (with an optional mmproj GGUF)
+- None                              -> the built-in default model (autoglm.default_model)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from autoglm.errors import CorruptFile, ModelLoadError
+from autoglm.models.loaded import LoadedModel
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True when `path` is a file whose first bytes are the GGUF magic."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def load_model(
+    path: str | Path | None = None,
+    *,
+    mmproj: str | Path | None = None,
+    dtype: str = "auto",
+    device: Any = "cpu",
+    no_vision: bool = False,
+) -> LoadedModel:
+    """Load a model from an HF directory or a GGUF file (plus `mmproj` for its vision projector)."""
+    if path is None:
+        from autoglm.default_model import default_model_path
+
+        path = default_model_path()
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p}: directory has no config.json (expected a Hugging Face model directory)")
+        if mmproj is not None:
+            raise ModelLoadError(f"--mmproj {mmproj} applies to GGUF models only; {p} is a Hugging Face directory")
+        from autoglm.loader.hf import load_hf
+
+        return load_hf(p, dtype=dtype, device=device, no_vision=no_vision)
+    if p.is_file():
+        if not is_gguf(p):
+            raise CorruptFile(
+                f"{p}: not a GGUF file (first bytes are not {GGUF_MAGIC!r}) and not a model directory"
+            )
+        if mmproj is not None and not is_gguf(mmproj):
+            raise CorruptFile(f"{mmproj}: the mmproj file is not a GGUF file")
+        from autoglm.loader.gguf import load_gguf
+
+        return load_gguf(p, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision)
+    raise ModelLoadError(f"{p}: no such file or directory")
