@@ -135,6 +135,8 @@ def test_vision_encoder_contract(pairs) -> None:
     assert enc.modality == "image" and enc.placeholder == "<|image|>"
     assert enc.placeholder_id == ref.config.image_token_id
     assert enc.device == torch.device("cpu")
+    # preprocessing constants come from the checkpoint's preprocessor_config.json (published GLM-4.1V values)
+    assert (enc.image_processor.min_pixels, enc.image_processor.max_pixels) == (12544, 9633792)
     a, b = _image(90, 50, 1), _image(40, 130, 2)
     ia, ib = enc.preprocess(a), enc.preprocess(b)
     t, h, w = ia.grid
@@ -208,6 +210,29 @@ def test_logits_match_transformers(pairs, idx: int, n_images: int) -> None:
         got = model.compute_logits(hidden)
     assert got.dtype == torch.float32
     _close(got, expect)
+
+
+def test_bfloat16_error_comparable_to_transformers(pairs) -> None:
+    """bf16 load with two images: our error against fp32 is within 1.5x transformers' own bf16 error."""
+    from transformers import Glm4vForConditionalGeneration as Ref
+
+    loaded32, ref32, d = pairs[0]
+    loaded = load_hf(d, dtype="bfloat16")
+    ref16 = Ref.from_pretrained(d, dtype=torch.bfloat16).eval()
+    images = [_image(150, 100, 3), _image(40, 130, 4)]
+    expanded, positions, _, embeds, items = _inputs(loaded, _prompt(d, 2, seed=7), images)
+    assert embeds is not None and embeds.dtype == torch.bfloat16
+    model = loaded.decoder
+    with torch.no_grad():
+        ours = model.compute_logits(model(torch.tensor(expanded), positions,
+                                          AttentionContext.no_cache([len(expanded)]), embeds))
+        kw = _ref_kwargs(ref32, expanded, items)
+        exact = ref32(**kw).logits[0]
+        theirs = ref16(**kw).logits[0].float()
+    scale = exact.abs().max().item()
+    err_ours = (ours - exact).abs().max().item() / scale
+    err_theirs = (theirs - exact).abs().max().item() / scale
+    assert err_ours <= 1.5 * err_theirs + 1e-3, (err_ours, err_theirs)
 
 
 def _attach_cache(model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
