@@ -145,7 +145,7 @@ def _coerce(opt: _Option, value: Any, *, source: str) -> Any:
             raise ValueError(f"expected one of {', '.join(opt.choices)}")
         return result
     except ValueError as exc:
-        raise ConfigError(f"{source}={value!r} is not a valid {opt.kind.__name__}: {exc}") from exc
+        raise ConfigError(f"{source}={value!r} is invalid ({opt.kind.__name__} expected): {exc}") from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
