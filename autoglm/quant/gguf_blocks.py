@@ -239,6 +239,99 @@ DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[Tensor], Tensor]] = {
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(DEQUANTIZERS)
 
 
+# --- encoders: [n, block_size] float32 -> [n, type_size] uint8 (bit-exact with gguf.quants) -------------------------
+def f16_bytes(x: Tensor) -> Tensor:
+    # x: [n, k] float32 -> [n, 2k] uint8, round-to-nearest-even like numpy's astype(float16)
+    return x.to(torch.float16).view(torch.uint8)
+
+
+def _inverse(d: Tensor) -> Tensor:
+    # 1/d, and 0 where d == 0 (an all-zero block)
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+
+
+def _pack_nibbles(q: Tensor) -> Tensor:
+    # q: [n, 32] uint8 in 0..15 -> [n, 16]: element j in the low nibble, j+16 in the high nibble
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _pack_high_bits(q: Tensor) -> Tensor:
+    # q: [n, 32] uint8 in 0..31 -> [n, 4]: bit j of the little-endian uint32 = bit 4 of element j
+    bits = ((q >> 4) & 1).view(-1, 4, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=q.device)
+    return (bits << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def _abs_max_signed(x: Tensor) -> Tensor:
+    # the element of largest magnitude, sign kept (first one on ties, like numpy argmax): [n, k] -> [n, 1]
+    return x.gather(1, x.abs().argmax(dim=1, keepdim=True))
+
+
+def _codes(v: Tensor, hi: int) -> Tensor:
+    # trunc toward zero then clip to [0, hi], as gguf does with astype(uint8).clip(0, hi)
+    return v.trunc().clamp(0, hi).to(torch.uint8)
+
+
+def _enc_q8_0(x: Tensor) -> Tensor:
+    d = x.abs().amax(dim=1, keepdim=True) / 127
+    v = x * _inverse(d)
+    a = v.abs()
+    fl = a.floor()
+    r = torch.sign(v) * (fl + (2 * (a - fl)).floor())  # round half away from zero, exactly (gguf np_roundf)
+    return torch.cat((f16_bytes(d), r.to(torch.int8).view(torch.uint8)), dim=1)
+
+
+def _enc_q4_0(x: Tensor) -> Tensor:
+    d = _abs_max_signed(x) / -8
+    q = _codes(x * _inverse(d) + 8.5, 15)
+    return torch.cat((f16_bytes(d), _pack_nibbles(q)), dim=1)
+
+
+def _enc_q4_1(x: Tensor) -> Tensor:
+    mx, mn = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+    d = (mx - mn) / 15
+    q = _codes((x - mn) * _inverse(d) + 0.5, 15)
+    return torch.cat((f16_bytes(d), f16_bytes(mn), _pack_nibbles(q)), dim=1)
+
+
+def _enc_q5_0(x: Tensor) -> Tensor:
+    d = _abs_max_signed(x) / -16
+    q = _codes(x * _inverse(d) + 16.5, 31)
+    return torch.cat((f16_bytes(d), _pack_high_bits(q), _pack_nibbles(q)), dim=1)
+
+
+def _enc_q5_1(x: Tensor) -> Tensor:
+    mx, mn = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+    d = (mx - mn) / 31
+    q = _codes((x - mn) * _inverse(d) + 0.5, 31)
+    return torch.cat((f16_bytes(d), f16_bytes(mn), _pack_high_bits(q), _pack_nibbles(q)), dim=1)
+
+
+def _enc_f32(x: Tensor) -> Tensor:
+    return x.contiguous().view(torch.uint8)
+
+
+def _enc_f16(x: Tensor) -> Tensor:
+    return f16_bytes(x)
+
+
+def _enc_bf16(x: Tensor) -> Tensor:
+    # round to nearest even on the bit pattern, NaN kept quiet (ggml_compute_fp32_to_bf16); torch's cast does both
+    return x.to(torch.bfloat16).view(torch.uint8)
+
+
+ENCODERS: dict[GGMLQuantizationType, Callable[[Tensor], Tensor]] = {
+    Q.F32: _enc_f32,
+    Q.F16: _enc_f16,
+    Q.BF16: _enc_bf16,
+    Q.Q8_0: _enc_q8_0,
+    Q.Q4_0: _enc_q4_0,
+    Q.Q4_1: _enc_q4_1,
+    Q.Q5_0: _enc_q5_0,
+    Q.Q5_1: _enc_q5_1,
+}
+
+
 def _check_type(qtype: GGMLQuantizationType | int, name: str) -> GGMLQuantizationType:
     try:
         qt = Q(int(qtype))
