@@ -218,8 +218,9 @@ def build_glm4v(
     text = TextConfig.from_dict(config_dict)
     vision = VisionConfig.from_dict(config_dict)
     if vision is None and not no_vision:
-        raise ConfigError("GLM-4.1V config.json has no vision_config (load with no_vision to run text-only)",
-                          param="vision_config")
+        raise ConfigError(
+            "GLM-4.1V config.json has no vision_config (load with no_vision to run text-only)", param="vision_config"
+        )
     with torch.device("meta"):
         return Glm4vForConditionalGeneration(text, vision, no_vision=no_vision, image_processor=image_processor)
 

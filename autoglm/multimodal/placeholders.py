@@ -85,9 +85,7 @@ def image_positions(start: int, grid: Sequence[int], spatial_merge_size: int) ->
     return torch.stack([tt, hh, ww]).reshape(3, -1) + start
 
 
-def mrope_positions(
-    num_tokens: int, spans: Sequence[MediaSpan], spatial_merge_size: int
-) -> tuple[Tensor, int]:
+def mrope_positions(num_tokens: int, spans: Sequence[MediaSpan], spatial_merge_size: int) -> tuple[Tensor, int]:
     """Positions [3, num_tokens] int64 for an expanded prompt with media at `spans`, and the decode `delta`."""
     chunks: list[Tensor] = []
     pos = 0  # next position value
@@ -101,8 +99,10 @@ def mrope_positions(
             pos += n_text
         img = image_positions(pos, span.grid, spatial_merge_size)
         if img.shape[1] != span.length:
-            raise ValueError(f"media span of {span.length} slots does not match grid {span.grid} "
-                             f"(merge {spatial_merge_size}: {img.shape[1]} slots)")
+            raise ValueError(
+                f"media span of {span.length} slots does not match grid {span.grid} "
+                f"(merge {spatial_merge_size}: {img.shape[1]} slots)"
+            )
         chunks.append(img)
         _, h, w = merged_grid(span.grid, spatial_merge_size)
         pos += max(h, w)
@@ -139,8 +139,10 @@ def mrope_positions_for_ids(
         t, h, w = merged_grid(grids[k], spatial_merge_size)
         length = t * h * w
         if i + length > n or any(ids[j] != image_token_id for j in range(i, i + length)):
-            raise InvalidRequest(f"image {k} with grid {tuple(grids[k])} needs {length} consecutive slots "
-                                 f"(id {image_token_id}) at token {i}")
+            raise InvalidRequest(
+                f"image {k} with grid {tuple(grids[k])} needs {length} consecutive slots "
+                f"(id {image_token_id}) at token {i}"
+            )
         spans.append(MediaSpan(i, length, tuple(int(v) for v in grids[k])))
         i += length
         k += 1

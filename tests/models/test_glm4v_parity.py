@@ -77,8 +77,9 @@ def _inputs(loaded: LoadedModel, ids: list[int], images: list[Image.Image]):
     model: Glm4vForConditionalGeneration = loaded.decoder  # type: ignore[assignment]
     enc = loaded.encoders.get("image")
     items: list[EncoderInputs] = [enc.preprocess(im) for im in images] if images else []
-    expanded, spans = expand_placeholders(ids, model.image_token_id, [it.n_slots for it in items],
-                                          [it.grid for it in items])
+    expanded, spans = expand_placeholders(
+        ids, model.image_token_id, [it.n_slots for it in items], [it.grid for it in items]
+    )
     positions, delta = mrope_positions(len(expanded), spans, model.spatial_merge_size)
     embeds = None
     if items:
@@ -146,9 +147,7 @@ def test_vision_encoder_contract(pairs) -> None:
     assert out.shape == (ia.n_slots, loaded.decoder.hidden_size)
     assert out.dtype == loaded.decoder.embed_tokens(torch.tensor([0])).dtype
     with torch.no_grad():
-        expect = ref.model.get_image_features(
-            ia.data["pixel_values"], torch.tensor([list(ia.grid)])
-        ).pooler_output[0]
+        expect = ref.model.get_image_features(ia.data["pixel_values"], torch.tensor([list(ia.grid)])).pooler_output[0]
     _close(out, expect, 1e-5)
     both = enc.encode_batch([ia, ib])
     _close(both[0], out, 1e-5)
@@ -224,8 +223,9 @@ def test_bfloat16_error_comparable_to_transformers(pairs) -> None:
     assert embeds is not None and embeds.dtype == torch.bfloat16
     model = loaded.decoder
     with torch.no_grad():
-        ours = model.compute_logits(model(torch.tensor(expanded), positions,
-                                          AttentionContext.no_cache([len(expanded)]), embeds))
+        ours = model.compute_logits(
+            model(torch.tensor(expanded), positions, AttentionContext.no_cache([len(expanded)]), embeds)
+        )
         kw = _ref_kwargs(ref32, expanded, items)
         exact = ref32(**kw).logits[0]
         theirs = ref16(**kw).logits[0].float()
@@ -257,9 +257,15 @@ def test_greedy_32_tokens_with_image(pairs, idx: int) -> None:
     n_new = 32
     with torch.no_grad():
         # plain greedy: no EOS stop, and none of the fixture's generation_config processors (repetition penalty)
-        out = ref.generate(**_ref_kwargs(ref, expanded, items), max_new_tokens=n_new, do_sample=False,
-                           eos_token_id=None, pad_token_id=0, repetition_penalty=1.0)
-    expect = out[0, len(expanded):].tolist()
+        out = ref.generate(
+            **_ref_kwargs(ref, expanded, items),
+            max_new_tokens=n_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            repetition_penalty=1.0,
+        )
+    expect = out[0, len(expanded) :].tolist()
     assert len(expect) == n_new
 
     block_size = 16
@@ -336,8 +342,7 @@ def test_older_checkpoint_names_load(pairs, tmp_path: Path) -> None:
             (old / f.name).write_bytes(f.read_bytes())
     tensors = load_file(str(d / "model.safetensors"))
     renamed = {
-        k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
-        for k, v in tensors.items()
+        k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v for k, v in tensors.items()
     }
     assert any(k.startswith("visual.") for k in renamed) and any(k.startswith("model.layers.") for k in renamed)
     save_file(renamed, str(old / "model.safetensors"), metadata={"format": "pt"})
