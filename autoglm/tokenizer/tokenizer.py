@@ -79,6 +79,7 @@ class Tokenizer:
         self._extra_special_tokens = [t for t in extra_special_tokens if backend.token_to_id(t) is not None]
         self.special_ids |= {int(backend.token_to_id(t)) for t in self._extra_special_tokens}
         self.add_bos = self._adds_bos()
+        self._byte_fallback_ids: frozenset[int] | None = None
 
     # --- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -262,6 +263,21 @@ class Tokenizer:
     @property
     def pad_token(self) -> str | None:
         return self.id_to_token(self.pad_token_id) if self.pad_token_id is not None else None
+
+    @property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of `<0xXX>` byte tokens when the decoder has ByteFallback (SentencePiece-style), else empty.
+        ByteFallback decodes a whole run of byte tokens at once, so streaming must not cut a run."""
+        cached = self._byte_fallback_ids
+        if cached is None:
+            cached = frozenset()
+            decoder = self._backend.decoder
+            if decoder is not None and b'"ByteFallback"' in decoder.__getstate__():
+                added = self._backend.get_added_tokens_decoder()
+                ids = (self._backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+                cached = frozenset(int(i) for i in ids if i is not None and i not in added)
+            self._byte_fallback_ids = cached
+        return cached
 
     def get_vocab(self) -> dict[str, int]:
         return dict(self._backend.get_vocab(with_added_tokens=True))
