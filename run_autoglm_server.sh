@@ -47,8 +47,11 @@ say() { echo "[autoglm] $*"; }
 stamp() { date '+%Y-%m-%d %H:%M:%S'; }
 note() { echo "$(stamp) [guard] $*" >>"$LOG_FILE"; [ "${GUARD_FOREGROUND:-0}" = 1 ] && echo "[autoglm] $*"; return 0; }
 
+# The server runs from this source tree (PYTHONPATH), so a venv with the dependencies is enough.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
 ensure_venv() {
-  if [ -x "$PY" ] && "$PY" -c "import autoglm" >/dev/null 2>&1; then
+  if [ -x "$PY" ] && "$PY" -c "import autoglm.server.app, torch" >/dev/null 2>&1; then
     return
   fi
   say "creating Python environment in $VENV"
@@ -132,6 +135,7 @@ guard() {
     rotate_log
     note "starting server on $AUTOGLM_HOST:$AUTOGLM_PORT (model: ${AUTOGLM_MODEL:-built-in default})"
     started=$(date +%s)
+    cd "$ROOT"
     if [ "${GUARD_FOREGROUND:-0}" = 1 ]; then
       "$PY" -u -m autoglm.commands.serve "$@" > >(tee -a "$LOG_FILE") 2>&1 &
     else

@@ -48,7 +48,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        engine_len = getattr(getattr(getattr(self.engine, "engine", None), "config", None), "max_model_len", None)
+        engine_len = getattr(self.engine, "max_model_len", None)  # the engine's resolved context window
         if isinstance(engine_len, int):
             return engine_len
         if self.config.max_model_len is not None:
