@@ -1,0 +1,294 @@
+"""Swap a model's dense linear layers for INT8/INT4 ones, and the `quantization_config` that records it.
+
+Which layers (our choice, recorded in config.json so a loader never guesses from file names):
+- every `autoglm.layers.linear.Linear` / `nn.Linear` of the text decoder;
+- not the vision tower (`skip`, default: the model's vision prefix): it runs once per image, is compute-bound (so
+  4/8-bit weights do not speed it up) and is the accuracy-sensitive part for GUI screenshots; ~0.6 B params;
+- not a tied `lm_head` (it is the embedding matrix; quantizing it would store a second copy);
+- with int4, `lm_head` goes int8 (like llama.cpp's Q4_K_M keeps `output` at Q6_K: logits are sensitive);
+- an int4 layer whose `in_features` is not a multiple of the group size falls back to int8.
+
+config.json entry written by `quantize_hf_checkpoint` (and read by `QuantSpec.from_config`):
+    "quantization_config": {"quant_method": "autoglm", "format": "int8"|"int4", "group_size": 32,
+                            "skip_modules": ["visual."], "module_formats": {"lm_head": "int8"}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoglm.errors import ConfigError, UnsupportedQuantType
+from autoglm.quant.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear, quantize_int4
+from autoglm.quant.int8 import Int8Linear, quantize_int8
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "autoglm"
+MODES = ("int8", "int4")
+
+
+def _dense_types() -> tuple[type[nn.Module], ...]:
+    from autoglm.layers.linear import Linear
+
+    return (Linear, nn.Linear)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize and how. Prefixes match our module names (`name == p` or `name.startswith(p)`)."""
+
+    mode: str  # "int8" | "int4"
+    group_size: int = DEFAULT_GROUP_SIZE
+    skip_modules: tuple[str, ...] = ()
+    module_formats: dict[str, str] = field(default_factory=dict)  # prefix -> "int8" | "int4" | "none"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UnsupportedQuantType(f"unknown quantization {self.mode!r}; supported: {', '.join(MODES)}")
+        if self.mode == "int4" and self.group_size not in GROUP_SIZES:
+            raise UnsupportedQuantType(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        for prefix, fmt in self.module_formats.items():
+            if fmt not in (*MODES, "none"):
+                raise UnsupportedQuantType(f"module_formats[{prefix!r}] = {fmt!r}; expected int8, int4 or none")
+
+    def format_for(self, name: str) -> str:
+        """ "int8" | "int4" | "none" for the module called `name`."""
+        if any(_matches(name, p) for p in self.skip_modules):
+            return "none"
+        best = ""
+        for prefix in self.module_formats:
+            if _matches(name, prefix) and len(prefix) > len(best):
+                best = prefix
+        return self.module_formats[best] if best else self.mode
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format": self.mode,
+            "group_size": self.group_size,
+            "skip_modules": list(self.skip_modules),
+            "module_formats": dict(self.module_formats),
+        }
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any], *, source: str = "config.json") -> QuantSpec:
+        if qc.get("quant_method") != QUANT_METHOD:
+            raise ConfigError(
+                f"{source}: quantization_config.quant_method {qc.get('quant_method')!r} is not supported "
+                f"(supported: {QUANT_METHOD!r})",
+                param="quantization_config",
+            )
+        try:
+            return cls(
+                mode=str(qc["format"]),
+                group_size=int(qc.get("group_size", DEFAULT_GROUP_SIZE)),
+                skip_modules=tuple(qc.get("skip_modules", ())),
+                module_formats=dict(qc.get("module_formats", {})),
+            )
+        except (KeyError, TypeError, ValueError, UnsupportedQuantType) as e:
+            raise ConfigError(f"{source}: invalid quantization_config ({e})", param="quantization_config") from e
+
+
+def _matches(name: str, prefix: str) -> bool:
+    p = prefix.rstrip(".")
+    return name == p or name.startswith(p + ".")
+
+
+def quantization_from_config(config: dict[str, Any], *, source: str = "config.json") -> QuantSpec | None:
+    """The QuantSpec recorded in a config.json dict, or None for a dense checkpoint."""
+    qc = config.get("quantization_config")
+    return None if qc is None else QuantSpec.from_config(qc, source=source)
+
+
+def default_spec(
+    model: nn.Module,
+    mode: str,
+    *,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    vision_prefix: str | None = None,
+    skip: Iterable[str] = (),
+) -> QuantSpec:
+    """The defaults described in the module docstring for `model`."""
+    skips = list(skip)
+    if vision_prefix:
+        skips.append(vision_prefix)
+    tied = getattr(model, "tied_parameters", None)
+    for name in dict(tied()) if callable(tied) else {}:
+        skips.append(name.rsplit(".", 1)[0])
+    formats: dict[str, str] = {}
+    if mode == "int4":
+        for name, mod in model.named_modules():
+            if name.endswith("lm_head") and isinstance(mod, _dense_types()):
+                formats[name] = "int8"
+    return QuantSpec(mode=mode, group_size=group_size, skip_modules=tuple(skips), module_formats=formats)
+
+
+def _quantized(mod: nn.Module, fmt: str, spec: QuantSpec, name: str, compute_dtype: torch.dtype) -> nn.Module:
+    if fmt == "int4":
+        in_f = mod.weight.shape[1]
+        if in_f % spec.group_size == 0:
+            return Int4Linear.from_linear(mod, group_size=spec.group_size, compute_dtype=compute_dtype)
+        log.info("%s: in_features %d not a multiple of group size %d; using int8", name, in_f, spec.group_size)
+    return Int8Linear.from_linear(mod, compute_dtype=compute_dtype)
+
+
+def apply_quantization(
+    model: nn.Module,
+    mode: str | QuantSpec,
+    *,
+    skip: Iterable[str] = (),
+    group_size: int = DEFAULT_GROUP_SIZE,
+    vision_prefix: str | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> nn.Module:
+    """Replace dense linear layers in place (returns `model`). `mode` "int8"/"int4" uses `default_spec`; a QuantSpec
+    (e.g. from config.json) is applied as recorded. A model on `meta` gets empty quantized shells of the right
+    shapes, ready to be filled by name (`autoglm.loader.weights.fill_parameters`); call `finalize_quantization` after.
+    """
+    spec = (
+        mode
+        if isinstance(mode, QuantSpec)
+        else default_spec(model, mode, group_size=group_size, vision_prefix=vision_prefix, skip=skip)
+    )
+    dense = _dense_types()
+    targets = [
+        (name, mod) for name, mod in model.named_modules() if isinstance(mod, dense) and spec.format_for(name) != "none"
+    ]
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, _quantized(mod, spec.format_for(name), spec, name, compute_dtype))
+    return model
+
+
+def finalize_quantization(model: nn.Module) -> None:
+    """After filling: repack int4 layers into the kernel layout and align int8 weights now, not on a first forward."""
+    for mod in model.modules():
+        if isinstance(mod, (Int4Linear, Int8Linear)):
+            mod.prepare()
+
+
+def quantized_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held per format ("int8", "int4", dtype names for dense tensors), counting shared tensors once."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for mod in model.modules():
+        fmt = getattr(mod, "format", None)
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            key = fmt if fmt in MODES else str(p.dtype).removeprefix("torch.")
+            out[key] = out.get(key, 0) + p.numel() * p.element_size()
+    return out
+
+
+def quantize_hf_checkpoint(
+    src: str | Path, dst: str | Path, mode: str, *, group_size: int = DEFAULT_GROUP_SIZE, shard_bytes: int = 2 << 30
+) -> dict[str, int]:
+    """Write a quantized copy of an HF model directory: safetensors shards + config.json with quantization_config.
+
+    Streams one tensor at a time (memory ≈ the largest tensor); the model class is built on `meta` only to know
+    which checkpoint tensors are weights of linear layers. Returns {format: bytes written}.
+    """
+    from safetensors.torch import save_file
+
+    from autoglm.loader.hf import iter_safetensors, safetensors_files
+    from autoglm.models.config import read_config_json
+    from autoglm.models.registry import hf_spec
+
+    src, dst = Path(src), Path(dst)
+    config = read_config_json(src)
+    if config.get("quantization_config") is not None:
+        raise ConfigError(f"{src}: already quantized ({config['quantization_config']})", param="quantization_config")
+    model_spec = hf_spec(config, source=str(src / "config.json"))
+    with torch.device("meta"):
+        model = model_spec.build(config, False)
+    spec = default_spec(model, mode, group_size=group_size, vision_prefix=model_spec.vision_prefix)
+    dense = _dense_types()
+    linear_names = {n for n, m in model.named_modules() if isinstance(m, dense)}
+    dst.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    shard_size = 0
+    tmp_names: list[str] = []
+    weight_map: dict[str, str] = {}
+    written: dict[str, int] = {}
+    total = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_size
+        if shard:
+            name = f".partial-{len(tmp_names):05d}.safetensors"
+            save_file(shard, str(dst / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            tmp_names.append(name)
+        shard, shard_size = {}, 0
+
+    def put(key: str, t: torch.Tensor, fmt: str) -> None:
+        nonlocal shard_size, total
+        nbytes = t.numel() * t.element_size()
+        if shard_size and shard_size + nbytes > shard_bytes:
+            flush()  # memory stays about one shard
+        shard[key] = t.contiguous()
+        shard_size += nbytes
+        total += nbytes
+        written[fmt] = written.get(fmt, 0) + nbytes
+
+    for key, tensor in iter_safetensors(safetensors_files(src)):
+        ours = model_spec.rename(key)
+        module = ours[: -len(".weight")] if ours is not None and ours.endswith(".weight") else None
+        fmt = spec.format_for(module) if module in linear_names else "none"
+        if fmt == "int4" and tensor.shape[1] % group_size:
+            fmt = "int8"
+        stem = key[: -len(".weight")]
+        if fmt == "int8":
+            q, scales = quantize_int8(tensor)
+            put(key, q, "int8")
+            put(stem + ".scales", scales, "int8")
+        elif fmt == "int4":
+            qweight, sz = quantize_int4(tensor, group_size)
+            put(stem + ".qweight", qweight, "int4")
+            put(stem + ".scales_and_zeros", sz, "int4")
+        else:
+            put(key, tensor, str(tensor.dtype).removeprefix("torch."))
+    flush()
+    n = len(tmp_names)
+    final = {
+        t: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+        for i, t in enumerate(tmp_names)
+    }
+    for t, f in final.items():
+        (dst / t).replace(dst / f)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    config = dict(config)
+    config["quantization_config"] = spec.to_config()
+    (dst / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    _copy_side_files(src, dst)
+    return written
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, chat template, generation and preprocessor configs travel with the weights."""
+    import shutil
+
+    for f in src.iterdir():
+        if (
+            f.is_file()
+            and f.suffix in (".json", ".jinja", ".txt", ".model")
+            and f.name
+            not in (
+                "config.json",
+                "model.safetensors.index.json",
+            )
+        ):
+            shutil.copy2(f, dst / f.name)
