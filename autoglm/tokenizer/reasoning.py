@@ -11,7 +11,7 @@ after `<|assistant|>`): a tail whose last think tag is `<think>` starts in reaso
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +39,16 @@ class ReasoningTokens:
             answer_end=tokenizer.token_to_id("</answer>"),
         )
 
+    @classmethod
+    def from_mapping(cls, ids: Mapping[str, int]) -> ReasoningTokens:
+        """From {"<think>": id, "</think>": id, ...} (missing tags -> None)."""
+        return cls(
+            think_start=ids.get("<think>"),
+            think_end=ids.get("</think>"),
+            answer_start=ids.get("<answer>"),
+            answer_end=ids.get("</answer>"),
+        )
+
     @property
     def has_reasoning(self) -> bool:
         """Both think tags exist: the model can reason."""
@@ -52,11 +62,19 @@ class ReasoningTokens:
 
 
 class ReasoningSplitter:
-    """Per-request state machine: `add_token(id)` -> the channel of that token, or None for a dropped tag."""
+    """Per-request state machine: `add_token(id)` (alias `route`) -> the channel of that token, or None for a
+    dropped tag. `tokens` may also be a {tag: id} mapping. Pass the tokenizer's `special_ids` (or use
+    `for_tokenizer`) so the prompt-tail scan stops at the current turn's role token."""
 
     def __init__(
-        self, tokens: ReasoningTokens, *, prompt_ids: Sequence[int] = (), special_ids: Iterable[int] = ()
+        self,
+        tokens: ReasoningTokens | Mapping[str, int],
+        prompt_ids: Sequence[int] = (),
+        *,
+        special_ids: Iterable[int] = (),
     ) -> None:
+        if not isinstance(tokens, ReasoningTokens):
+            tokens = ReasoningTokens.from_mapping(tokens)
         self.tokens = tokens
         self._tags = tokens.tag_ids
         self.state: Channel = self._initial_state(prompt_ids, frozenset(special_ids))
@@ -90,6 +108,8 @@ class ReasoningSplitter:
                 self.state = "content"
             return None
         return self.state
+
+    route = add_token
 
     def split(self, token_ids: Iterable[int]) -> tuple[list[int], list[int]]:
         """Route a whole sequence: (reasoning ids, content ids), tags dropped. Continues from the current state."""

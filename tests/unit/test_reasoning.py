@@ -112,3 +112,11 @@ def test_reset_returns_to_prompt_state(tok: Tokenizer, prompt_ids: list[int]) ->
     assert splitter.state == "reasoning"
     splitter.reset()
     assert splitter.state == "content"
+
+
+def test_mapping_constructor_and_route_alias(tok: Tokenizer, prompt_ids: list[int]) -> None:
+    tags = {t: tok.token_to_id(t) for t in ("<think>", "</think>", "<answer>", "</answer>")}
+    splitter = ReasoningSplitter(tags, prompt_ids, special_ids=tok.special_ids)  # type: ignore[arg-type]
+    assert splitter.tokens == ReasoningTokens.from_tokenizer(tok)
+    ids = tok.encode("<think>r</think><answer>c</answer>", add_special_tokens=False)
+    assert [splitter.route(i) for i in ids] == [None, "reasoning", None, None, "content", None]
