@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -152,8 +153,12 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _first_in(source: str, table: Iterable[str]) -> str | None:
-    return next((p for p in table if p in source), None)
+def _first_in(source: str, table: Iterable[str], vocab: Mapping[str, int] | None = None) -> str | None:
+    """The first placeholder written in the template; else the first whose tokens are all in `vocab`."""
+    found = next((p for p in table if p in source), None)
+    if found is None and vocab:
+        found = next((p for p in table if all(t in vocab for t in re.findall(r"<[^<>]+>", p))), None)
+    return found
 
 
 # --- the template --------------------------------------------------------------------------------------------------
@@ -168,16 +173,19 @@ class ChatTemplate:
         image_placeholder: str | None = None,
         video_placeholder: str | None = None,
         audio_placeholder: str | None = None,
+        vocab: Mapping[str, int] | None = None,
         name: str = "",
     ) -> None:
+        """`vocab` ({token: id}, e.g. `Tokenizer.get_vocab()`) lets placeholders be found from the tokenizer
+        when the template does not spell them out."""
         if not isinstance(source, str) or not source.strip():
             raise ConfigError(f"chat template of {name or 'the model'} is empty")
         self.source = source
         self.name = name
         self.special_tokens: dict[str, str] = {k: v for k, v in (special_tokens or {}).items() if v is not None}
-        self.image_placeholder = image_placeholder or _first_in(source, IMAGE_PLACEHOLDERS)
-        self.video_placeholder = video_placeholder or _first_in(source, VIDEO_PLACEHOLDERS)
-        self.audio_placeholder = audio_placeholder or _first_in(source, AUDIO_PLACEHOLDERS)
+        self.image_placeholder = image_placeholder or _first_in(source, IMAGE_PLACEHOLDERS, vocab)
+        self.video_placeholder = video_placeholder or _first_in(source, VIDEO_PLACEHOLDERS, vocab)
+        self.audio_placeholder = audio_placeholder or _first_in(source, AUDIO_PLACEHOLDERS, vocab)
         # The template reads `enable_thinking` (GLM-4.5V+, Qwen3); GLM-4.1V's does not (it always thinks).
         self.supports_enable_thinking = "enable_thinking" in source
         try:
@@ -196,13 +204,14 @@ class ChatTemplate:
         eos_token: str | None = None,
         special_tokens: Mapping[str, str | None] | None = None,
         image_placeholder: str | None = None,
+        vocab: Mapping[str, int] | None = None,
         name: str = "",
     ) -> ChatTemplate:
         """From a template string (GGUF `tokenizer.chat_template`)."""
         tokens = dict(special_tokens or {})
         tokens.setdefault("bos_token", bos_token)
         tokens.setdefault("eos_token", eos_token)
-        return cls(source, special_tokens=tokens, image_placeholder=image_placeholder, name=name)
+        return cls(source, special_tokens=tokens, image_placeholder=image_placeholder, vocab=vocab, name=name)
 
     @classmethod
     def from_hf_dir(cls, path: str | Path, *, template_name: str = "default", **kwargs: Any) -> ChatTemplate:

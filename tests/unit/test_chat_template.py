@@ -225,5 +225,9 @@ def test_placeholder_detection_table() -> None:
     assert qwen.image_placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
     gemma = ChatTemplate("{{ '<start_of_image>' }}")
     assert gemma.image_placeholder == "<start_of_image>"
+    from_vocab = ChatTemplate("{{ messages[0].content }}", vocab={"<|begin_of_image|>": 1, "<|image|>": 2,
+                                                               "<|end_of_image|>": 3})
+    assert from_vocab.image_placeholder == IMG and from_vocab.video_placeholder is None
+    assert from_vocab.render([{"role": "user", "content": [{"type": "image"}, "hi"]}]) == f"{IMG}\nhi"
     override = ChatTemplate("x", image_placeholder="<img>")
     assert override.render([{"role": "user", "content": [{"type": "image"}]}]) == "x"
