@@ -67,7 +67,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(config: Any) -> int:
+def serve(config: Any, model: Any = None) -> int:
+    """Run the server until SIGINT/SIGTERM. `model`: an already-built LoadedModel (tests, embedding)."""
     import uvicorn
 
     from autoglm.server.app import create_app
@@ -83,7 +84,7 @@ def serve(config: Any) -> int:
             return EXIT_PORT_IN_USE
         print(f"autoglm serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return EXIT_PORT_IN_USE
-    app = create_app(config)
+    app = create_app(config, model=model)
     server = uvicorn.Server(uvicorn.Config(
         app, log_config=None, log_level=config.log_level.lower(), timeout_graceful_shutdown=5,
         access_log=config.log_level.lower() == "debug",

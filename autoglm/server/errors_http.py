@@ -55,6 +55,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "invalid JSON")
             return f"Malformed JSON in request body: {detail}", None
+        if tuple(err.get("loc", ())) == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
+            return "The request body must be a JSON object (send Content-Type: application/json)", None
+        if tuple(err.get("loc", ())) == ("body",) and err.get("type") == "missing":
+            return "The request body is empty; expected a JSON object", None
     parts: list[str] = []
     first_param: str | None = None
     for err in errors[:5]:

@@ -247,7 +247,7 @@ class _Call:
         if chat:
             body = responses.chat_completion(
                 self.cid, self.created, self.model_name, text,
-                "".join(reasoning) if self.formatter.emits_reasoning else None,
+                ("".join(reasoning) or None) if self.formatter.emits_reasoning else False,
                 self.finish_reason, self._usage(),
                 responses.chat_logprobs(logprobs, self.tokenizer) if logprobs else None,
             )

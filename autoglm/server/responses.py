@@ -18,11 +18,12 @@ def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int) -> 
     }
 
 
-def chat_completion(cid: str, created: int, model: str, content: str, reasoning: str | None,
+def chat_completion(cid: str, created: int, model: str, content: str, reasoning: str | None | bool,
                     finish_reason: str | None, usage_: dict[str, Any], logprobs: dict[str, Any] | None
                     ) -> dict[str, Any]:
+    """`reasoning`: text, or None/False. With `separate` mode and no reasoning the fields are null (present)."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
-    if reasoning is not None:
+    if reasoning is not False:
         message["reasoning_content"] = reasoning
         message["reasoning"] = reasoning
     return {
