@@ -332,7 +332,7 @@ ENCODERS: dict[GGMLQuantizationType, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _check_type(qtype: GGMLQuantizationType | int, name: str) -> GGMLQuantizationType:
+def check_type(qtype: GGMLQuantizationType | int, name: str) -> GGMLQuantizationType:
     try:
         qt = Q(int(qtype))
     except ValueError:
@@ -366,7 +366,7 @@ def dequantize(
     Bit-exact with `gguf.quants.dequantize`. Raises `UnsupportedQuantType` naming the type and `name`, and
     `CorruptFile` when the byte count does not match `shape`.
     """
-    qt = _check_type(qtype, name)
+    qt = check_type(qtype, name)
     shape = tuple(int(s) for s in shape)
     n_cols = shape[-1] if shape else 1
     rb = row_nbytes(qt, n_cols, name)

@@ -1,0 +1,153 @@
+"""`autoglm quantize IN.gguf OUT.gguf TYPE`: re-quantize a GGUF file's weights, copying all its metadata.
+
+Every quantizable 2-D weight (llama.cpp's rule: names ending in `weight`, not norms) is decoded and re-encoded to
+TYPE (q4_k_m uses llama.cpp's mixture: Q6_K for output and some attn_v / ffn_down); norms, biases and other 1-D
+tensors are stored F32. Tensors are streamed one at a time, so memory stays at about one tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Keys
+from tqdm import tqdm
+
+from autoglm.errors import AutoGLMError, CorruptFile, UnsupportedQuantType
+from autoglm.loader.quants import QuantMix, dequantize, layer_of, quantize, row_nbytes
+
+logger = logging.getLogger(__name__)
+
+Q = GGMLQuantizationType
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m")
+_FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+# quantized source types we can decode
+_QUANT_SOURCE = {
+    Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_K, Q.IQ4_NL, Q.IQ4_XS,
+}  # fmt: skip
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_gguf` wrote: per-tensor types and the byte totals."""
+
+    tensor_types: dict[str, GGMLQuantizationType] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def _open(path: str | Path) -> GGUFReader:
+    try:
+        return GGUFReader(path, "r")
+    except FileNotFoundError:
+        raise CorruptFile(f"{path}: no such file") from None
+    except (ValueError, OSError, IndexError) as e:
+        raise CorruptFile(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _n_layers(reader: GGUFReader, arch: str) -> int:
+    f = reader.fields.get(f"{arch}.block_count")
+    if f is not None:
+        return int(f.contents())
+    layers = [i for t in reader.tensors if (i := layer_of(t.name)) is not None]
+    return max(layers) + 1 if layers else 0
+
+
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, file_type: int) -> None:
+    for f in reader.fields.values():
+        # GGUF.* are virtual fields; the writer adds the architecture itself
+        if f.name.startswith("GGUF.") or f.name in (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE):
+            continue
+        if f.name == Keys.General.ALIGNMENT:
+            writer.add_custom_alignment(int(f.contents()))
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    writer.add_file_type(file_type)
+
+
+def quantize_gguf(src: str | Path, dst: str | Path, target: str, *, progress: bool = True) -> QuantizeReport:
+    """Write `dst`: `src` with its weights re-encoded to `target` ("q4_k_m", "q8_0", "f16", ...)."""
+    mix = QuantMix.parse(target)
+    if Path(src).resolve() == Path(dst).resolve():
+        raise UnsupportedQuantType(f"{dst}: output would overwrite the input file")
+    reader = _open(src)
+    arch_field = reader.fields.get(Keys.General.ARCHITECTURE)
+    if arch_field is None:
+        raise CorruptFile(f"{src}: no general.architecture key")
+    arch = str(arch_field.contents())
+    n_layers = _n_layers(reader, arch)
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names and "token_embd.weight" in names
+
+    report = QuantizeReport()
+    plan: list[tuple[object, tuple[int, ...], GGMLQuantizationType]] = []
+    for t in reader.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists ne[0] (the row) first
+        if t.tensor_type in _FLOAT_TYPES or t.tensor_type in _QUANT_SOURCE:
+            new = mix.type_for(t.name, shape, n_layers, tied_embeddings=tied)
+        else:
+            new = Q(t.tensor_type)  # integer tensors etc.: copied as they are
+        plan.append((t, shape, new))
+        report.tensor_types[t.name] = new
+
+    writer = GGUFWriter(dst, arch)
+    _copy_metadata(reader, writer, int(mix.file_type))
+    for t, shape, new in plan:
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        rb = row_nbytes(new, shape[-1], t.name)
+        writer.add_tensor_info(t.name, (*shape[:-1], rb), np.dtype(np.uint8), rows * rb, raw_dtype=new)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+    total = sum(int(t.n_elements) for t, _, _ in plan)
+    with tqdm(total=total, unit="w", unit_scale=True, desc=f"quantize {mix.name}", disable=not progress) as bar:
+        for t, shape, new in plan:
+            bar.set_postfix_str(f"{t.name} -> {new.name}", refresh=False)
+            if new == t.tensor_type:
+                data = np.ascontiguousarray(t.data).view(np.uint8)  # already in the target type: copy the bytes
+            else:
+                w = dequantize(t.data, t.tensor_type, shape, name=t.name)
+                data = quantize(w, new, name=t.name)
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+            report.bytes_in += int(t.n_bytes)
+            report.bytes_out += int(data.nbytes)
+            bar.update(int(t.n_elements))
+    writer.close()
+    return report
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `autoglm quantize` to the CLI."""
+    p = subparsers.add_parser(
+        "quantize",
+        help="re-quantize a GGUF file (q4_k_m, q8_0, f16, ...)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="source .gguf file")
+    p.add_argument("output", help="destination .gguf file")
+    p.add_argument("type", type=str.lower, choices=TYPES, metavar="TYPE", help=f"one of: {', '.join(TYPES)}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        rep = quantize_gguf(args.input, args.output, args.type, progress=not args.no_progress)
+    except AutoGLMError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    counts: dict[str, int] = {}
+    for qt in rep.tensor_types.values():
+        counts[qt.name] = counts.get(qt.name, 0) + 1
+    mix = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    print(f"{args.output}: {len(rep.tensor_types)} tensors ({mix}); {rep.bytes_in / 2**20:.1f} MiB -> "
+          f"{rep.bytes_out / 2**20:.1f} MiB")  # fmt: skip
+    return 0
