@@ -26,6 +26,8 @@ from autoglm.engine.sampling_params import SamplingParams
 from autoglm.engine.scheduler import Scheduler
 from autoglm.errors import ContextTooLong, InvalidRequest, Overloaded
 from autoglm.models.loaded import LoadedModel
+from autoglm.tokenizer.detokenizer import IncrementalDetokenizer
+from autoglm.tokenizer.reasoning import ReasoningSplitter, ReasoningTokens
 
 _DTYPE_BYTES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +84,7 @@ class Engine:
         self.num_generated_tokens = 0
         self.num_steps = 0
         self._eos = frozenset(model.eos_token_ids)
-        self._reasoning_ids = _reasoning_tag_ids(model)
+        self._reasoning_tokens = ReasoningTokens.from_tokenizer(model.tokenizer)
 
     # --- requests -------------------------------------------------------------------------------------------------
     def make_request(
@@ -113,6 +115,7 @@ class Engine:
         max_tokens = params.max_tokens if params.max_tokens is not None else n_max - n_prompt
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
+        tok = self.model.tokenizer
         return Request(
             request_id=request_id,
             prompt=prompt,
@@ -120,8 +123,10 @@ class Engine:
             max_tokens=max_tokens,
             stop_token_ids=stop_ids,
             generator=torch.Generator().manual_seed(seed),
-            detokenizer=_make_detokenizer(self.model, params),
-            reasoning=_make_reasoning_splitter(self._reasoning_ids, prompt.token_ids),
+            detokenizer=IncrementalDetokenizer(tok, skip_special_tokens=params.skip_special_tokens),
+            reasoning_detokenizer=IncrementalDetokenizer(tok, skip_special_tokens=params.skip_special_tokens),
+            reasoning=ReasoningSplitter(self._reasoning_tokens, prompt_ids=prompt.token_ids,
+                                        special_ids=tok.special_ids),
             return_prompt_logits=return_prompt_logits,
         )
 
@@ -187,20 +192,23 @@ class Engine:
             if logprob is not None:
                 logprobs.append(logprob)
                 req.logprobs.append(logprob)
-            channel = req.reasoning.route(token) if req.reasoning is not None else "content"
-            text = req.detokenizer.add_token(token)
+            channel = req.reasoning.add_token(token)  # None: a reasoning tag, dropped from both channels
             if channel == "reasoning":
                 req.num_reasoning_tokens += 1
-            content, reasoning = _route(req, channel, text)
+                req.reasoning_detokenizer.add_token(token)
+                reasoning = req.reasoning_text.push(req.reasoning_detokenizer.last_segment)
+            elif channel == "content":
+                req.detokenizer.add_token(token)
+                content = req.content.push(req.detokenizer.last_segment)
             if req.content.stopped or req.reasoning_text.stopped:
                 status = RequestStatus.FINISHED_STOPPED
             elif req.num_generated >= req.max_tokens or req.num_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
         if status is not None:
-            tail = req.detokenizer.finalize()
-            c, r = _route(req, req.last_channel, tail)
-            content += c + req.content.flush()
-            reasoning += r + req.reasoning_text.flush()
+            req.detokenizer.finalize()
+            req.reasoning_detokenizer.finalize()
+            content += req.content.push(req.detokenizer.last_segment) + req.content.flush()
+            reasoning += req.reasoning_text.push(req.reasoning_detokenizer.last_segment) + req.reasoning_text.flush()
             self.scheduler.finish(req, status)
             self.requests.pop(req.request_id, None)
         return self._output(req, new_ids, content, reasoning, logprobs)
@@ -245,90 +253,3 @@ class Engine:
             self.abort(rid)
         self.runner.release()
 
-
-def _route(req: Request, channel: str | None, text: str) -> tuple[str, str]:
-    """Send decoded text to the channel of the token that completed it; tag tokens (None) keep the last channel
-    for bytes they release, but their own text is dropped by the detokenizer (special) or here."""
-    if channel is None:
-        return "", ""
-    req.last_channel = channel
-    if not text:
-        return "", ""
-    if channel == "reasoning":
-        return "", req.reasoning_text.push(text)
-    return req.content.push(text), ""
-
-
-# --- adapters to the tokenizer package (autoglm.tokenizer.detokenizer / .reasoning) --------------------------------
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-
-
-def _reasoning_tag_ids(model: LoadedModel) -> dict[str, int]:
-    ids = {}
-    for tag in _TAGS:
-        tid = model.tokenizer.token_to_id(tag)
-        if tid is not None:
-            ids[tag] = tid
-    return ids
-
-
-def _make_detokenizer(model: LoadedModel, params: SamplingParams) -> Any:
-    try:
-        from autoglm.tokenizer.detokenizer import Detokenizer
-    except ImportError:
-        return _PrefixDetokenizer(model, params.skip_special_tokens)
-    return Detokenizer(model.tokenizer, skip_special_tokens=params.skip_special_tokens)
-
-
-def _make_reasoning_splitter(tag_ids: dict[str, int], prompt_ids: list[int]) -> Any:
-    if "<think>" not in tag_ids or "</think>" not in tag_ids:
-        return None  # a model without reasoning tags: everything is content
-    try:
-        from autoglm.tokenizer.reasoning import ReasoningSplitter
-    except ImportError:
-        return _TagSplitter(tag_ids, prompt_ids)
-    return ReasoningSplitter(tag_ids, prompt_ids)
-
-
-class _PrefixDetokenizer:
-    """Fallback until autoglm.tokenizer.detokenizer lands: decode everything, emit the new complete text."""
-
-    def __init__(self, model: LoadedModel, skip_special_tokens: bool) -> None:
-        self.tokenizer = model.tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.emitted = 0
-
-    def add_token(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):
-            return ""
-        out, self.emitted = text[self.emitted :], len(text)
-        return out
-
-    def finalize(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        out, self.emitted = text[self.emitted :], len(text)
-        return out
-
-
-class _TagSplitter:
-    """Fallback until autoglm.tokenizer.reasoning lands."""
-
-    def __init__(self, tag_ids: dict[str, int], prompt_ids: list[int]) -> None:
-        self.think, self.end_think = tag_ids["<think>"], tag_ids["</think>"]
-        self.tags = set(tag_ids.values())
-        self.state = "content"
-        for t in prompt_ids:
-            if t == self.think:
-                self.state = "reasoning"
-            elif t == self.end_think:
-                self.state = "content"
-
-    def route(self, token_id: int) -> str | None:
-        if token_id == self.think:
-            self.state = "reasoning"
-        elif token_id == self.end_think:
-            self.state = "content"
-        return None if token_id in self.tags else self.state

@@ -6,13 +6,16 @@ template, loads and preprocesses the images, expands each image placeholder to i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
-from autoglm.errors import InvalidRequest
+from autoglm.errors import InvalidRequest, MissingProjector, UnsupportedModality
 from autoglm.models.loaded import LoadedModel
 from autoglm.multimodal.encoder import EncoderInputs
+from autoglm.multimodal.placeholders import expand_placeholders, mrope_positions
 
 
 @dataclass
@@ -48,3 +51,112 @@ def build_text_prompt(model: LoadedModel, prompt: str | list[int]) -> PromptInpu
     if not ids:
         raise InvalidRequest("prompt is empty", param="prompt")
     return PromptInputs(token_ids=ids)
+
+
+ImageLoader = Callable[[Any], Any]  # image source (URL / path / bytes / PIL) -> PIL.Image; raises MediaError
+
+_IMAGE_TYPES = ("image_url", "image", "input_image", "image_pil")
+
+
+def build_chat_prompt(
+    model: LoadedModel,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    enable_thinking: bool | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    content_format: str = "string",
+    image_loader: ImageLoader | None = None,
+    add_generation_prompt: bool = True,
+    max_images: int | None = None,
+) -> PromptInputs:
+    """OpenAI-style messages -> PromptInputs (template rendered, images preprocessed, placeholders expanded).
+
+    enable_thinking (or chat_template_kwargs["enable_thinking"]): False asks the model not to think — through the
+    template variable when the template has one, else by prefilling an empty `<think></think>`.
+    image_loader: resolves image sources; the default accepts PIL images, bytes and data URLs only (the server
+    passes its media policy; the Python API also allows local paths).
+    """
+    if not messages:
+        raise InvalidRequest("messages must not be empty", param="messages")
+    template = model.chat_template
+    if template is None:
+        raise InvalidRequest(f"model {model.name!r} has no chat template; use a completion prompt", param="messages")
+    kwargs = dict(chat_template_kwargs or {})
+    if enable_thinking is None:
+        enable_thinking = kwargs.get("enable_thinking")
+    if enable_thinking is not None and template.supports_enable_thinking:
+        kwargs["enable_thinking"] = bool(enable_thinking)
+    else:
+        kwargs.pop("enable_thinking", None)
+
+    sources = _image_sources(messages)
+    if max_images is not None and len(sources) > max_images:
+        raise InvalidRequest(f"At most {max_images} image(s) may be provided in one prompt.", param="messages")
+    encoder = None
+    if sources:
+        encoder = model.encoders.get("image")
+        if encoder is None:
+            if model.missing_projector:
+                raise MissingProjector(model.missing_projector, param="messages")
+            raise UnsupportedModality(
+                f"model {model.name!r} has no vision encoder loaded (text-only, or started with --no-vision); "
+                "remove the image parts",
+                param="messages",
+            )
+
+    text = template.render(messages, add_generation_prompt=add_generation_prompt,
+                           content_format=content_format, **kwargs)  # type: ignore[arg-type]
+    if enable_thinking is False and not template.supports_enable_thinking and add_generation_prompt:
+        tok = model.tokenizer
+        if tok.token_to_id("<think>") is not None and tok.token_to_id("</think>") is not None:
+            text += "<think></think>"
+    ids = model.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the prefix tokens itself
+    if encoder is None:
+        return PromptInputs(token_ids=ids, text=text)
+
+    load = image_loader or _default_image_loader
+    inputs = [encoder.preprocess(load(src)) for src in sources]
+    ids, spans = expand_placeholders(ids, encoder.placeholder_id, [i.n_slots for i in inputs],
+                                     [i.grid for i in inputs])
+    media = [MediaItem(inputs=i, offset=s.offset) for i, s in zip(inputs, spans, strict=True)]
+    prompt = PromptInputs(token_ids=ids, media=media, text=text)
+    if getattr(model.decoder, "uses_mrope", False):
+        merge = _merge_size(inputs[0])
+        prompt.positions, prompt.mrope_delta = mrope_positions(len(ids), spans, merge)
+    return prompt
+
+
+def _image_sources(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Every image part's source, in prompt order (same order the template emits placeholders)."""
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        content = msg.get("content")
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping):
+                continue
+            kind = part.get("type") or next((k for k in _IMAGE_TYPES if k in part), None)
+            if kind not in _IMAGE_TYPES:
+                continue
+            src = part.get(kind, part.get("image_url", part.get("image")))
+            if isinstance(src, Mapping):
+                src = src.get("url")
+            if src is None:
+                raise InvalidRequest(f"messages[{i}].content[{j}] has no image", param=f"messages[{i}].content[{j}]")
+            out.append(src)
+    return out
+
+
+def _default_image_loader(source: Any) -> Any:
+    from autoglm.multimodal.media import load_image
+
+    return load_image(source)
+
+
+def _merge_size(inputs: EncoderInputs) -> int:
+    # n_slots = t*h*w / merge^2 for GLM-4.1V-style encoders
+    t, h, w = (int(v) for v in inputs.grid)
+    return int(round((t * h * w / inputs.n_slots) ** 0.5))

@@ -11,13 +11,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from autoglm.engine.sampler import TokenLogprob
 from autoglm.engine.sampling_params import SamplingParams
+from autoglm.tokenizer.detokenizer import IncrementalDetokenizer
+from autoglm.tokenizer.reasoning import ReasoningSplitter
 
 if TYPE_CHECKING:
     from autoglm.engine.prompt import PromptInputs
@@ -91,8 +93,9 @@ class Request:
     max_tokens: int  # resolved: params.max_tokens or the rest of the context
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) + params.stop_token_ids
     generator: torch.Generator
-    detokenizer: Any = None  # autoglm.tokenizer.detokenizer.Detokenizer
-    reasoning: Any = None  # autoglm.tokenizer.reasoning.ReasoningSplitter or None
+    detokenizer: IncrementalDetokenizer  # content channel
+    reasoning_detokenizer: IncrementalDetokenizer
+    reasoning: ReasoningSplitter  # token id -> "reasoning" | "content" | None (a tag, dropped)
     return_prompt_logits: bool = False  # LLM.score: logits for every prompt position
 
     token_ids: list[int] = field(init=False)
@@ -106,7 +109,6 @@ class Request:
     prompt_logits: list[Tensor] = field(default_factory=list)  # chunks of [n, V] float32 when requested
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
-    last_channel: str = "content"  # where text released by the detokenizer at the end goes
 
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

@@ -1,0 +1,236 @@
+"""`AsyncEngine`: the engine loop in its own thread, one asyncio queue per request.
+
+The loop thread is the only one that touches the `Engine`: adds and aborts from the asyncio side go through an inbox
+the loop drains before every step (kernels release the GIL, so the event loop stays responsive meanwhile). Outputs go
+back with `loop.call_soon_threadsafe`. Closing or cancelling a request's iterator aborts it, which frees its KV
+blocks at the loop's next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from autoglm.engine.engine import Engine, RequestOutput
+from autoglm.engine.prompt import PromptInputs
+from autoglm.engine.request import Request
+from autoglm.engine.sampling_params import SamplingParams
+from autoglm.errors import AutoGLMError, InvalidRequest, Overloaded, RequestAborted
+
+log = logging.getLogger("autoglm.engine")
+
+_IDLE_WAIT_S = 0.5  # idle loop re-checks this often even without a wake-up (shutdown safety)
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ends after the output with `finished=True`.
+
+    Errors raised by the engine for this request (or at shutdown) are raised from `__anext__`.
+    `aclose()` (or leaving an `async for` early through `generate`) aborts the request.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    # called from the engine thread
+    def _put(self, item: RequestOutput | BaseException) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            return True
+        except RuntimeError:  # the event loop is closed: nobody is listening
+            return False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, *, start: bool = True) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # loop thread only
+        self._active: set[str] = set()  # ids in flight (any thread, under _lock)
+        self._lock = threading.Lock()
+        self.num_finished = 0
+        self.num_aborted = 0
+        self.last_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="autoglm-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    @property
+    def model(self) -> Any:
+        return self.engine.model
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    # --- asyncio side ---------------------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: PromptInputs, params: SamplingParams, **kw: Any
+    ) -> RequestStream:
+        """Validate now (raises InvalidRequest / ContextTooLong / Overloaded in the caller) and queue the request.
+
+        Must be called from a running event loop; outputs are delivered to it."""
+        if self._stop.is_set():
+            raise RequestAborted("the engine is shutting down")
+        req: Request = self.engine.make_request(request_id, prompt, params, **kw)
+        with self._lock:
+            if request_id in self._active:
+                raise InvalidRequest(f"request id {request_id!r} is already in use")
+            # approximate (read from another thread) but only ever conservative by the inbox size
+            if len(self._active) - len(self.engine.scheduler.running) >= self.engine.config.max_waiting:
+                raise Overloaded(f"the waiting queue is full ({self.engine.config.max_waiting} requests); retry later")
+            self._active.add(request_id)
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        self._inbox.put(("add", req, stream))
+        self._wake.set()
+        return stream
+
+    async def generate(
+        self, request_id: str, prompt: PromptInputs, params: SamplingParams, **kw: Any
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs; cancelling or closing the iterator aborts the request at once."""
+        stream = self.add_request(request_id, prompt, params, **kw)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; a no-op for unknown or finished ids."""
+        self._inbox.put(("abort", request_id, None))
+        self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        s = self.engine.stats()
+        s.update(
+            requests_finished=self.num_finished,
+            requests_aborted=self.num_aborted,
+            alive=self._thread.is_alive(),
+        )
+        return s
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; pending requests get RequestAborted; KV caches are released."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        else:
+            self._finish_all(RequestAborted("the engine is shutting down"))
+
+    # --- engine thread --------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.engine.has_unfinished():
+                    self._wake.wait(_IDLE_WAIT_S)
+                self._wake.clear()
+                self._drain_inbox()
+                if self.engine.has_unfinished():
+                    self._step()
+        finally:
+            self._finish_all(RequestAborted("the engine is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, a, b = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                req, stream = a, b
+                if stream.finished:  # closed before it reached the loop
+                    self._release(req.request_id)
+                    continue
+                try:
+                    self.engine.add(req)
+                except AutoGLMError as e:
+                    self._release(req.request_id)
+                    stream._put(e)
+                    continue
+                self._streams[req.request_id] = stream
+            elif kind == "abort":
+                out = self.engine.abort(a)
+                stream = self._streams.pop(a, None)
+                if out is not None:
+                    self.num_aborted += 1
+                self._release(a)
+                if stream is not None and out is not None:
+                    stream._put(out)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # a model error must not kill the server: fail the batch, keep the loop
+            log.exception("engine step failed; aborting %d request(s)", len(self._streams))
+            self.last_error = e
+            self._finish_all(e)
+            return
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if not stream._put(out) or stream.finished and not out.finished:
+                if self.engine.abort(out.request_id) is not None:  # nobody is reading
+                    self.num_aborted += 1
+                self._streams.pop(out.request_id, None)
+                self._release(out.request_id)
+                continue
+            if out.finished:
+                self.num_finished += 1
+                self._streams.pop(out.request_id, None)
+                self._release(out.request_id)
+
+    def _finish_all(self, error: BaseException) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort(rid)
+            stream._put(error)
+            self._release(rid)
+        self._streams.clear()
+        while True:  # requests still in the inbox
+            try:
+                kind, a, b = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._release(a.request_id)
+                b._put(error)
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+
+    def _release(self, request_id: str) -> None:
+        with self._lock:
+            self._active.discard(request_id)
