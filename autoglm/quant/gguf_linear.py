@@ -60,20 +60,23 @@ class GGUFBlockFormat:
         w = dequantize_blocks(sel.reshape(-1, ts), self.qtype).view(sel.shape[0], self.cols)
         return w if dtype == torch.float32 else w.to(dtype)
 
-    def matmul(self, x: Tensor, raw: Tensor) -> Tensor:
-        """x [..., cols] @ W.T -> [..., rows], decoding W a slab of rows at a time (bounded extra memory)."""
+    def matmul(self, x: Tensor, raw: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x [..., cols] @ W.T (+ bias) -> [..., rows], decoding W a slab of rows at a time (bounded memory)."""
+        b = bias.to(x.dtype) if bias is not None else None
         kernel = _KERNELS.get(self.qtype)
         if kernel is not None:
-            return kernel(x, raw, self)
+            y = kernel(x, raw, self)
+            return y + b if b is not None else y
         step = max(1, _MATMUL_CHUNK_ELEMENTS // max(1, self.cols))
         if step >= self.rows:
-            return F.linear(x, self.dequantize(raw, x.dtype))
+            return F.linear(x, self.dequantize(raw, x.dtype), b)
         out = x.new_empty(*x.shape[:-1], self.rows)
         ts = block_layout(self.qtype)[1]
         for s in range(0, self.rows, step):
             slab = raw[s : s + step]
             w = dequantize_blocks(slab.reshape(-1, ts), self.qtype).view(slab.shape[0], self.cols)
-            out[..., s : s + slab.shape[0]] = F.linear(x, w.to(x.dtype))
+            e = s + slab.shape[0]
+            out[..., s:e] = F.linear(x, w.to(x.dtype), b[s:e] if b is not None else None)
         return out
 
 
@@ -144,8 +147,7 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
-        y = self.weight_format.matmul(x, self.weight)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
+        return self.weight_format.matmul(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
