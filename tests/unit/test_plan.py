@@ -1,0 +1,208 @@
+"""Memory planner: hand-computed numbers on a tiny config, parameter counts vs transformers' own models, the 9B
+verdicts, GGUF metadata planning and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoglm.plan import AUTOGLM_PHONE_9B, RUNTIME_BASE_BYTES, parse_bytes, plan_config, plan_model
+
+TINY = {
+    "architectures": ["Glm4ForCausalLM"],
+    "model_type": "glm4",
+    "torch_dtype": "float32",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "attention_bias": True,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 512,
+}
+
+
+def _rows(plan: object) -> dict[str, tuple[int, int]]:
+    return {m.name: (m.parameters, m.bytes) for m in plan.modules}  # type: ignore[attr-defined]
+
+
+def test_tiny_config_matches_hand_computation() -> None:
+    plan = plan_config(TINY, ctx=100, ram="1GB", quantization="none", chunk=8)
+    # per layer: q 64x64, k/v 32x64, o 64x64, qkv bias 64+32+32; gate/up 2 x 128x64; down 64x128; 4 norms of 64
+    attention = 2 * (4096 + 2048 + 2048 + 4096 + 128)
+    mlp = 2 * (2 * 8192 + 8192)
+    norms = 2 * 256 + 64
+    assert _rows(plan) == {
+        "embeddings": (256 * 64, 256 * 64 * 4),
+        "attention": (attention, attention * 4),
+        "mlp": (mlp, mlp * 4),
+        "norms": (norms, norms * 4),
+        "lm_head": (256 * 64, 256 * 64 * 4),
+    }
+    assert plan.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv_heads x head_dim x float32
+    assert plan.kv_bytes == plan.kv_bytes_per_token * 100
+    per_token = (6 * 64 + 4 * 4 * 16 + 3 * 128) * 4
+    assert plan.overhead_bytes == RUNTIME_BASE_BYTES + 8 * per_token + 8 * 256 * 4
+    assert plan.total_bytes == plan.weight_bytes + plan.kv_bytes + plan.overhead_bytes
+    assert plan.fits
+
+    int8 = _rows(plan_config(TINY, ctx=100, ram="1GB", quantization="int8", chunk=8))
+    # int8 linear weights: 1 byte each + a float32 scale per output row; biases/norms/embeddings stay float32
+    assert int8["mlp"][1] == mlp + 2 * (2 * 128 + 64) * 4
+    assert int8["attention"][1] == (attention - 256) + 2 * (64 + 32 + 32 + 64) * 4 + 256 * 4
+    assert int8["lm_head"][1] == 256 * 64 + 256 * 4
+    assert int8["embeddings"][1] == 256 * 64 * 4
+    int4 = _rows(plan_config(TINY, ctx=100, ram="1GB", quantization="int4", chunk=8))
+    # int4 (group 32): half a byte each + (scale, zero) bfloat16 per group; lm_head int8
+    assert int4["mlp"][1] == mlp // 2 + 2 * (2 * 128 * 2 + 64 * 4) * 4
+    assert int4["lm_head"][1] == 256 * 64 + 256 * 4
+    bf16_kv = plan_config(TINY, ctx=100, ram="1GB", kv_dtype="bfloat16")
+    assert bf16_kv.kv_bytes_per_token == plan.kv_bytes_per_token // 2
+
+
+def _meta_param_count(model_cls: type, config: object) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in model_cls(config).parameters())
+
+
+def test_parameter_counts_match_transformers(tiny_glm4_dirs: list[Path], tiny_glm4v_dirs: list[Path]) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, Glm4vForConditionalGeneration
+
+    for d in tiny_glm4_dirs:
+        config = json.loads((d / "config.json").read_text())
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d))
+        # a tied lm_head is the embedding matrix: counted once, like parameters() does
+        assert sum(m.parameters for m in plan_config(config).modules) == sum(p.numel() for p in hf.parameters()), d
+    for d in tiny_glm4v_dirs:
+        config = json.loads((d / "config.json").read_text())
+        with torch.device("meta"):
+            hf = Glm4vForConditionalGeneration(AutoConfig.from_pretrained(d))
+        plan = plan_config(config)
+        vision = next(m.parameters for m in plan.modules if m.name == "vision")
+        assert vision == sum(p.numel() for n, p in hf.named_parameters() if "visual" in n), d
+        assert sum(m.parameters for m in plan.modules) == sum(p.numel() for p in hf.parameters()), d
+        assert all(m.name != "vision" for m in plan_config(config, no_vision=True).modules)
+
+
+def test_builtin_9b_config_matches_transformers_count() -> None:
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    text = {k: v for k, v in AUTOGLM_PHONE_9B["text_config"].items() if k not in ("rope_scaling", "torch_dtype")}
+    cfg = Glm4vConfig(text_config=text, vision_config=AUTOGLM_PHONE_9B["vision_config"], tie_word_embeddings=False)
+    expected = _meta_param_count(Glm4vForConditionalGeneration, cfg)
+    plan = plan_model("autoglm-phone-9b")
+    assert sum(m.parameters for m in plan.modules) == expected
+
+
+def test_9b_q4_k_m_fits_8gb_and_bf16_does_not() -> None:
+    q4 = plan_model("autoglm-phone-9b", ram="8GB", ctx=4096, quantization="q4_k_m")
+    bf16 = plan_model("autoglm-phone-9b", ram="8GB", ctx=4096, quantization="none")
+    print(q4.render())
+    assert q4.fits and not bf16.fits
+    assert q4.kv_bytes_per_token == 40 * 2 * 2 * 128 * 2  # 40 KiB/token in bfloat16
+    assert bf16.weight_bytes == sum(m.parameters for m in bf16.modules) * 2
+    assert any("--quantization q4_k_m" in s for s in bf16.suggestions)
+    # a context too long for 8 GB gets a concrete --ctx suggestion that itself fits
+    long = plan_model("autoglm-phone-9b", ram="8GB", ctx=60000, quantization="q4_k_m")
+    assert not long.fits
+    ctx_hint = next(s for s in long.suggestions if s.startswith("a context of"))
+    max_ctx = int(ctx_hint.split()[3])
+    assert plan_model("autoglm-phone-9b", ram="8GB", ctx=max_ctx, quantization="q4_k_m").fits
+    assert not plan_model("autoglm-phone-9b", ram="8GB", ctx=max_ctx + 1, quantization="q4_k_m").fits
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("8GB") == parse_bytes("8GiB") == 8 * 2**30
+    assert parse_bytes("512MB") == 512 * 2**20
+    assert parse_bytes("1.5g") == int(1.5 * 2**30)
+    assert parse_bytes("1000") == 1000
+    from autoglm.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="eight"):
+        parse_bytes("eight")
+
+
+def test_gguf_plan_uses_metadata_and_tensor_types(tmp_path: Path) -> None:
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    path = tmp_path / "tiny.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_context_length(256)
+    w.add_token_list([f"t{i}".encode() for i in range(32)])
+    rng = np.random.default_rng(0)
+    sizes = 0
+    tensors = {
+        "token_embd.weight": ((32, 64), GGMLQuantizationType.Q8_0),
+        "blk.0.attn_q.weight": ((64, 64), GGMLQuantizationType.Q8_0),
+        "blk.0.ffn_down.weight": ((64, 128), GGMLQuantizationType.F16),
+        "blk.0.attn_norm.weight": ((64,), GGMLQuantizationType.F32),
+    }
+    for name, (shape, qtype) in tensors.items():
+        data = rng.standard_normal(shape).astype(np.float32)
+        if qtype == GGMLQuantizationType.Q8_0:
+            raw = quantize(data, qtype)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+            sizes += raw.nbytes
+        else:
+            arr = data.astype(np.float16) if qtype == GGMLQuantizationType.F16 else data
+            w.add_tensor(name, arr)
+            sizes += arr.nbytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    plan = plan_model(str(path), ram="1GB", ctx=128)
+    assert plan.weight_bytes == sizes
+    assert plan.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2  # layers x (K,V) x kv_heads x head_dim x float16
+    rows = {m.name: m for m in plan.modules}
+    assert rows["embeddings"].formats == {"Q8_0": 32 * 64 // 32 * 34}
+    assert rows["mlp"].formats == {"F16": 64 * 128 * 2}
+    assert plan.quantization == "gguf (F16 mostly)"  # by bytes: the F16 ffn_down is the largest
+
+
+def test_plan_cli_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from autoglm.cli import main
+
+    out = tmp_path / "plan.json"
+    assert (
+        main(
+            [
+                "plan",
+                "autoglm-phone-9b",
+                "--ram",
+                "8GB",
+                "--ctx",
+                "4096",
+                "--quantization",
+                "q4_k_m",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "FITS" in text and "KV cache" in text
+    data = json.loads(out.read_text())
+    assert data["fits"] is True and data["kv_bytes_per_token"] == 40960
+    assert {m["name"] for m in data["modules"]} >= {"embeddings", "attention", "mlp", "lm_head", "vision"}
+    cfg = tmp_path / "m"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps(TINY))
+    assert main(["plan", str(cfg), "--ram", "1MB", "--no-vision"]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", str(tmp_path / "nothing")]) == 1
