@@ -13,8 +13,10 @@ parse_special) they are cut out of the text before the model sees it.
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from gguf.constants import TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
@@ -76,18 +78,24 @@ def _spm_backend(tokens: list[str], scores: list[float], types: list[int], add_s
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)
     # Every split (left, right) of a normal piece into two vocab pieces is a merge, ranked by the piece's score
-    # (higher first), then by id: the order llama.cpp's bigram queue would merge them in.
-    ranked: list[tuple[float, int, str, str]] = []
+    # (higher first), then by id: the order llama.cpp's bigram queue would merge them in. Kept as id arrays
+    # (not Python tuples) so that Gemma's 500k merges do not cost hundreds of MB at load time.
+    lefts, rights, pieces = array("i"), array("i"), array("i")
     normal = int(TokenType.NORMAL)
     for i, piece in enumerate(tokens):
         if types[i] != normal or len(piece) < 2 or vocab.get(piece) != i:
             continue
         for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in vocab and right in vocab:
-                ranked.append((-scores[i], i, left, right))
-    ranked.sort()
-    merges = [(left, right) for _, _, left, right in ranked]
+            li, ri = vocab.get(piece[:k]), vocab.get(piece[k:])
+            if li is not None and ri is not None:
+                lefts.append(li)
+                rights.append(ri)
+                pieces.append(i)
+    p = np.frombuffer(pieces, dtype=np.int32)
+    order = np.lexsort((p, -np.asarray(scores, dtype=np.float64)[p]))  # last key is primary: score desc, id
+    lt, rt = np.frombuffer(lefts, dtype=np.int32)[order], np.frombuffer(rights, dtype=np.int32)[order]
+    merges = [(tokens[a], tokens[b]) for a, b in zip(lt.tolist(), rt.tolist(), strict=True)]
+    del lefts, rights, pieces, p, order, lt, rt
     unk = next((t for t, ty in zip(tokens, types, strict=True) if ty == int(TokenType.UNKNOWN)), None)
     bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True)
     backend = BackendTokenizer(bpe)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from autoglm.errors import ConfigError
 from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.layers.linear import Linear
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -88,6 +89,13 @@ class Gemma3Config:
                 raise ConfigError(f"gemma3 config: unsupported rope scaling type {kind!r}")
         return cls(**kw)
 
+    @classmethod
+    def from_text_config(cls, tc: Any) -> Gemma3Config:
+        """From a generic `TextConfig` (its Gemma fields; None means Gemma 3's default)."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in vars(tc).items() if k in known and v is not None}
+        return cls(**kw)
+
 
 class Gemma3RMSNorm(nn.Module):
     """RMSNorm computed in float32, scaled by (1 + weight) (Gemma's zero-centred weights)."""
@@ -109,28 +117,29 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 class Gemma3Rotary(nn.Module):
-    """NeoX-style ("rotate half") rotary embedding over the whole head."""
+    """NeoX-style ("rotate half") rotary embedding over the whole head.
 
-    inv_freq: Tensor
+    The frequency table is derived, never loaded: it lives in a per-device cache, not in a buffer, so a model
+    built on `meta` and filled by a loader needs no re-initialisation.
+    """
 
     def __init__(self, head_dim: int, base: float, scaling_factor: float = 1.0) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.base = base
         self.scaling_factor = scaling_factor
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self._inv_freq: dict[torch.device, Tensor] = {}
 
-    def _inv_freq(self, device: torch.device | None = None) -> Tensor:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
-        return 1.0 / (self.base**exponent) / self.scaling_factor
-
-    def reset(self, device: torch.device) -> None:
-        """Recompute the (non-persistent) buffer after a model was built on `meta` and materialised."""
-        self.inv_freq = self._inv_freq(device)
+    def inv_freq(self, device: torch.device) -> Tensor:
+        if device not in self._inv_freq:
+            # same expression as transformers' default/linear rope init, for bit-equal angles
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+            self._inv_freq[device] = 1.0 / (self.base**exponent) / self.scaling_factor
+        return self._inv_freq[device]
 
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         # q: [T, H, D], k: [T, KV, D], positions: [T]
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
+        freqs = positions[:, None].float() * self.inv_freq(q.device)[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[:, None, :].to(q.dtype), emb.sin()[:, None, :].to(q.dtype)  # [T, 1, D]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -144,10 +153,10 @@ class Gemma3Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         self.q_norm = Gemma3RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = Gemma3RMSNorm(self.head_dim, config.rms_norm_eps)
         sliding = self.layer_type == SLIDING
@@ -177,9 +186,9 @@ class Gemma3Attention(nn.Module):
 class Gemma3MLP(nn.Module):
     def __init__(self, config: Gemma3Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -213,13 +222,15 @@ class Gemma3ForCausalLM(nn.Module):
     """Implements `autoglm.models.base.DecoderModel`.
 
     With tied embeddings there is no `lm_head` module: logits use `model.embed_tokens` (dense weight, or a GGUF
-    embedding's quantized rows through its `as_linear` view) so the big matrix is held once.
+    embedding's quantized rows through its `as_logits`) so the big matrix is held once.
     """
 
     uses_mrope = False
 
-    def __init__(self, config: Gemma3Config) -> None:
+    def __init__(self, config: Gemma3Config | Any) -> None:
         super().__init__()
+        if not isinstance(config, Gemma3Config):  # e.g. autoglm.models.config.TextConfig from the registry
+            config = Gemma3Config.from_text_config(config)
         self.config = config
         self.vocab_size = config.vocab_size
         self.hidden_size = config.hidden_size
@@ -228,18 +239,12 @@ class Gemma3ForCausalLM(nn.Module):
         self.embed_scale = math.sqrt(config.hidden_size)
         self.model = Gemma3TextModel(config)
         self.lm_head: nn.Module | None = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
     @classmethod
     def from_config_dict(cls, d: dict[str, Any]) -> Gemma3ForCausalLM:
         return cls(Gemma3Config.from_dict(d))
-
-    def reset_buffers(self, device: torch.device | str) -> None:
-        """Recompute non-persistent buffers (rotary frequencies) after loading from `meta`."""
-        for m in self.modules():
-            if isinstance(m, Gemma3Rotary):
-                m.reset(torch.device(device))
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         # input_ids: [T] -> [T, D]
@@ -262,8 +267,8 @@ class Gemma3ForCausalLM(nn.Module):
             logits = self.lm_head(hidden)
         else:
             emb = self.model.embed_tokens
-            as_linear = getattr(emb, "as_linear", None)
-            logits = as_linear(hidden) if as_linear is not None else F.linear(hidden, emb.weight)
+            as_logits = getattr(emb, "as_logits", None)  # GGUFEmbedding: matmul over the quantized rows
+            logits = as_logits(hidden) if as_logits is not None else F.linear(hidden, emb.weight.to(hidden.dtype))
         logits = logits.float()
         cap = self.config.final_logit_softcapping
         if cap is not None:

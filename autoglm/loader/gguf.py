@@ -1,0 +1,403 @@
+"""Load a GGUF model (llama.cpp format): metadata -> config, tokenizer, chat template; tensors -> weights.
+
+Quantized weights stay quantized: every linear/embedding whose tensor is not F32 becomes a `GGUFLinear` /
+`GGUFEmbedding` holding the file's blocks as a view of the mmap (no float copy of the model); norms and biases are
+float32. Every tensor of the file must land in a parameter, and every parameter must come from the file.
+Architectures: `gemma3` (text) and `glm4` (GLM-4, and GLM-4.1V's text model with M-RoPE); a `glm4v` mmproj adds
+the vision tower (see `autoglm.loader.gguf_mmproj`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+from torch import Tensor, nn
+
+from autoglm.errors import ConfigError, ModelLoadError, UnsupportedArchitecture, UnsupportedQuantType
+from autoglm.layers.linear import Linear
+from autoglm.loader.gguf_names import gguf_names_for, neox_to_interleaved_rows
+from autoglm.loader.gguf_reader import GGUFFile, TensorInfo
+from autoglm.loader.gguf_tokenizer import build_chat_template, build_tokenizer, eos_token_ids
+from autoglm.loader.hf import resolve_devices
+from autoglm.loader.weights import fill_parameters
+from autoglm.models.loaded import LoadedModel, ModuleInfo
+
+log = logging.getLogger("autoglm.loader.gguf")
+
+Q = gguf.GGMLQuantizationType
+SUPPORTED_ARCHITECTURES = ("gemma3", "glm4")
+MISSING_MMPROJ = "Missing mmproj file for vision encoder projection"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DENSE = {Q.F32}  # kept as plain float tensors; everything else stays in its block format
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name == "auto":
+        return torch.float32  # GGUF weights are decoded to float32 activations on CPU
+    if name not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(_DTYPES)}", param="dtype")
+    return _DTYPES[name]
+
+
+def _need(f: GGUFFile, key: str) -> Any:
+    v = f.get(key)
+    if v is None:
+        raise ConfigError(f"{f.path}: GGUF metadata has no {key!r}", param=key)
+    return v
+
+
+def _opt_float(f: GGUFFile, key: str) -> float | None:
+    v = f.get(key)
+    return None if v is None else float(v)
+
+
+# --- configs from metadata ---------------------------------------------------------------------------------------
+def gemma3_config(f: GGUFFile) -> Any:
+    from autoglm.models.gemma3 import FULL, SLIDING, Gemma3Config
+
+    a = "gemma3"
+    n_layers = int(_need(f, f"{a}.block_count"))
+    hidden = int(_need(f, f"{a}.embedding_length"))
+    heads = int(_need(f, f"{a}.attention.head_count"))
+    head_dim = int(f.get(f"{a}.attention.key_length", hidden // heads))
+    pattern = f.get(f"{a}.attention.sliding_window_pattern")
+    if pattern is None or isinstance(pattern, int | float):
+        period = int(pattern or 6)  # llama.cpp's built-in Gemma 3 pattern: 5 local layers, then 1 global
+        layer_types = [FULL if (i + 1) % period == 0 else SLIDING for i in range(n_layers)]
+    else:  # per-layer flags, True = sliding
+        layer_types = [SLIDING if bool(x) else FULL for x in pattern]
+    scale = _opt_float(f, f"{a}.attention.scale")
+    # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers) which uses 1/sqrt(hidden/heads)
+    scalar = 1.0 / scale**2 if scale else float(hidden // heads if n_layers == 62 else head_dim)
+    scaling = f.get(f"{a}.rope.scaling.type")
+    factor = _opt_float(f, f"{a}.rope.scaling.factor") if scaling == "linear" else None
+    if scaling not in (None, "none", "linear"):
+        raise ConfigError(f"{f.path}: unsupported {a}.rope.scaling.type {scaling!r}")
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise ConfigError(f"{f.path}: GGUF has no token_embd.weight")
+    return Gemma3Config(
+        vocab_size=embd.shape[0],
+        hidden_size=hidden,
+        intermediate_size=int(_need(f, f"{a}.feed_forward_length")),
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(f.get(f"{a}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(f.get(f"{a}.context_length", 32768)),
+        rope_theta=float(f.get(f"{a}.rope.freq_base", 1_000_000.0)),
+        rope_local_base_freq=float(f.get(f"{a}.rope.freq_base_swa", 10_000.0)),
+        rope_scaling_factor=factor or 1.0,
+        query_pre_attn_scalar=scalar,
+        sliding_window=int(f.get(f"{a}.attention.sliding_window", 4096)),
+        layer_types=layer_types,
+        final_logit_softcapping=_opt_float(f, f"{a}.final_logit_softcapping"),
+        tie_word_embeddings="output.weight" not in f.tensors,
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def glm4_config(f: GGUFFile) -> Any:
+    from autoglm.models.config import TextConfig
+
+    a = "glm4"
+    hidden = int(_need(f, f"{a}.embedding_length"))
+    heads = int(_need(f, f"{a}.attention.head_count"))
+    head_dim = int(f.get(f"{a}.attention.key_length", hidden // heads))
+    rot = int(f.get(f"{a}.rope.dimension_count", head_dim // 2))
+    sections = f.get(f"{a}.rope.dimension_sections")
+    mrope = [int(x) for x in sections[:3]] if sections is not None and any(int(x) for x in sections) else None
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise ConfigError(f"{f.path}: GGUF has no token_embd.weight")
+    return TextConfig(
+        model_type="glm4v_text" if mrope else "glm4",
+        vocab_size=embd.shape[0],
+        hidden_size=hidden,
+        intermediate_size=int(_need(f, f"{a}.feed_forward_length")),
+        num_hidden_layers=int(_need(f, f"{a}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(f.get(f"{a}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(f.get(f"{a}.context_length", 131072)),
+        rms_norm_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        attention_bias="blk.0.attn_q.bias" in f.tensors,
+        tie_word_embeddings="output.weight" not in f.tensors,
+        rope_theta=float(f.get(f"{a}.rope.freq_base", 10000.0)),
+        partial_rotary_factor=rot / head_dim,
+        mrope_section=mrope,
+        rope_type="mrope" if mrope else "default",
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def build_decoder(f: GGUFFile) -> nn.Module:
+    """The text decoder for the file's architecture, built on `meta` (not filled)."""
+    arch = f.architecture
+    if arch == "gemma3":
+        from autoglm.models.gemma3 import Gemma3ForCausalLM
+
+        cfg = gemma3_config(f)
+        with torch.device("meta"):
+            return Gemma3ForCausalLM(cfg)
+    if arch == "glm4":
+        from autoglm.models.registry import gguf_builder
+
+        tc = glm4_config(f)
+        with torch.device("meta"):
+            return gguf_builder("glm4")(tc)
+    raise UnsupportedArchitecture(
+        f"{f.path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        param="general.architecture",
+    )
+
+
+# --- weights ---------------------------------------------------------------------------------------------------
+def _check_supported(info: TensorInfo, path: Path) -> None:
+    from autoglm.loader.quants import SUPPORTED_TYPES
+
+    if info.qtype not in SUPPORTED_TYPES:
+        raise UnsupportedQuantType(
+            f"{path}: tensor {info.name!r} has type {info.qtype.name}, which autoglm does not support "
+            f"(supported: {', '.join(t.name for t in SUPPORTED_TYPES)})",
+            param=info.name,
+        )
+
+
+def _dense(f: GGUFFile, info: TensorInfo) -> Tensor:
+    """A float32 tensor of `info` (a zero-copy view for F32; decoded for the rest)."""
+    raw = torch.from_numpy(f.raw(info))
+    if info.qtype == Q.F32:
+        return raw.view(torch.float32).view(info.shape)
+    from autoglm.loader.quants import dequantize
+
+    return dequantize(raw, info.qtype, info.shape, info.name)
+
+
+def _swap_quantized(model: nn.Module, f: GGUFFile, names: dict[str, str], dtype: torch.dtype) -> None:
+    """Replace each Linear / Embedding whose file weight is block-quantized (or F16/BF16) by its GGUF module."""
+    from autoglm.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    for gname, pname in names.items():
+        info = f.tensors.get(gname)
+        if info is None or info.qtype in _DENSE or not pname.endswith(".weight"):
+            continue
+        parent_name, _, attr = pname.rpartition(".")
+        mod = model.get_submodule(parent_name)
+        owner_name, _, child = parent_name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if isinstance(mod, Linear | nn.Linear):
+            with torch.device("meta"):
+                new: nn.Module = GGUFLinear(
+                    mod.in_features, mod.out_features, info.qtype, bias=mod.bias is not None, name=gname
+                )
+        elif isinstance(mod, nn.Embedding):
+            with torch.device("meta"):
+                new = GGUFEmbedding(mod.num_embeddings, mod.embedding_dim, info.qtype, dtype=dtype, name=gname)
+        else:
+            continue  # a quantized norm or other 1-D tensor: decoded to float in the stream
+        setattr(owner, child, new)
+
+
+def load_gguf(
+    path: str | Path,
+    *,
+    mmproj: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | dict[str, Any] = "cpu",
+    no_vision: bool = False,
+) -> LoadedModel:
+    """Load a llama.cpp GGUF file (plus an optional `mmproj` vision projector GGUF) as a LoadedModel."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such GGUF file")
+    f = GGUFFile(path)
+    act_dtype = _resolve_dtype(dtype)
+    devices = resolve_devices(device)
+    arch = f.architecture
+    for info in f.tensors.values():
+        _check_supported(info, path)
+    model = build_decoder(f)
+    n_blocks = int(_need(f, f"{arch}.block_count"))
+    from autoglm.loader.weights import expected_tensors
+
+    names = gguf_names_for(arch, n_blocks, expected_tensors(model))
+    _swap_quantized(model, f, names, act_dtype)
+    tied = getattr(model, "tied_parameters", None)
+    if callable(tied) and tied() and "token_embd.weight" in f.tensors:
+        _swap_tied_head(model, f.tensors["token_embd.weight"])
+    convert = _layout_fixups(f, arch, model)
+
+    def stream() -> Iterator[tuple[str, Tensor]]:
+        for gname, info in f.tensors.items():
+            pname = names.get(gname, gname)  # unmapped: reported under its GGUF name as a leftover
+            mod_name = pname.rpartition(".")[0]
+            try:
+                mod = model.get_submodule(mod_name)
+            except AttributeError:
+                mod = None
+            if mod is not None and hasattr(mod, "weight_format") and pname.endswith(".weight"):
+                raw = torch.from_numpy(f.raw(info)).view(mod.weight_format.raw_shape)  # type: ignore[union-attr]
+                yield pname, convert(pname, raw)
+            else:
+                t = convert(pname, _dense(f, info))
+                is_linear_weight = isinstance(mod, Linear | nn.Linear | nn.Embedding) and pname.endswith(".weight")
+                yield pname, t.to(act_dtype) if is_linear_weight else t.float()
+
+    fill_parameters(model, stream(), source=str(path), device=devices["decoder"])
+    model.eval()
+    seconds = time.perf_counter() - t0
+    tokenizer = build_tokenizer(f.metadata, source=str(path))
+    template = build_chat_template(f.metadata, tokenizer, source=str(path))
+    info = _module_info("decoder", f, seconds, str(devices["decoder"]))
+    loaded = LoadedModel(
+        decoder=model,
+        tokenizer=tokenizer,
+        chat_template=template,
+        generation_defaults=_sampling_defaults(f),
+        eos_token_ids=eos_token_ids(f.metadata),
+        name=path.stem,
+        path=str(path),
+        architecture=arch,
+        max_model_len=int(f.get(f"{arch}.context_length", 4096)),
+        modules=[info],
+    )
+    _attach_vision(loaded, f, mmproj, no_vision=no_vision, dtype=act_dtype, device=devices["vision"])
+    log.info(
+        "loaded %s: %s %s, %d tensors, %.1f MiB in %.2fs",
+        path,
+        arch,
+        info.quantization,
+        len(f.tensors),
+        info.bytes / 2**20,
+        seconds,
+    )
+    return loaded
+
+
+def _swap_tied_head(model: nn.Module, embd: TensorInfo) -> None:
+    """A tied lm_head over a quantized embedding must read the same blocks: make it a GGUFLinear of that type."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, Linear | nn.Linear) or embd.qtype in _DENSE:
+        return
+    from autoglm.quant.gguf_linear import GGUFLinear
+
+    with torch.device("meta"):
+        model.lm_head = GGUFLinear(head.in_features, head.out_features, embd.qtype, name="output.weight (tied)")
+
+
+def _layout_fixups(f: GGUFFile, arch: str, model: nn.Module) -> Any:
+    """(our name, tensor) -> tensor undoing the converter's layout changes for this architecture."""
+    if arch == "gemma3":
+
+        def gemma(name: str, t: Tensor) -> Tensor:
+            return t - 1.0 if name.endswith("norm.weight") else t  # stored as 1 + w
+
+        return gemma
+    cfg = getattr(model, "config", None)
+    if arch == "glm4" and cfg is not None and getattr(cfg, "uses_mrope", False):
+        hd, rot = int(cfg.head_dim), int(cfg.rotary_dim)
+
+        def glm4v(name: str, t: Tensor) -> Tensor:
+            if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")) or name.endswith(
+                ("self_attn.k_proj.weight", "self_attn.k_proj.bias")
+            ):
+                return neox_to_interleaved_rows(t, hd, rot)
+            return t
+
+        return glm4v
+    return lambda _name, t: t
+
+
+def _sampling_defaults(f: GGUFFile) -> dict[str, Any]:
+    """`general.sampling.*` (newer llama.cpp converters copy generation_config.json there)."""
+    keys = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p"}
+    out: dict[str, Any] = {}
+    for k, ours in keys.items():
+        v = f.get(f"general.sampling.{k}")
+        if v is not None:
+            out[ours] = int(v) if ours == "top_k" else float(v)
+    penalty = f.get("general.sampling.penalty_repeat")
+    if penalty is not None:
+        out["repetition_penalty"] = float(penalty)
+    return out
+
+
+def file_quantization(f: GGUFFile) -> str:
+    """`general.file_type` as llama.cpp names it (Q4_K_M, F16, ...), else the dominant tensor type."""
+    ft = f.get("general.file_type")
+    if ft is not None:
+        try:
+            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
+    by_type = bytes_by_type(f)
+    return max(by_type, key=by_type.__getitem__) if by_type else "unknown"
+
+
+def bytes_by_type(f: GGUFFile) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for info in f.tensors.values():
+        out[info.qtype.name] = out.get(info.qtype.name, 0) + info.nbytes
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _module_info(name: str, f: GGUFFile, seconds: float, device: str) -> ModuleInfo:
+    return ModuleInfo(
+        name=name,
+        path=str(f.path),
+        format="gguf",
+        quantization=file_quantization(f),
+        device=device,
+        parameters=sum(i.n_elements for i in f.tensors.values()),
+        bytes=sum(i.nbytes for i in f.tensors.values()),
+        load_seconds=seconds,
+        bytes_by_type=bytes_by_type(f),
+    )
+
+
+def _has_vision(f: GGUFFile) -> bool:
+    """The text model was converted from a vision-language checkpoint (GLM-4.1V: M-RoPE sections)."""
+    sections = f.get(f"{f.architecture}.rope.dimension_sections")
+    return sections is not None and any(int(x) for x in sections)
+
+
+def _attach_vision(
+    loaded: LoadedModel,
+    f: GGUFFile,
+    mmproj: str | Path | None,
+    *,
+    no_vision: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    if mmproj is None:
+        if _has_vision(f) and not no_vision:
+            loaded.missing_projector = (
+                f"{MISSING_MMPROJ}: {f.path.name} is a vision-language model but was loaded without its projector; "
+                "images need the matching mmproj GGUF: start with `autoglm serve -m MODEL.gguf --mmproj "
+                "mmproj-MODEL.gguf` (or `autoglm.LLM(path, mmproj=...)`)"
+            )
+            log.warning("%s", loaded.missing_projector)
+        return
+    if no_vision:
+        log.info("no_vision: not loading the projector %s", mmproj)
+        return
+    from autoglm.loader.gguf_mmproj import load_mmproj
+
+    load_mmproj(loaded, Path(mmproj), dtype=dtype, device=device)
