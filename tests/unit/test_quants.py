@@ -315,3 +315,28 @@ def test_quantize_cli_entry(tiny_gguf: tuple[str, dict[str, np.ndarray]], tmp_pa
     assert "missing.gguf" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["quantize", "a.gguf", "b.gguf", "q7_x"])
+
+
+# --- the real llama.cpp-made Q4_K_M file (the built-in default model) -------------------------------------------
+@pytest.fixture(scope="module")
+def gemma_reader() -> GGUFReader:
+    from autoglm.default_model import default_model_path
+
+    return GGUFReader(default_model_path())
+
+
+def test_real_q4_k_m_file_mixture_and_dequant(gemma_reader: GGUFReader) -> None:
+    r = gemma_reader
+    n_layers = int(r.fields[f"{r.fields['general.architecture'].contents()}.block_count"].contents())
+    tied = "output.weight" not in {t.name for t in r.tensors}
+    mix = QuantMix.parse("q4_k_m")
+    seen: dict[GGMLQuantizationType, int] = {}
+    for t in r.tensors:
+        shape = tuple(reversed(t.shape.tolist()))
+        # our mixture rule picks the type llama-quantize picked, for every tensor (fallbacks included)
+        assert mix.type_for(t.name, shape, n_layers, tied_embeddings=tied) == t.tensor_type, t.name
+        if seen.get(t.tensor_type, 0) < 2 and t.n_elements <= 1 << 22:  # two of each type, bit-exact vs gguf
+            seen[t.tensor_type] = seen.get(t.tensor_type, 0) + 1
+            want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            assert _bits_equal(want, dequantize(t.data, t.tensor_type, shape, name=t.name).numpy()), t.name
+    assert {Q.Q4_K, Q.Q6_K} <= set(seen)
