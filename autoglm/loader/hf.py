@@ -77,13 +77,60 @@ def safetensors_files(root: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
-    """Yield (checkpoint name, tensor) from each file (mmap'd); CorruptFile names the file on a bad header/data."""
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _header(f: Path) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header dict) of a safetensors file already validated by safe_open."""
+    with f.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
+def _read_converted(fh: Any, start: int, entry: dict[str, Any], dtype: torch.dtype) -> Tensor:
+    """Read one tensor with a plain read and cast it: the transient copy is freed at once, where mmap'd pages
+    would stay resident until the file closes (peak memory = converted weights + one tensor)."""
+    a, b = entry["data_offsets"]
+    raw = torch.empty(b - a, dtype=torch.uint8)
+    fh.seek(start + a)
+    if fh.readinto(memoryview(raw.numpy())) != b - a:
+        raise SafetensorError("tensor data shorter than its header says")
+    return raw.view(_ST_DTYPES[entry["dtype"]]).reshape(entry["shape"]).to(dtype)
+
+
+def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Yield (checkpoint name, tensor) from each file; CorruptFile names the file on a bad header or data.
+
+    Tensors already in `dtype` (or all, when dtype is None; and every non-float one) come zero-copy from the mmap;
+    floating tensors in another dtype are read and cast one at a time.
+    """
     for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as st:
-                for key in st.keys():
-                    yield key, st.get_tensor(key)
+                keys = list(st.keys())
+                convert = dtype is not None and any(
+                    _ST_DTYPES.get(st.get_slice(k).get_dtype(), dtype).is_floating_point
+                    and _ST_DTYPES.get(st.get_slice(k).get_dtype()) != dtype
+                    for k in keys
+                )
+                if not convert:
+                    for key in keys:
+                        yield key, st.get_tensor(key)
+                    continue
+                start, header = _header(f)
+                with f.open("rb") as fh:
+                    for key in keys:
+                        entry = header[key]
+                        src = _ST_DTYPES.get(entry["dtype"])
+                        if src is None or not src.is_floating_point or src == dtype:
+                            yield key, st.get_tensor(key)
+                        else:
+                            assert dtype is not None
+                            yield key, _read_converted(fh, start, entry, dtype)
         except SafetensorError as e:
             raise CorruptFile(f"{f}: corrupt or truncated safetensors file ({e})") from e
 
@@ -179,7 +226,7 @@ def load_hf(
         return vp is not None and name.startswith(vp)
 
     def renamed() -> Iterator[tuple[str, Tensor]]:
-        for key, tensor in iter_safetensors(files):
+        for key, tensor in iter_safetensors(files, torch_dtype):
             ours = spec.rename(key)
             if ours is not None:
                 yield ours, tensor
