@@ -161,7 +161,7 @@ def plan_text(ckpt: HFCheckpoint, mix: QuantMix) -> list[TensorPlan]:
     n_layers = int(hp["num_hidden_layers"])
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4, n_layers)
     rp = rope_parameters(hp)
-    n_head, n_kv = int(hp["num_attention_heads"]), int(hp.get("num_key_value_heads", hp["num_attention_heads"]))
+    n_head = int(hp["num_attention_heads"])
     head_dim = int(hp.get("head_dim") or hp["hidden_size"] // n_head)
     rotary_dim = int(head_dim * float(rp.get("partial_rotary_factor", 0.5)))
     mrope = "mrope_section" in rp
@@ -320,11 +320,12 @@ def _vocab(w: GGUFWriter, ckpt: HFCheckpoint, vocab_size: int) -> None:
     special = gguf.SpecialVocab(ckpt.path, load_merges=True)
     by_text = {a["content"]: i for i, a in added.items()}
     # GLM-4's fixed roles, as the converter sets them: <|endoftext|> is eos/unk/bos, <|user|> ends a turn
-    for role, text in (("eos", "<|endoftext|>"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("bos", "<|endoftext|>")):
+    roles = (("eos", "<|endoftext|>"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("bos", "<|endoftext|>"))
+    for role, text in roles:
         if text in by_text:
             special.special_token_ids[role] = by_text[text]
     post = data.get("post_processor") or {}
-    if post.get("type") == "ByteLevel":  # a byte-level post-processor adds nothing (as the converter's gguf-py reads it)
+    if post.get("type") == "ByteLevel":  # a byte-level post-processor adds nothing (the converter's gguf-py reads so)
         special.add_special_token.setdefault("bos", False)
         special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(w, quiet=True)
