@@ -212,13 +212,19 @@ def load_hf(
         raise ModelLoadError(f"{root}: not a model directory")
     config = read_config_json(root)
     spec = hf_spec(config, source=str(root / "config.json"))
-    text_config = TextConfig.from_dict(config)
+    try:
+        text_config = TextConfig.from_dict(config)
+    except ConfigError as e:  # name the file; the message already names the key
+        raise ConfigError(f"{root / 'config.json'}: {e.message}", param=e.param) from e
     torch_dtype = resolve_dtype(dtype, text_config)
     devices = resolve_devices(device)
     files = safetensors_files(root)
 
-    with torch.device("meta"):
-        model = spec.build(config, no_vision)
+    try:
+        with torch.device("meta"):
+            model = spec.build(config, no_vision)
+    except ConfigError as e:
+        raise ConfigError(f"{root / 'config.json'}: {e.message}", param=e.param) from e
 
     vp = spec.vision_prefix
 

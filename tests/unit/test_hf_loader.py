@@ -268,8 +268,9 @@ def test_missing_config_key(tmp_path: Path, tiny_glm4_dir: Path) -> None:
     cfg = _config(path)
     del cfg["hidden_size"]
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="hidden_size"):
+    with pytest.raises(ConfigError, match="hidden_size") as e:
         load_hf(path)
+    assert str(path / "config.json") in str(e.value)
 
 
 def test_unsupported_architecture_lists_supported(tmp_path: Path, tiny_glm4_dir: Path) -> None:
@@ -336,3 +337,45 @@ def test_missing_shard_named(tmp_path: Path) -> None:
     victim.unlink()
     with pytest.raises(ModelLoadError, match=victim.name):
         load_hf(path)
+
+
+# --- registry and the generic fill helper (shared with the GGUF loader) ----------------------------------------------
+def test_registry_tables() -> None:
+    from autoglm.models.glm4 import Glm4ForCausalLM
+    from autoglm.models.registry import gguf_builder, hf_spec
+
+    assert hf_spec({"model_type": "glm4"}).architecture == "Glm4ForCausalLM"  # no `architectures`: by model_type
+    assert hf_spec({"architectures": ["Foo", "Glm4vForConditionalGeneration"]}).vision_prefix == "visual."
+    cfg = TextConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mrope_section=[1, 1, 0])
+    with torch.device("meta"):
+        model = gguf_builder("glm4")(cfg)
+    assert isinstance(model, Glm4ForCausalLM) and model.uses_mrope
+    with pytest.raises(UnsupportedArchitecture, match=r"'llama'.*gemma3.*glm4"):
+        gguf_builder("llama")
+
+
+def test_fill_parameters_contract() -> None:
+    from autoglm.loader.weights import fill_parameters
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(3, 2)
+            self.register_buffer("scale", torch.empty(2))
+            self.register_buffer("scratch", torch.empty(4), persistent=False)  # derived: never loaded
+
+    with torch.device("meta"):
+        m = Tiny()
+    good = [("a.weight", torch.ones(2, 3)), ("a.bias", torch.zeros(2)), ("scale", torch.full((2,), 2.0))]
+    report = fill_parameters(m, [*good, ("vision.x", torch.zeros(1))], source="t", dtype=torch.float16,
+                             drop=lambda n: n.startswith("vision."), group_of=lambda n: n.split(".")[0])  # fmt: skip
+    assert m.a.weight.dtype == torch.float16 and not m.a.weight.requires_grad and m.scale.tolist() == [2.0, 2.0]
+    assert report.dropped == ["vision.x"] and sorted(report.filled) == ["a.bias", "a.weight", "scale"]
+    assert set(report.seconds) == {"a", "scale", "vision"}
+    with torch.device("meta"):
+        m = Tiny()
+    with pytest.raises(WeightMismatch) as e:
+        fill_parameters(m, [good[0], good[0], ("a.bias", torch.zeros(3))], source="file.gguf")
+    msg = str(e.value)
+    assert msg.startswith("file.gguf: ") and "a.weight (duplicate)" in msg and "missing from the file: scale" in msg
+    assert "a.bias: file (3,) vs model (2,)" in msg
