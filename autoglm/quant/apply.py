@@ -199,8 +199,6 @@ def quantize_hf_checkpoint(
     Streams one tensor at a time (memory ≈ the largest tensor); the model class is built on `meta` only to know
     which checkpoint tensors are weights of linear layers. Returns {format: bytes written}.
     """
-    from safetensors.torch import save_file
-
     from autoglm.loader.hf import iter_safetensors, safetensors_files
     from autoglm.models.config import read_config_json
     from autoglm.models.registry import hf_spec
@@ -216,31 +214,12 @@ def quantize_hf_checkpoint(
     dense = _dense_types()
     linear_names = {n for n, m in model.named_modules() if isinstance(m, dense)}
     dst.mkdir(parents=True, exist_ok=True)
-    shard: dict[str, torch.Tensor] = {}
-    shard_size = 0
-    tmp_names: list[str] = []
-    weight_map: dict[str, str] = {}
+    writer = ShardedWriter(dst, shard_bytes)
     written: dict[str, int] = {}
-    total = 0
-
-    def flush() -> None:
-        nonlocal shard, shard_size
-        if shard:
-            name = f".partial-{len(tmp_names):05d}.safetensors"
-            save_file(shard, str(dst / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            tmp_names.append(name)
-        shard, shard_size = {}, 0
 
     def put(key: str, t: torch.Tensor, fmt: str) -> None:
-        nonlocal shard_size, total
-        nbytes = t.numel() * t.element_size()
-        if shard_size and shard_size + nbytes > shard_bytes:
-            flush()  # memory stays about one shard
-        shard[key] = t.contiguous()
-        shard_size += nbytes
-        total += nbytes
-        written[fmt] = written.get(fmt, 0) + nbytes
+        writer.add(key, t)
+        written[fmt] = written.get(fmt, 0) + t.numel() * t.element_size()
 
     for key, tensor in iter_safetensors(safetensors_files(src)):
         ours = model_spec.rename(key)
@@ -259,25 +238,62 @@ def quantize_hf_checkpoint(
             put(stem + ".scales_and_zeros", sz, "int4")
         else:
             put(key, tensor, str(tensor.dtype).removeprefix("torch."))
-    flush()
-    n = len(tmp_names)
-    final = {
-        t: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-        for i, t in enumerate(tmp_names)
-    }
-    for t, f in final.items():
-        (dst / t).replace(dst / f)
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    writer.close()
     config = dict(config)
     config["quantization_config"] = spec.to_config()
     (dst / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    _copy_side_files(src, dst)
+    copy_side_files(src, dst)
     return written
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+class ShardedWriter:
+    """Write tensors to `model.safetensors` (or `model-0000i-of-0000n.safetensors` + index) holding at most about
+    one shard in memory."""
+
+    def __init__(self, dst: Path, shard_bytes: int = 2 << 30) -> None:
+        self.dst, self.shard_bytes = dst, shard_bytes
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.total = 0
+        self.parts: list[str] = []
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.size and self.size + nbytes > self.shard_bytes:
+            self._flush()
+        self.shard[key] = t.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.shard:
+            name = f".partial-{len(self.parts):05d}.safetensors"
+            save_file(self.shard, str(self.dst / name), metadata={"format": "pt"})
+            self.weight_map.update({k: name for k in self.shard})
+            self.parts.append(name)
+        self.shard, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        n = len(self.parts)
+        final = {
+            p: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+            for i, p in enumerate(self.parts)
+        }
+        for p, f in final.items():
+            (self.dst / p).replace(self.dst / f)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total},
+                "weight_map": {k: final[v] for k, v in self.weight_map.items()},
+            }
+            (self.dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer, chat template, generation and preprocessor configs travel with the weights."""
     import shutil
 
