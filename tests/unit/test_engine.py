@@ -291,3 +291,21 @@ def test_reasoning_split_drops_tags(model: LoadedModel) -> None:
     assert "".join(o.reasoning_delta for o in outs) == "I should tap"
     assert _text(outs) == "do(action)"
     assert outs[-1].num_reasoning_tokens == len(r)
+
+
+def test_engine_config_precedence() -> None:
+    env = {"AUTOGLM_MAX_NUM_SEQS": "3", "AUTOGLM_BLOCK_SIZE": "8", "AUTOGLM_ENABLE_PREFIX_CACHING": "yes",
+           "AUTOGLM_MAX_MODEL_LEN": "100"}
+    cfg = EngineConfig.from_sources({"block_size": 32, "max_num_seqs": None}, env=env,
+                                    model_values={"max_model_len": 64, "max_num_batched_tokens": 77})
+    assert cfg.block_size == 32  # flag > env
+    assert cfg.max_num_seqs == 3 and cfg.enable_prefix_caching is True  # env > model files / default
+    assert cfg.max_model_len == 100  # env > model files
+    assert cfg.max_num_batched_tokens == 77  # model files > default
+    assert EngineConfig.from_sources(env={}).max_num_seqs == EngineConfig().max_num_seqs
+    with pytest.raises(InvalidRequest, match="AUTOGLM_BLOCK_SIZE"):
+        EngineConfig.from_sources(env={"AUTOGLM_BLOCK_SIZE": "big"})
+    with pytest.raises(InvalidRequest, match="unknown engine option"):
+        EngineConfig.from_sources({"blok_size": 4}, env={})
+    with pytest.raises(InvalidRequest):
+        EngineConfig(block_size=0)
