@@ -148,10 +148,16 @@ class TextConfig:
             raise ConfigError(f"config key 'text_config' must be an object, got {type(text).__name__}")
         d: dict[str, Any] = dict(text) if text else dict(top)
         if text:
-            # Keys that 5.x keeps only at the top level (token ids, dtype, tying).
-            for k in (*_MEDIA_TOKEN_KEYS, "tie_word_embeddings", "eos_token_id", "pad_token_id", "bos_token_id"):
-                if k in top and d.get(k) is None:
+            # transformers reads the media token ids from the top level (Glm4vConfig); text_config copies, where
+            # present, are ignored by it, so the top level wins.
+            for k in _MEDIA_TOKEN_KEYS:
+                if top.get(k) is not None:
                     d[k] = top[k]
+            for k in ("eos_token_id", "pad_token_id", "bos_token_id"):
+                if d.get(k) is None and top.get(k) is not None:
+                    d[k] = top[k]
+            # Glm4vConfig ties when either level says so
+            d["tie_word_embeddings"] = bool(top.get("tie_word_embeddings") or d.get("tie_word_embeddings"))
             if d.get("torch_dtype") is None and d.get("dtype") is None:
                 d["dtype"] = top.get("dtype", top.get("torch_dtype"))
             if "model_type" not in d and top.get("model_type") == "glm4v":

@@ -232,6 +232,10 @@ def test_text_config_spellings() -> None:
                          "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}}
     )  # fmt: skip
     assert nested.image_token_id == 7 and nested.torch_dtype == "float16" and nested.num_key_value_heads == 2
+    both = TextConfig.from_dict(
+        {"image_token_id": 7, "text_config": {**base, "image_token_id": 9, "video_token_id": 10, "rope_theta": 5.0}}
+    )
+    assert (both.image_token_id, both.video_token_id, both.rope_theta) == (7, 10, 5.0)  # top level wins, as in HF
     assert nested.mrope_section == [2, 3, 3] and nested.rotary_dim == 16 and nested.uses_mrope
     with pytest.raises(ConfigError, match="mrope_section"):
         TextConfig.from_dict({**base, "model_type": "glm4v_text", "rope_scaling": {"mrope_section": [1, 1, 1]}})
