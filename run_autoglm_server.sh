@@ -13,7 +13,7 @@
 # (AUTOGLM_ENV_FILE, default ./autoglm.env). Launcher-only variables:
 #   AUTOGLM_VENV          Python environment to use/create (default ./.venv; created with `pip install -e .`)
 #   AUTOGLM_LOG_DIR       log directory (default ./logs); the log is rotated at AUTOGLM_LOG_MAX_BYTES (10 MB), 5 kept
-#   AUTOGLM_RUN_DIR       pid files (default ./run)
+#   AUTOGLM_RUN_DIR       pid files (default: the log directory)
 #   AUTOGLM_MAX_BACKOFF   longest wait between restarts in seconds (default 30)
 #   AUTOGLM_TORCH_INDEX   pip index for torch when creating the venv (default: PyTorch's CPU wheels without a GPU)
 # The server binds AUTOGLM_HOST (default here 0.0.0.0) : AUTOGLM_PORT (default 8000).
@@ -33,7 +33,7 @@ export AUTOGLM_HOST="${AUTOGLM_HOST:-0.0.0.0}"
 export AUTOGLM_PORT="${AUTOGLM_PORT:-8000}"
 VENV="${AUTOGLM_VENV:-$ROOT/.venv}"
 LOG_DIR="${AUTOGLM_LOG_DIR:-$ROOT/logs}"
-RUN_DIR="${AUTOGLM_RUN_DIR:-$ROOT/run}"
+RUN_DIR="${AUTOGLM_RUN_DIR:-$LOG_DIR}"
 LOG_FILE="$LOG_DIR/autoglm-server.log"
 LOG_MAX_BYTES="${AUTOGLM_LOG_MAX_BYTES:-10485760}"
 LOG_KEEP=5

@@ -49,6 +49,8 @@ def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine
         version=_version(),
         description="OpenAI-compatible server for AutoGLM-Phone-class (GLM-4.1V) models",
         lifespan=lifespan,
+        docs_url=None,  # Swagger/ReDoc pages load their scripts from a CDN; we stay offline (openapi.json stays)
+        redoc_url=None,
     )
     app.state.autoglm = state
     install_error_handlers(app)

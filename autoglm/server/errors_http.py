@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -72,10 +73,34 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "Invalid request: " + "; ".join(parts) + more, first_param
 
 
+# Inference endpoints whose rejected requests count in the metrics and the status page's request list.
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+def record_rejection(app: Any, scope: Scope, status: int) -> None:
+    """Count a request that failed before (or instead of) producing a completion, once."""
+    endpoint = _ENDPOINTS.get(scope.get("path", ""))
+    state = scope.setdefault("state", {})
+    if endpoint is None or state.get("metrics_recorded"):
+        return
+    state["metrics_recorded"] = True
+    server = getattr(getattr(app, "state", None), "autoglm", None)
+    if server is None:
+        return
+    from autoglm.server.metrics import RequestRecord
+
+    server.metrics.record(RequestRecord(
+        request_id=state.get("request_id", ""), endpoint=endpoint, model="", status=status, started=time.time(),
+        duration_s=0.0, ttft_s=None, prompt_tokens=0, completion_tokens=0, reasoning_tokens=0, finish_reason=None,
+        stream=False,
+    ))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AutoGLMError)
     async def _autoglm_error(request: Request, exc: AutoGLMError) -> JSONResponse:
         rid = request_id_of(request)
+        record_rejection(request.app, request.scope, exc.status)
         if exc.status >= 500:
             log.error("request %s failed: %s", rid, exc.message)
         else:
@@ -85,6 +110,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         rid = request_id_of(request)
+        record_rejection(request.app, request.scope, 400)
         message, param = _validation_message(exc)
         log.info("request %s rejected (400): %s", rid, message)
         return JSONResponse(error_body(message, "invalid_request_error", param=param), status_code=400,
@@ -96,6 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(
             exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error"
         )
+        record_rejection(request.app, request.scope, exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"Not found: {request.method} {request.url.path}"
@@ -134,6 +161,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("request %s: unhandled error on %s %s", rid, scope.get("method"), scope.get("path"))
+            record_rejection(scope.get("app"), scope, 500)
             if started:
                 return  # the status line is out; the stream itself reports the error
             body = error_body(

@@ -196,6 +196,7 @@ class _Call:
             self.finish_reason = out.finish_reason
 
     def _record(self, status: int) -> None:
+        self.request.state.metrics_recorded = True  # errors_http records only what we did not
         now = time.monotonic()
         self.state.metrics.record(RequestRecord(
             request_id=self.rid, endpoint=self.endpoint, model=self.model_name, status=status,
