@@ -165,6 +165,10 @@ class Engine:
         self.num_steps += 1
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
             req.num_computed_tokens += n
+            if self.kv.enable_prefix_caching:
+                self.kv.register_full_blocks(
+                    req.block_table, req.full_block_hashes(req.num_computed_tokens, self.kv.block_size)
+                )
             if req.media_embeds and not req.is_prefilling:
                 req.media_embeds.clear()  # cached only until the prompt's slots are in the KV cache
         now = time.monotonic()
@@ -244,6 +248,7 @@ class Engine:
             "kv_cache_bytes": self.kv_cache_bytes,
             "tokens_generated": self.num_generated_tokens,
             "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": self.scheduler.num_cached_tokens,
             "steps": self.num_steps,
             "max_model_len": self.max_model_len,
         }

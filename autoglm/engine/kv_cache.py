@@ -4,16 +4,16 @@ The cache is `num_blocks` blocks of `block_size` token slots; a sequence's `bloc
 token `j` of the sequence lives in slot `block_table[j // block_size] * block_size + j % block_size`. The runner owns
 the actual per-layer K/V tensors `[num_blocks, block_size, n_kv, head_dim]`.
 
-Prefix-caching seam: blocks carry a `ref_count` and a `hash`; `block_hash` chains (previous hash, the block's token
-ids, the content hashes of the media whose slots it holds). A future `match_prefix` would look full-block hashes up in
-`hash_to_block` at admission and share those blocks (ref_count += 1) instead of recomputing them; `free` already
-only returns a block to the free list when its last owner lets go.
+Prefix caching (`enable_prefix_caching`): every full block gets a `hash` chaining (previous block's hash, its token
+ids, the content hashes of the media whose slots it holds), registered in `hash_to_block`. At admission the scheduler
+looks a prompt's full-block hashes up (`match_prefix`) and shares those blocks (ref_count += 1) instead of recomputing
+them. A freed block keeps its hash (and stays reusable) until it is handed out for new content.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +46,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        # insertion-ordered set: oldest-freed first out; O(1) removal when a cached free block is reused
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
 
     @property
@@ -77,11 +78,12 @@ class KVCacheManager:
         if need > len(self.free_block_ids):
             raise RuntimeError(f"KV cache: need {need} blocks, {len(self.free_block_ids)} free")  # scheduler bug
         for _ in range(need):
-            block = self.blocks[self.free_block_ids.popleft()]
+            block = self.blocks[self.free_block_ids.popitem(last=False)[0]]
             assert block.ref_count == 0
             block.ref_count = 1
             if block.hash is not None:  # reused for new content: forget its old prefix entry
-                self.hash_to_block.pop(block.hash, None)
+                if self.hash_to_block.get(block.hash) == block.block_id:
+                    del self.hash_to_block[block.hash]
                 block.hash = None
             block_table.append(block.block_id)
 
@@ -92,8 +94,46 @@ class KVCacheManager:
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
-                self.free_block_ids.append(block_id)
+                self.free_block_ids[block_id] = None
         block_table.clear()
+
+    # --- prefix caching -------------------------------------------------------------------------------------------
+    def match_prefix(self, hashes: Sequence[bytes]) -> list[int]:
+        """Cached blocks for the longest run of leading full-block `hashes` (empty when prefix caching is off)."""
+        if not self.enable_prefix_caching:
+            return []
+        out = []
+        for h in hashes:
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            out.append(block_id)
+        return out
+
+    def can_allocate_with_prefix(self, matched: Sequence[int], num_tokens: int) -> bool:
+        """Room for a new sequence of `num_tokens` whose first blocks are the cached `matched` ones."""
+        reused_free = sum(1 for b in matched if self.blocks[b].ref_count == 0)
+        return self.blocks_for(num_tokens) - len(matched) <= len(self.free_block_ids) - reused_free
+
+    def share(self, block_table: list[int], matched: Sequence[int]) -> None:
+        """Start an empty block table with the cached blocks `matched` (one more owner each)."""
+        assert not block_table
+        for block_id in matched:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_block_ids[block_id]
+            block.ref_count += 1
+            block_table.append(block_id)
+
+    def register_full_blocks(self, block_table: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """Record the hashes of a sequence's full, computed blocks so later prompts can share them."""
+        if not self.enable_prefix_caching:
+            return
+        for block_id, h in zip(block_table, hashes, strict=False):
+            block = self.blocks[block_id]
+            if block.hash is None:
+                block.hash = h
+                self.hash_to_block.setdefault(h, block_id)
 
     def slot(self, block_table: Sequence[int], position: int) -> int:
         """Flat cache slot of the sequence's token number `position`."""

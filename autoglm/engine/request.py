@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from autoglm.engine.kv_cache import block_hash
 from autoglm.engine.sampler import TokenLogprob
 from autoglm.engine.sampling_params import SamplingParams
 from autoglm.tokenizer.detokenizer import IncrementalDetokenizer
@@ -109,6 +110,8 @@ class Request:
     prompt_logits: list[Tensor] = field(default_factory=list)  # chunks of [n, V] float32 when requested
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # tokens served from the prefix cache (all admissions)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: chained hash per full block
 
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -152,6 +155,17 @@ class Request:
             lo = max(start, n_prompt)
             parts.append((torch.arange(lo, end) + self.prompt.mrope_delta).expand(3, end - lo))
         return torch.cat(parts, 1)
+
+    def full_block_hashes(self, num_tokens: int, block_size: int) -> list[bytes]:
+        """Hashes of the full blocks among the first `num_tokens` tokens (computed once, extended as it grows)."""
+        n_full = num_tokens // block_size
+        while len(self.block_hashes) < n_full:
+            i = len(self.block_hashes)
+            lo, hi = i * block_size, (i + 1) * block_size
+            media = [m.inputs.content_hash for m in self.prompt.media if m.offset < hi and m.offset + m.n_slots > lo]
+            prev = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.append(block_hash(prev, self.token_ids[lo:hi], media))
+        return self.block_hashes[:n_full]
 
     def reset_for_recompute(self) -> None:
         """Preempted: the cache is gone, the generated tokens stay and are recomputed with the prompt."""

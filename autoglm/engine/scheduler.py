@@ -44,6 +44,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival (admission) order: newest last
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -88,9 +89,14 @@ class Scheduler:
         # admission: only when nothing was preempted this step (the cache is full) and in strict FIFO order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             req = self.waiting[0]
-            if not self.kv.can_allocate(req.block_table, req.num_tokens):
+            matched = self._cached_prefix(req)
+            if not self.kv.can_allocate_with_prefix(matched, req.num_tokens):
                 break
             self.waiting.popleft()
+            self.kv.share(req.block_table, matched)
+            req.num_computed_tokens = len(matched) * self.kv.block_size
+            req.num_cached_tokens += req.num_computed_tokens
+            self.num_cached_tokens += req.num_computed_tokens
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             self.kv.allocate(req.block_table, req.num_tokens)
             req.status = RequestStatus.RUNNING
@@ -99,6 +105,12 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        if not self.kv.enable_prefix_caching or req.return_prompt_logits:  # scoring needs every position computed
+            return []
+        # at least the last token is computed: its logits give the next token
+        return self.kv.match_prefix(req.full_block_hashes(req.num_tokens - 1, self.kv.block_size))
 
     def _newest_unscheduled(self, scheduled: set[str]) -> Request:
         # Running requests are visited oldest first, so the newest ones are not scheduled yet (or it is `req` itself).

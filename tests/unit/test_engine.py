@@ -309,3 +309,29 @@ def test_engine_config_precedence() -> None:
         EngineConfig.from_sources({"blok_size": 4}, env={})
     with pytest.raises(InvalidRequest):
         EngineConfig(block_size=0)
+
+
+def test_prefix_caching_same_tokens_and_hits(model: LoadedModel, alone: list[list[int]]) -> None:
+    engine = Engine(model, EngineConfig(block_size=4, enable_prefix_caching=True))
+    shared = build_text_prompt(model, PROMPTS[2]).token_ids  # 2 repeats of a code line: > 4 full blocks
+    engine.add_request("first", PromptInputs(list(shared)), greedy(24))
+    first = tokens(drain(engine)["first"])
+    assert first == alone[2] and engine.scheduler.num_cached_tokens == 0
+    # the same prompt again, and a longer one sharing it, in one batch with an unrelated one
+    engine.add_request("again", PromptInputs(list(shared)), greedy(24))
+    engine.add_request("longer", PromptInputs([*shared, *model.tokenizer.encode("x = 1")]), greedy(8))
+    engine.add_request("other", build_text_prompt(model, PROMPTS[0]), greedy(24))
+    outs = drain(engine)
+    hits = engine.scheduler.num_cached_tokens
+    assert hits >= 2 * ((len(shared) - 1) // 4) * 4 > 0
+    assert tokens(outs["again"]) == alone[2] and tokens(outs["other"]) == alone[0]
+    ref = Engine(model, EngineConfig(block_size=4))
+    ref.add_request("longer", PromptInputs([*shared, *model.tokenizer.encode("x = 1")]), greedy(8))
+    assert tokens(outs["longer"]) == tokens(drain(ref)["longer"])
+    # cached blocks survive as free blocks and are reused for new content under pressure
+    small = Engine(model, EngineConfig(block_size=4, enable_prefix_caching=True, num_kv_blocks=40))
+    for i, p in enumerate(PROMPTS * 2):
+        small.add_request(str(i), build_text_prompt(model, p), greedy(24))
+    outs = drain(small)
+    assert [tokens(outs[str(i)]) for i in range(8)] == alone * 2
+    assert small.scheduler.num_cached_tokens > 0

@@ -237,3 +237,23 @@ def test_async_engine_generate_and_cancel(tiny_glm4_dir: Path, llm: LLM) -> None
     finally:
         engine.shutdown()
     assert not engine.is_alive()
+
+
+def test_prefix_cache_tells_images_apart(vlm: LLM) -> None:
+    def msgs(img: Image.Image) -> list[dict[str, object]]:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}},
+                                             {"type": "text", "text": "Open Chrome"}]}]
+
+    a, b = _image(84, 112, 7), _image(84, 112, 8)  # same size: same slot tokens, different content
+    ref_a = vlm.chat(msgs(a), max_tokens=8, **GREEDY).token_ids
+    ref_b = vlm.chat(msgs(b), max_tokens=8, **GREEDY).token_ids
+    cached = LLM(vlm.model, block_size=4, enable_prefix_caching=True)
+    assert cached.chat(msgs(a), max_tokens=8, **GREEDY).token_ids == ref_a
+    hits = cached.engine.scheduler.num_cached_tokens
+    assert cached.chat(msgs(a), max_tokens=8, **GREEDY).token_ids == ref_a
+    assert cached.engine.scheduler.num_cached_tokens > hits  # the whole image prefix was reused
+    hits = cached.engine.scheduler.num_cached_tokens
+    assert cached.chat(msgs(b), max_tokens=8, **GREEDY).token_ids == ref_b
+    # only the blocks before the image can be shared with a different image
+    n_before = build_chat_prompt(vlm.model, msgs(b), image_loader=lambda im: im).media[0].offset
+    assert cached.engine.scheduler.num_cached_tokens - hits <= n_before
