@@ -75,6 +75,7 @@ class TextConfig:
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_type: str = "default"
+    rope_scaling_factor: float = 1.0  # "linear" RoPE scaling: positions are divided by it
     partial_rotary_factor: float | None = None
     mrope_section: list[int] | None = None
     torch_dtype: str | None = None
@@ -170,14 +171,21 @@ class TextConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"config key 'rope_parameters'/'rope_scaling' must be an object, got {rope!r}")
+        if isinstance(rope.get("full_attention"), dict):  # 5.x per-layer-type RoPE (Gemma 3)
+            local = rope.get("sliding_attention") or {}
+            if local.get("rope_theta") is not None:
+                d["rope_local_base_freq"] = local["rope_theta"]
+            rope = rope["full_attention"]
         for key in ("rope_theta", "partial_rotary_factor", "mrope_section"):
             if rope.get(key) is not None:
                 d[key] = rope[key]
         d["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-        if d["rope_type"] not in ("default", "mrope"):
+        if d["rope_type"] not in ("default", "mrope", "linear"):
             raise ConfigError(
-                f"unsupported rope type {d['rope_type']!r} (supported: default, mrope)", param="rope_type"
+                f"unsupported rope type {d['rope_type']!r} (supported: default, mrope, linear)", param="rope_type"
             )
+        if d["rope_type"] == "linear":
+            d["rope_scaling_factor"] = float(rope.get("factor", 1.0))
         if d["rope_type"] == "mrope" and d.get("mrope_section") is None:
             raise ConfigError("rope type 'mrope' without mrope_section", param="mrope_section")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from autoglm.errors import ConfigError
 from autoglm.layers.activation import GatedActivation
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
@@ -92,7 +93,11 @@ class Glm4Model(nn.Module):
         self.layers = nn.ModuleList(Glm4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
-            config.rotary_dim, config.rope_theta, interleaved=True, mrope_section=config.mrope_section
+            config.rotary_dim,
+            config.rope_theta,
+            interleaved=True,
+            mrope_section=config.mrope_section,
+            scaling=config.rope_scaling_factor,
         )
 
     def forward(
@@ -114,7 +119,7 @@ class Glm4vTextModel(Glm4Model):
 
     def __init__(self, config: TextConfig) -> None:
         if not config.uses_mrope:
-            raise ValueError("Glm4vTextModel needs a config with mrope_section (model_type glm4v_text)")
+            raise ConfigError("Glm4vTextModel needs a config with mrope_section (model_type glm4v_text)")
         super().__init__(config)
 
 

@@ -33,15 +33,18 @@ def glm4v_rename(name: str) -> str | None:
     return checkpoint_to_param(name)
 
 
-def _lazy(module: str, attr: str) -> Callable[..., Any]:
-    def resolve(*args: Any, **kwargs: Any) -> Any:
-        try:
-            target = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise UnsupportedArchitecture(f"{module}.{attr} is not available in this build: {e}") from e
-        return target(*args, **kwargs)
+def _resolve(module: str, attr: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise UnsupportedArchitecture(f"{module}.{attr} is not available in this build: {e}") from e
 
-    return resolve
+
+def _lazy(module: str, attr: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return _resolve(module, attr)(*args, **kwargs)
+
+    return call
 
 
 def _build_glm4(config: dict[str, Any], no_vision: bool) -> nn.Module:
@@ -62,7 +65,9 @@ def _glm4v_encoders(model: nn.Module, root: Path) -> dict[str, Any]:
 
 
 def _build_gemma3(config: dict[str, Any], no_vision: bool) -> nn.Module:
-    return _lazy("autoglm.models.gemma3", "Gemma3ForCausalLM")(TextConfig.from_dict(config))
+    # Gemma 3 parses its own config.json fields (per-layer-type RoPE, sliding window pattern).
+    config_cls = _resolve("autoglm.models.gemma3", "Gemma3Config")
+    return _resolve("autoglm.models.gemma3", "Gemma3ForCausalLM")(config_cls.from_dict(config))
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,14 @@ def test_text_config_spellings() -> None:
     )
     assert (both.image_token_id, both.video_token_id, both.rope_theta) == (7, 10, 5.0)  # top level wins, as in HF
     assert nested.mrope_section == [2, 3, 3] and nested.rotary_dim == 16 and nested.uses_mrope
+    gemma = TextConfig.from_dict(
+        {**base, "model_type": "gemma3_text", "head_dim": 16,
+         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    )  # fmt: skip
+    assert (gemma.rope_theta, gemma.rope_local_base_freq, gemma.rope_scaling_factor) == (1e6, 1e4, 8.0)
+    with pytest.raises(ConfigError, match="yarn"):
+        TextConfig.from_dict({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ConfigError, match="mrope_section"):
         TextConfig.from_dict({**base, "model_type": "glm4v_text", "rope_scaling": {"mrope_section": [1, 1, 1]}})
     with pytest.raises(ConfigError, match="hidden_size"):
