@@ -156,17 +156,15 @@ def _as_ids(value: Any) -> list[int]:
 
 def _load_tokenizer(root: Path) -> tuple[Any, Any]:
     """(Tokenizer, ChatTemplate | None) from the directory's tokenizer files."""
-    try:
-        from autoglm.tokenizer.tokenizer import Tokenizer
-    except ImportError:  # the tokenizer package lands separately; a model without it still runs on ids
-        log.warning("autoglm.tokenizer.tokenizer is not available; loading %s without a tokenizer", root)
-        return None, None
+    from autoglm.tokenizer.chat_template import ChatTemplate, NoChatTemplate
+    from autoglm.tokenizer.tokenizer import Tokenizer
+
     tokenizer = Tokenizer.from_hf_dir(root)
     try:
-        from autoglm.tokenizer.chat_template import ChatTemplate
-    except ImportError:
+        return tokenizer, ChatTemplate.from_hf_dir(root)
+    except NoChatTemplate:  # a base model: raw prompts work, chat requests get a clear error
+        log.warning("%s has no chat template; only raw-prompt completion is available", root)
         return tokenizer, None
-    return tokenizer, ChatTemplate.from_hf_dir(root)
 
 
 def _module_info(

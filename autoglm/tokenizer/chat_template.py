@@ -162,6 +162,10 @@ def _first_in(source: str, table: Iterable[str], vocab: Mapping[str, int] | None
 
 
 # --- the template --------------------------------------------------------------------------------------------------
+class NoChatTemplate(ConfigError):
+    """The model directory carries no chat template at all (a base model): loaders treat this as "no template"."""
+
+
 class ChatTemplate:
     """One model's chat template. `render(messages, ...) -> prompt text` (media placeholders not yet expanded)."""
 
@@ -371,5 +375,5 @@ def _find_hf_template(path: Path, cfg: Mapping[str, Any], template_name: str) ->
         if isinstance(data, Mapping) and isinstance(data.get("chat_template"), str):
             return str(data["chat_template"])
         raise ConfigError(f"{json_file} has no string 'chat_template'")
-    raise ConfigError(f"no chat template {template_name!r} in {path} (looked for chat_template.jinja, "
+    raise NoChatTemplate(f"no chat template {template_name!r} in {path} (looked for chat_template.jinja, "
                       "tokenizer_config.json 'chat_template', chat_template.json)")
