@@ -166,7 +166,8 @@ def test_same_seed_same_tokens_with_batch_mates(model: LoadedModel) -> None:
                        ignore_eos=True)
     alone = run(model, [PROMPTS[0]], p)[0]
     engine = Engine(model, EngineConfig(block_size=4))
-    engine.add_request("mate1", build_text_prompt(model, PROMPTS[1]), SamplingParams(temperature=0.9, seed=5, max_tokens=30))
+    engine.add_request("mate1", build_text_prompt(model, PROMPTS[1]),
+                       SamplingParams(temperature=0.9, seed=5, max_tokens=30))
     engine.add_request("x", build_text_prompt(model, PROMPTS[0]), p)
     engine.add_request("mate2", build_text_prompt(model, PROMPTS[2]), SamplingParams(temperature=1.3, max_tokens=9))
     assert tokens(drain(engine)["x"]) == alone
