@@ -4,7 +4,7 @@ Quantized weights stay quantized: every linear/embedding whose tensor is not F32
 `GGUFEmbedding` holding the file's blocks as a view of the mmap (no float copy of the model); norms and biases are
 float32. Every tensor of the file must land in a parameter, and every parameter must come from the file.
 Architectures: `gemma3` (text) and `glm4` (GLM-4, and GLM-4.1V's text model with M-RoPE); a `glm4v` mmproj adds
-the vision tower (see `autoglm.loader.gguf_mmproj`).
+the vision tower (see `autoglm.loader.mmproj`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from autoglm.loader.gguf_names import gguf_names_for, neox_to_interleaved_rows
 from autoglm.loader.gguf_reader import GGUFFile, TensorInfo
 from autoglm.loader.gguf_tokenizer import build_chat_template, build_tokenizer, eos_token_ids
 from autoglm.loader.hf import resolve_devices
-from autoglm.loader.weights import fill_parameters
+from autoglm.loader.weights import expected_tensors, fill_parameters
 from autoglm.models.loaded import LoadedModel, ModuleInfo
 
 log = logging.getLogger("autoglm.loader.gguf")
@@ -234,8 +234,6 @@ def load_gguf(
         _check_supported(info, path)
     model = build_decoder(f)
     n_blocks = int(_need(f, f"{arch}.block_count"))
-    from autoglm.loader.weights import expected_tensors
-
     names = gguf_names_for(arch, n_blocks, expected_tensors(model))
     _swap_quantized(model, f, names, act_dtype)
     tied = getattr(model, "tied_parameters", None)
@@ -398,6 +396,6 @@ def _attach_vision(
     if no_vision:
         log.info("no_vision: not loading the projector %s", mmproj)
         return
-    from autoglm.loader.gguf_mmproj import load_mmproj
+    from autoglm.loader.mmproj import attach_mmproj
 
-    load_mmproj(loaded, Path(mmproj), dtype=dtype, device=device)
+    attach_mmproj(loaded, Path(mmproj), dtype=dtype, device=device)

@@ -237,3 +237,46 @@ def test_default_model_is_assembled_once_atomically(tmp_path: Path, monkeypatch:
         fh.truncate(1000)
     assert default_model_path().stat().st_size == sum(c.stat().st_size for c in pkg.chunk_paths())
     shutil.rmtree(tmp_path / "autoglm")
+
+
+# --- mmproj -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_mmproj(tmp_path_factory: pytest.TempPathFactory, tiny_glm4v_dir: Path) -> Path:
+    from autoglm.loader.gguf_writer import convert_mmproj
+
+    return convert_mmproj(tiny_glm4v_dir, tmp_path_factory.mktemp("mmproj") / "mmproj-tiny.gguf", outtype="f32")
+
+
+def test_mmproj_attaches_the_vision_encoder(tiny_glm4v_text_gguf: Path, tiny_mmproj: Path) -> None:
+    m = load_gguf(tiny_glm4v_text_gguf, mmproj=tiny_mmproj)
+    assert m.missing_projector is None and "image" in m.encoders
+    assert [i.name for i in m.modules] == ["decoder", "vision"]
+    assert load_gguf(tiny_glm4v_text_gguf, mmproj=tiny_mmproj, no_vision=True).encoders == {}
+
+
+def test_mmproj_that_does_not_fit_names_both(
+    tiny_glm4v_text_gguf: Path, tiny_glm4_gguf: Path, tiny_mmproj: Path, tmp_path: Path
+) -> None:
+    from autoglm.errors import ModelLoadError
+
+    # a text model without M-RoPE cannot use a glm4v projector
+    with pytest.raises(ModelLoadError, match=r"glm4v.*tiny-glm4-f32"):
+        load_gguf(tiny_glm4_gguf, mmproj=tiny_mmproj)
+    # projection size != embedding size
+    r = gguf.GGUFReader(str(tiny_mmproj))
+    proj = int(r.fields["clip.vision.projection_dim"].contents())
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "clip")
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vt = field.types[0]
+        value = proj * 2 if key == "clip.vision.projection_dim" else field.contents()
+        w.add_key_value(key, value, vt, sub_type=field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match=rf"projection size {proj * 2}.*embedding size {proj}"):
+        load_gguf(tiny_glm4v_text_gguf, mmproj=tmp_path / "bad.gguf")
