@@ -16,6 +16,7 @@ from autoglm.loader.gguf_writer import convert_mmproj, convert_text
 from tests.interop.helpers import TEXTS, chat_ids, image, ours_and_reference, rel_err
 
 # Error allowed relative to the logit scale: f32 is the same arithmetic; q8_0 carries its weight rounding.
+pytestmark = pytest.mark.llamacpp
 TOLERANCE = {"f32": 1e-3, "q8_0": 5e-2}
 
 
