@@ -1,0 +1,466 @@
+// Fused kernels on raw GGUF (ggml) blocks, JIT-built by autoglm/quant/gguf_kernels.py.
+//
+// gemv:        y[M, N] = x[M, K] @ W[N, K].T with W kept as blocks. Activations are quantized to int8 per block of
+//              32 (float32 scale, like llama.cpp's q8_0 but with an exact scale) and dotted with the weight blocks
+//              by AVX512-VNNI vpdpbusd; the result equals F.linear(x_q, W) up to float32 summation order, where
+//              x_q = scale * round(x / scale). Without VNNI a float-activation path (row dequantized in L1) is used.
+// dequantize:  W as float32 / bfloat16 [N, K], bit-exact with ggml's dequantize_row_* (fp-contract off).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__F16C__)
+#define AUTOGLM_VNNI 1
+#include <immintrin.h>
+#else
+#define AUTOGLM_VNNI 0
+#endif
+
+namespace {
+
+// GGML type ids (gguf.GGMLQuantizationType)
+enum QType : int64_t { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+inline float h2f(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+// block geometry: (elements, bytes)
+inline bool layout(int64_t q, int64_t& bs, int64_t& ts) {
+  switch (q) {
+    case Q4_0: bs = 32; ts = 18; return true;
+    case Q5_0: bs = 32; ts = 22; return true;
+    case Q8_0: bs = 32; ts = 34; return true;
+    case Q4_K: bs = 256; ts = 144; return true;
+    case Q5_K: bs = 256; ts = 176; return true;
+    case Q6_K: bs = 256; ts = 210; return true;
+    default: return false;
+  }
+}
+
+// 6-bit (scale, min) pair j of a Q4_K / Q5_K super-block (ggml get_scale_min_k4)
+inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// ---- dequantize one block -> float (same arithmetic order as ggml, so bit-exact) -----------------------------------
+void deq_q8_0(const uint8_t* b, float* y) {
+  const float d = h2f(b);
+  const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+  for (int i = 0; i < 32; ++i) y[i] = q[i] * d;
+}
+
+void deq_q4_0(const uint8_t* b, float* y) {
+  const float d = h2f(b);
+  const uint8_t* qs = b + 2;
+  for (int j = 0; j < 16; ++j) {
+    y[j] = ((qs[j] & 0x0F) - 8) * d;
+    y[j + 16] = ((qs[j] >> 4) - 8) * d;
+  }
+}
+
+void deq_q5_0(const uint8_t* b, float* y) {
+  const float d = h2f(b);
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  const uint8_t* qs = b + 6;
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t h0 = ((qh >> j) << 4) & 0x10;
+    const uint8_t h1 = (qh >> (j + 12)) & 0x10;
+    y[j] = (((qs[j] & 0x0F) | h0) - 16) * d;
+    y[j + 16] = (((qs[j] >> 4) | h1) - 16) * d;
+  }
+}
+
+void deq_q4_k(const uint8_t* b, float* y) {
+  const float d = h2f(b), dmin = h2f(b + 2);
+  const uint8_t* sc = b + 4;
+  const uint8_t* q = b + 16;
+  for (int j = 0; j < 4; ++j) {
+    uint8_t s1, m1, s2, m2;
+    scale_min_k4(2 * j, sc, s1, m1);
+    scale_min_k4(2 * j + 1, sc, s2, m2);
+    const float d1 = d * s1, mm1 = dmin * m1, d2 = d * s2, mm2 = dmin * m2;
+    for (int l = 0; l < 32; ++l) y[64 * j + l] = d1 * (q[l] & 0xF) - mm1;
+    for (int l = 0; l < 32; ++l) y[64 * j + 32 + l] = d2 * (q[l] >> 4) - mm2;
+    q += 32;
+  }
+}
+
+void deq_q5_k(const uint8_t* b, float* y) {
+  const float d = h2f(b), dmin = h2f(b + 2);
+  const uint8_t* sc = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* ql = b + 48;
+  for (int j = 0; j < 4; ++j) {
+    uint8_t s1, m1, s2, m2;
+    scale_min_k4(2 * j, sc, s1, m1);
+    scale_min_k4(2 * j + 1, sc, s2, m2);
+    const float d1 = d * s1, mm1 = dmin * m1, d2 = d * s2, mm2 = dmin * m2;
+    const uint8_t u1 = 1 << (2 * j), u2 = 2 << (2 * j);
+    for (int l = 0; l < 32; ++l) y[64 * j + l] = d1 * ((ql[l] & 0xF) + ((qh[l] & u1) ? 16 : 0)) - mm1;
+    for (int l = 0; l < 32; ++l) y[64 * j + 32 + l] = d2 * ((ql[l] >> 4) + ((qh[l] & u2) ? 16 : 0)) - mm2;
+    ql += 32;
+  }
+}
+
+void deq_q6_k(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = h2f(b + 208);
+  for (int n = 0; n < 2; ++n) {
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = static_cast<int8_t>((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = static_cast<int8_t>((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = static_cast<int8_t>((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = static_cast<int8_t>((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      y[l] = d * sc[is] * q1;
+      y[l + 32] = d * sc[is + 2] * q2;
+      y[l + 64] = d * sc[is + 4] * q3;
+      y[l + 96] = d * sc[is + 6] * q4;
+    }
+    y += 128;
+    ql += 64;
+    qh += 32;
+    sc += 8;
+  }
+}
+
+using DeqFn = void (*)(const uint8_t*, float*);
+
+DeqFn deq_fn(int64_t q) {
+  switch (q) {
+    case Q4_0: return deq_q4_0;
+    case Q5_0: return deq_q5_0;
+    case Q8_0: return deq_q8_0;
+    case Q4_K: return deq_q4_k;
+    case Q5_K: return deq_q5_k;
+    case Q6_K: return deq_q6_k;
+    default: return nullptr;
+  }
+}
+
+void deq_row(DeqFn f, const uint8_t* row, int64_t nb, int64_t bs, int64_t ts, float* y) {
+  for (int64_t b = 0; b < nb; ++b) f(row + b * ts, y + b * bs);
+}
+
+// ---- activations quantized per 32: x ~= d[b] * q[32 b + i] --------------------------------------------------------
+struct ActQ {
+  const int8_t* q;     // [K]
+  const float* d;      // [K/32] scale
+  const float* s;      // [K/32] d * sum(q) of the block (the quantized block's sum, for Q4_K/Q5_K mins)
+  const int32_t* ns4;  // [K/4] -sum of each 4 consecutive q (one vpdpbusd lane): pre-loads the zero-point term
+};
+
+void quantize_act_row(const float* x, int64_t K, int8_t* q, float* d, float* s, int32_t* ns4) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + 32 * b;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float db = amax / 127.f;
+    const float id = db > 0.f ? 1.f / db : 0.f;
+    int32_t sum = 0;
+    for (int g = 0; g < 8; ++g) {
+      int32_t s4 = 0;
+      for (int i = 4 * g; i < 4 * g + 4; ++i) {
+        int v = static_cast<int>(std::nearbyint(xb[i] * id));
+        v = v > 127 ? 127 : (v < -127 ? -127 : v);
+        q[32 * b + i] = static_cast<int8_t>(v);
+        s4 += v;
+      }
+      ns4[8 * b + g] = -s4;
+      sum += s4;
+    }
+    d[b] = db;
+    s[b] = db * static_cast<float>(sum);
+  }
+}
+
+#if AUTOGLM_VNNI
+inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+inline float fh2f(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// s8 x s8 dot of 32 bytes via u8 x s8 vpdpbusd: |w| . (sign(w) * x)
+inline __m256i dot_s8(__m256i init, __m256i w, __m256i x) {
+  const __mmask32 neg = _mm256_movepi8_mask(w);
+  const __m256i sx = _mm256_mask_sub_epi8(x, neg, _mm256_setzero_si256(), x);
+  return _mm256_dpbusd_epi32(init, _mm256_abs_epi8(w), sx);
+}
+
+// 16 packed bytes -> 32 nibbles: low nibbles are elements 0..15, high nibbles 16..31
+inline __m256i nibbles16(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+float dot_q8_0(const uint8_t* row, const ActQ& a, int64_t nb) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i z = _mm256_setzero_si256();
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {  // two blocks per step: independent accumulators for ILP
+    const uint8_t* k0 = row + 34 * b;
+    const uint8_t* k1 = k0 + 34;
+    const __m256i p0 = dot_s8(z, load256(k0 + 2), load256(a.q + 32 * b));
+    const __m256i p1 = dot_s8(z, load256(k1 + 2), load256(a.q + 32 * b + 32));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fh2f(k0) * a.d[b]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fh2f(k1) * a.d[b + 1]), acc1);
+  }
+  for (; b < nb; ++b) {
+    const uint8_t* k0 = row + 34 * b;
+    const __m256i p0 = dot_s8(z, load256(k0 + 2), load256(a.q + 32 * b));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fh2f(k0) * a.d[b]), acc0);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+float dot_q4_0(const uint8_t* row, const ActQ& a, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* k = row + 18 * b;
+    // q in 0..15, value q - 8: the lane init -8 * sum4(x) supplies the offset
+    const __m256i init = _mm256_slli_epi32(load256(a.ns4 + 8 * b), 3);
+    const __m256i p = _mm256_dpbusd_epi32(init, nibbles16(k + 2), load256(a.q + 32 * b));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fh2f(k) * a.d[b]), acc);
+  }
+  return hsum(acc);
+}
+
+float dot_q5_0(const uint8_t* row, const ActQ& a, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i h16 = _mm256_set1_epi8(16);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* k = row + 22 * b;
+    uint32_t qh;
+    std::memcpy(&qh, k + 2, 4);
+    __m256i q = nibbles16(k + 6);
+    q = _mm256_mask_add_epi8(q, static_cast<__mmask32>(qh), q, h16);  // bit j of qh is element j's 5th bit
+    const __m256i init = _mm256_slli_epi32(load256(a.ns4 + 8 * b), 4);
+    const __m256i p = _mm256_dpbusd_epi32(init, q, load256(a.q + 32 * b));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fh2f(k) * a.d[b]), acc);
+  }
+  return hsum(acc);
+}
+
+// Q4_K / Q5_K: w = d*sc[s]*q - dmin*m[s] per 32-element sub-block s
+template <bool Q5>
+float dot_qk_affine(const uint8_t* row, const ActQ& a, int64_t nsb) {
+  constexpr int64_t TS = Q5 ? 176 : 144;
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.f;
+  const __m256i z = _mm256_setzero_si256(), m4 = _mm256_set1_epi8(0x0F), h16 = _mm256_set1_epi8(16);
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* k = row + TS * sb;
+    const float d = fh2f(k), dmin = fh2f(k + 2);
+    const uint8_t* scp = k + 4;
+    const uint8_t* qs = k + (Q5 ? 48 : 16);
+    __m256i qhv = z;
+    if constexpr (Q5) qhv = load256(k + 16);
+    const int64_t b0 = 8 * sb;
+    float msum = 0.f;
+    for (int j = 0; j < 4; ++j) {
+      uint8_t s1, mn1, s2, mn2;
+      scale_min_k4(2 * j, scp, s1, mn1);
+      scale_min_k4(2 * j + 1, scp, s2, mn2);
+      const __m256i bytes = load256(qs + 32 * j);
+      __m256i lo = _mm256_and_si256(bytes, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+      if constexpr (Q5) {
+        lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(1 << (2 * j))), lo, h16);
+        hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(2 << (2 * j))), hi, h16);
+      }
+      const int64_t bl = b0 + 2 * j, bh = bl + 1;
+      const __m256i pl = _mm256_dpbusd_epi32(z, lo, load256(a.q + 32 * bl));
+      const __m256i ph = _mm256_dpbusd_epi32(z, hi, load256(a.q + 32 * bh));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(d * s1 * a.d[bl]), acc);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(d * s2 * a.d[bh]), acc);
+      msum += mn1 * a.s[bl] + mn2 * a.s[bh];
+    }
+    mins += dmin * msum;
+  }
+  return hsum(acc) - mins;
+}
+
+float dot_q6_k(const uint8_t* row, const ActQ& a, int64_t nsb) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* k = row + 210 * sb;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(k + 192);
+    const float d = fh2f(k + 208);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i qhv = load256(k + 128 + 32 * h);
+      for (int j = 0; j < 4; ++j) {
+        const int c = 4 * h + j;  // 32-element chunk of the super-block
+        const __m256i qlv = load256(k + 64 * h + 32 * (j & 1));
+        const __m256i low = _mm256_and_si256(j >= 2 ? _mm256_srli_epi16(qlv, 4) : qlv, m4);
+        const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qhv, 2 * j), 4), m30);
+        const int64_t b = 8 * sb + c;
+        // q in 0..63, value q - 32: the lane init -32 * sum4(x) supplies the offset
+        const __m256i init = _mm256_slli_epi32(load256(a.ns4 + 8 * b), 5);
+        const __m256i p = _mm256_dpbusd_epi32(init, _mm256_or_si256(low, high), load256(a.q + 32 * b));
+        // lanes 0..3 cover elements 0..15 (scale sc[2c]), lanes 4..7 elements 16..31 (sc[2c+1])
+        const __m256 scv = _mm256_set_m128(_mm_set1_ps(sc[2 * c + 1]), _mm_set1_ps(sc[2 * c]));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), scv), _mm256_set1_ps(d * a.d[b]), acc);
+      }
+    }
+  }
+  return hsum(acc);
+}
+
+using DotFn = float (*)(const uint8_t*, const ActQ&, int64_t);
+
+DotFn dot_fn(int64_t q) {
+  switch (q) {
+    case Q4_0: return dot_q4_0;
+    case Q5_0: return dot_q5_0;
+    case Q8_0: return dot_q8_0;
+    case Q4_K: return dot_qk_affine<false>;
+    case Q5_K: return dot_qk_affine<true>;
+    case Q6_K: return dot_q6_k;
+    default: return nullptr;
+  }
+}
+#endif
+
+void check_raw(const torch::Tensor& raw, int64_t q, int64_t K, int64_t& bs, int64_t& ts) {
+  TORCH_CHECK(layout(q, bs, ts), "gguf_kernels: unsupported GGML type id ", q);
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == torch::kUInt8 && raw.dim() == 2, "raw must be CPU uint8 2-D");
+  TORCH_CHECK(K % bs == 0 && raw.size(1) == K / bs * ts, "raw row bytes ", raw.size(1), " do not match ", K, " columns");
+  TORCH_CHECK(raw.stride(1) == 1, "raw rows must be contiguous");
+}
+
+float dot_float(const float* w, const float* x, int64_t K) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += w[i + j] * x[i + j];
+  float s = 0.f;
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  for (; i < K; ++i) s += w[i] * x[i];
+  return s;
+}
+
+}  // namespace
+
+bool has_vnni() { return AUTOGLM_VNNI != 0; }
+
+// y [M, N] float32 = x [M, K] float32 @ W.T; int8 activations (VNNI) unless exact_activations or no VNNI
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t q, bool exact_activations) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = raw.size(0);
+  int64_t bs, ts;
+  check_raw(raw, q, K, bs, ts);
+  const int64_t nb = K / bs, rs = raw.stride(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = raw.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(8, N / (8 * at::get_num_threads()) + 1);
+#if AUTOGLM_VNNI
+  if (!exact_activations) {
+    std::vector<int8_t> aq(M * K);
+    std::vector<float> ad(M * K / 32), as(M * K / 32);
+    std::vector<int32_t> an(M * K / 4);
+    for (int64_t m = 0; m < M; ++m)
+      quantize_act_row(xp + m * K, K, aq.data() + m * K, ad.data() + m * K / 32, as.data() + m * K / 32,
+                       an.data() + m * K / 4);
+    std::vector<ActQ> acts(M);
+    for (int64_t m = 0; m < M; ++m)
+      acts[m] = {aq.data() + m * K, ad.data() + m * K / 32, as.data() + m * K / 32, an.data() + m * K / 4};
+    const DotFn f = dot_fn(q);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* row = wp + n * rs;  // one row stays in L1 while every token reads it
+        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = f(row, acts[m], nb);
+      }
+    });
+    return y;
+  }
+#endif
+  const DeqFn f = deq_fn(q);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> w(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      deq_row(f, wp + n * rs, nb, bs, ts, w.data());
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_float(w.data(), xp + m * K, K);
+    }
+  });
+  return y;
+}
+
+// W [N, K] in float32 or bfloat16, bit-exact float32 values (bfloat16: rounded to nearest even)
+torch::Tensor dequantize(const torch::Tensor& raw, int64_t q, int64_t K, bool bf16) {
+  const int64_t N = raw.size(0);
+  int64_t bs, ts;
+  check_raw(raw, q, K, bs, ts);
+  const int64_t nb = K / bs, rs = raw.stride(0);
+  auto out = torch::empty({N, K}, raw.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const uint8_t* wp = raw.data_ptr<uint8_t>();
+  const DeqFn f = deq_fn(q);
+  at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
+    std::vector<float> tmp(bf16 ? K : 0);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!bf16) {
+        deq_row(f, wp + n * rs, nb, bs, ts, out.data_ptr<float>() + n * K);
+        continue;
+      }
+      deq_row(f, wp + n * rs, nb, bs, ts, tmp.data());
+      c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + n * K;
+      for (int64_t i = 0; i < K; ++i) o[i] = c10::BFloat16(tmp[i]);
+    }
+  });
+  return out;
+}
+
+// x [M, K] float32 -> x_q as float32 (d * q): the activations the int8 path multiplies by (tests, error bounds)
+torch::Tensor quantize_activations(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0,
+              "x must be float32 [M, K], K % 32 == 0");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int8_t> q(K);
+  std::vector<float> d(K / 32), s(K / 32);
+  std::vector<int32_t> n4(K / 4);
+  auto out = torch::empty_like(x);
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_act_row(x.data_ptr<float>() + m * K, K, q.data(), d.data(), s.data(), n4.data());
+    float* o = out.data_ptr<float>() + m * K;
+    for (int64_t i = 0; i < K; ++i) o[i] = d[i / 32] * q[i];
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("has_vnni", &has_vnni);
+  m.def("gemv", &gemv, "y = x @ W.T on raw GGUF blocks", py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize", &dequantize, "raw GGUF blocks -> float32/bfloat16", py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_activations", &quantize_activations);
+}

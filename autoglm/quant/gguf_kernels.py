@@ -1,0 +1,165 @@
+"""Fast CPU matmuls on GGUF blocks kept quantized, plugged in behind `gguf_linear.register_matmul_kernel`.
+
+Two paths, picked per call by the number of activation rows M (measured in `benchmarks/kernels.py`):
+- M <= `GEMV_MAX_ROWS` (decode): a C++ kernel (`csrc/gguf_kernels.cpp`, JIT-built with `-O3 -march=native`) reads
+  the raw blocks once per call. Activations are quantized to int8 per block of 32 with a float32 scale and dotted
+  with the weight's integers by AVX512-VNNI; the result equals `F.linear(x_q, W)` up to float32 summation order,
+  where `x_q = d * round(x / d)`, `d = max|x_block| / 127` — so |y - F.linear(x, W)| <= |W| @ (d / 2) per block.
+  Without VNNI the kernel dequantizes one row into L1 and keeps the activations in float32 (no activation error).
+- larger M (prefill): the weight is dequantized once per call, a slab of rows at a time (bounded memory), by the same
+  C++ code (bit-exact with `gguf.quants`), then one float32 GEMM per slab.
+
+Memory: nothing is repacked or cached; the module keeps only the file's blocks (no float copy of the model).
+Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; others keep the reference path of `GGUFBlockFormat.matmul`.
+The extension is built once per (source, torch, CPU) into `<autoglm cache>/torch_extensions/`; if it cannot be
+built (no compiler, `AUTOGLM_GGUF_KERNELS=0`), `install()` returns False and nothing changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import Tensor
+
+from autoglm.quant import gguf_linear
+from autoglm.quant.gguf_linear import GGUFBlockFormat, register_matmul_kernel
+
+log = logging.getLogger(__name__)
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+# activation rows up to which the fused kernel beats dequantize-once + GEMM (2 threads; benchmarks/kernels.py)
+GEMV_MAX_ROWS = 16
+# prefill dequantizes at most this many weight elements at a time (64 MiB of float32)
+DEQUANT_SLAB_ELEMENTS = 1 << 24
+
+_SOURCE = Path(__file__).with_name("csrc") / "gguf_kernels.cpp"
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_ext: ModuleType | None = None
+_ext_failed = False
+
+
+def _cpu_key() -> str:
+    # -march=native code must not be reused on another CPU: key the build by the CPU's flags
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_dir() -> Path:
+    from autoglm.default_model import cache_dir
+
+    h = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_FLAGS).encode(), _cpu_key().encode()):
+        h.update(part)
+    return cache_dir() / "torch_extensions" / f"gguf_kernels_{h.hexdigest()[:16]}"
+
+
+def extension() -> ModuleType | None:
+    """The compiled kernels (built on first call), or None when they cannot be built or are disabled."""
+    global _ext, _ext_failed
+    if _ext is not None or _ext_failed:
+        return _ext
+    if os.environ.get("AUTOGLM_GGUF_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        _ext_failed = True
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        build = _build_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        _ext = load(
+            name="autoglm_gguf_kernels",
+            sources=[str(_SOURCE)],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=False,
+        )
+    except Exception as e:  # no compiler / headers / ninja: keep the reference path
+        log.warning("GGUF kernels unavailable (%s: %s); using dequantize-per-call matmuls", type(e).__name__, e)
+        _ext_failed = True
+        return None
+    return _ext
+
+
+def has_vnni() -> bool:
+    """Whether the decode kernel uses int8 activations (AVX512-VNNI build) rather than float32 ones."""
+    ext = extension()
+    return bool(ext is not None and ext.has_vnni())
+
+
+def quantize_activations(x: Tensor) -> Tensor:
+    """x [M, K] -> the float32 activations the int8 decode kernel effectively multiplies by (d * q per 32)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("GGUF kernels are not available")
+    return ext.quantize_activations(x.float().contiguous())
+
+
+def gemv(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat, exact_activations: bool = False) -> Tensor:
+    """x [M, cols] @ W.T -> [M, rows] float32 by the fused kernel (int8 activations unless `exact_activations`)."""
+    ext = extension()
+    assert ext is not None
+    return ext.gemv(x.float().contiguous(), raw, int(fmt.qtype), exact_activations)
+
+
+def gemm(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
+    """x [M, cols] @ W.T -> [M, rows] in x's dtype: W dequantized once per call, a slab of rows at a time."""
+    ext = extension()
+    assert ext is not None
+    bf16 = x.dtype == torch.bfloat16
+    step = max(1, DEQUANT_SLAB_ELEMENTS // fmt.cols)
+    if step >= fmt.rows:
+        return F.linear(x, ext.dequantize(raw, int(fmt.qtype), fmt.cols, bf16).to(x.dtype))
+    out = x.new_empty(x.shape[0], fmt.rows)
+    for s in range(0, fmt.rows, step):
+        w = ext.dequantize(raw[s : s + step], int(fmt.qtype), fmt.cols, bf16)  # [slab, cols]
+        out[:, s : s + w.shape[0]] = F.linear(x, w.to(x.dtype))
+    return out
+
+
+def matmul(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
+    """The registered kernel: x [..., cols] @ W.T -> [..., rows] in x's dtype (see the module docstring)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, fmt.cols)  # [M, cols]
+    if x2.device.type != "cpu" or raw.device.type != "cpu":
+        raise RuntimeError("GGUF kernels run on CPU tensors only")
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        y = gemv(x2, raw, fmt).to(x.dtype)
+    else:
+        y = gemm(x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float(), raw, fmt).to(x.dtype)
+    return y.reshape(*lead, fmt.rows)
+
+
+def install() -> bool:
+    """Register the fast kernels for every supported type; False (nothing registered) if they cannot be built."""
+    if extension() is None:
+        return False
+    for qtype in SUPPORTED_TYPES:
+        register_matmul_kernel(qtype, matmul)
+    return True
+
+
+def uninstall() -> None:
+    """Remove our kernels from the registry (back to the reference dequantize-per-call path)."""
+    for qtype in SUPPORTED_TYPES:
+        if gguf_linear._KERNELS.get(qtype) is matmul:
+            del gguf_linear._KERNELS[qtype]
+
+
+def installed() -> bool:
+    return any(gguf_linear._KERNELS.get(q) is matmul for q in SUPPORTED_TYPES)
