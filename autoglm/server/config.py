@@ -7,6 +7,7 @@ defaults later, per request). One table (`_OPTIONS`) drives argparse, the enviro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -62,8 +63,9 @@ class ServerConfig:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for opt in _OPTIONS:
-            if cli.get(opt.dest) is not None and cli.get(opt.dest) != ():
-                values[opt.dest] = _coerce(opt, cli[opt.dest], source=opt.flags[0])
+            given = cli.get(opt.cli_key)
+            if given is not None and given != ():
+                values[opt.dest] = _coerce(opt, given, source=opt.flags[0])
             elif opt.env in environ and environ[opt.env] != "":
                 values[opt.dest] = _coerce(opt, environ[opt.env], source=opt.env)
         return cls(**values)
@@ -84,6 +86,11 @@ class _Option:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    arg_dest: str | None = None  # argparse dest when `dest` would clash with the CLI frame's own option
+
+    @property
+    def cli_key(self) -> str:
+        return self.arg_dest or self.dest
 
     @property
     def env(self) -> str:
@@ -119,7 +126,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--no-vision",), "no_vision", bool, "do not load the vision encoder (text-only)"),
     _Option(("--max-num-seqs",), "max_num_seqs", int, "most requests decoded together"),
     _Option(("--kv-cache-memory",), "kv_cache_memory", int, "bytes for the KV cache (default: engine's choice)"),
-    _Option(("--log-level",), "log_level", str, "debug, info, warning, error"),
+    # `autoglm --log-level` (the CLI frame's) is a different option with a different default: keep them apart.
+    _Option(("--log-level",), "log_level", str, "debug, info, warning, error (default info)",
+            arg_dest="serve_log_level"),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -137,6 +146,9 @@ def _coerce(opt: _Option, value: Any, *, source: str) -> Any:
             if text in _FALSE:
                 return False
             raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+        if opt.dest == "limit_mm_per_prompt" and str(value).strip().startswith("{"):
+            # vLLM's form: '{"image": 2}' (only images are limited here)
+            return int(json.loads(str(value)).get("image", 0))
         if opt.kind is list:
             items = value if isinstance(value, (list, tuple)) else str(value).split(",")
             return tuple(s.strip() for s in items if s.strip())
@@ -144,7 +156,7 @@ def _coerce(opt: _Option, value: Any, *, source: str) -> Any:
         if opt.choices and result not in opt.choices:
             raise ValueError(f"expected one of {', '.join(opt.choices)}")
         return result
-    except ValueError as exc:
+    except (ValueError, AttributeError) as exc:
         raise ConfigError(f"{source}={value!r} is invalid ({opt.kind.__name__} expected): {exc}") from exc
 
 
@@ -153,14 +165,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for opt in _OPTIONS:
         help_text = f"{opt.help} [env {opt.env}]"
         if opt.kind is bool:
-            parser.add_argument(*opt.flags, dest=opt.dest, action="store_const", const=True, default=None,
+            parser.add_argument(*opt.flags, dest=opt.cli_key, action="store_const", const=True, default=None,
                                 help=help_text)
         elif opt.kind is list:
-            parser.add_argument(*opt.flags, dest=opt.dest, action="append", default=None, metavar=opt.metavar,
+            parser.add_argument(*opt.flags, dest=opt.cli_key, action="append", default=None, metavar=opt.metavar,
                                 help=help_text)
         else:
-            parser.add_argument(*opt.flags, dest=opt.dest, type=opt.kind, default=None, choices=opt.choices,
-                                metavar=opt.metavar, help=help_text)
+            # Parsed as text; `from_sources` converts it, so bad values are reported the same way as env values.
+            parser.add_argument(*opt.flags, dest=opt.cli_key, default=None, choices=opt.choices,
+                                metavar=opt.metavar or opt.dest.upper(), help=help_text)
 
 
 def option_table() -> list[tuple[str, str, str]]:

@@ -162,9 +162,9 @@ class _Call:
         gen = self.state.engine.generate(self.rid, prompt, params)
         self.state.metrics.in_flight.inc()
         try:
-            first = await gen.__anext__()  # engine-side rejections surface here, before any byte is sent
-        except StopAsyncIteration:
-            first = None
+            # Engine-side rejections surface here, before any byte is sent; a client that leaves while the request
+            # waits for its first token aborts it too.
+            first = await _until_disconnect(self.request, _first_or_none(gen))
         except BaseException as exc:
             self.state.metrics.in_flight.dec()
             await _close(gen)
@@ -342,8 +342,15 @@ async def _close(gen: Any) -> None:
             log.debug("closing a finished generation failed", exc_info=True)
 
 
-async def _until_disconnect(request: Request, work: Any) -> None:
-    """Run `work`; if the client disconnects first, cancel it and raise RequestAborted."""
+async def _first_or_none(gen: AsyncIterator[Any]) -> Any:
+    try:
+        return await gen.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _until_disconnect(request: Request, work: Any) -> Any:
+    """Run `work` and return its result; if the client disconnects first, cancel it and raise RequestAborted."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -356,8 +363,7 @@ async def _until_disconnect(request: Request, work: Any) -> None:
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
-            task.result()
-            return
+            return task.result()
         task.cancel()
         raise RequestAborted("client disconnected")
     finally:

@@ -44,6 +44,12 @@ def test_model_positional_and_llama_server_style() -> None:
     assert ServerConfig.from_sources(_parse([]), environ={"AUTOGLM_MODEL": "/env/m"}).model == "/env/m"
 
 
+def test_limit_mm_accepts_vllm_json() -> None:
+    config = ServerConfig.from_sources(_parse(["--limit-mm-per-prompt", '{"image": 3}']), environ={})
+    assert config.limit_mm_per_prompt == 3
+    assert ServerConfig.from_sources({}, environ={"AUTOGLM_LIMIT_MM_PER_PROMPT": "5"}).limit_mm_per_prompt == 5
+
+
 def test_every_option_has_an_env_variable() -> None:
     rows = option_table()
     assert {env for _, env, _ in rows} >= {
@@ -61,3 +67,8 @@ def test_every_option_has_an_env_variable() -> None:
 def test_bad_values_name_their_source(env: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         ServerConfig.from_sources({}, environ=env)
+
+
+def test_bad_flag_values_name_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--port='x'"):
+        ServerConfig.from_sources(_parse(["--port", "x"]), environ={})
