@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -134,3 +136,25 @@ def test_greedy_32_with_paged_cache(pair: tuple[torch.nn.Module, Gemma3ForCausal
             if isinstance(m, Attention):
                 m.k_cache = m.v_cache = None
     assert out == ref
+
+
+def test_hf_safetensors_directory_loads_through_the_registry(tmp_path: Path) -> None:
+    import json
+
+    from autoglm.loader.gguf_reader import GGUFFile
+    from autoglm.loader.gguf_tokenizer import build_tokenizer
+    from autoglm.loader.hf import load_hf
+    from tests.fixtures.gguf import gemma3_to_gguf, tiny_gemma3_hf
+
+    hf = tiny_gemma3_hf(3)
+    hf.save_pretrained(tmp_path)  # transformers 5 spelling: per-layer-type rope_parameters
+    g = gemma3_to_gguf(hf, tmp_path.parent / "tok.gguf")  # only for its tokenizer
+    build_tokenizer(GGUFFile(g).metadata).backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>"}))
+    loaded = load_hf(tmp_path)
+    assert isinstance(loaded.decoder, Gemma3ForCausalLM)
+    ids = torch.tensor([2, 40, 283, 284, 285, 7, 301, 302, 12, 13, 14])
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+        got = loaded.decoder.compute_logits(loaded.decoder(ids, torch.arange(11), AttentionContext.no_cache([11])))
+    assert (ref - got).abs().max().item() <= 1e-4 * ref.abs().max().item()
