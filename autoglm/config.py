@@ -30,8 +30,12 @@ class EngineConfig:
     kv_cache_fraction: float = 0.25
     num_kv_blocks: int | None = None  # exact block count (tests, benchmarks); overrides the memory budget
     kv_cache_dtype: str = "auto"  # "auto" = the decoder's dtype
-    max_waiting: int = 1024  # waiting-queue bound; beyond it add_request raises Overloaded
-    enable_prefix_caching: bool = False  # seam only: see kv_cache.KVCacheManager
+    max_waiting: int = 1024  # waiting-queue bound; beyond it add_request raises Overloaded (HTTP 429)
+    # On by default: a hit reuses K/V computed from the same tokens and media (same results, tested); cached blocks
+    # sit in the free list and are evicted oldest-first, so caching costs no memory; scoring bypasses it.
+    enable_prefix_caching: bool = True
+    encoder_cache_memory: int = 256 * 2**20  # bytes of encoder outputs kept by media content hash; 0 = off
+    request_timeout: float | None = None  # seconds from arrival; past it a request ends with RequestTimeout
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
@@ -39,6 +43,11 @@ class EngineConfig:
                 raise InvalidRequest(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}", param=name)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequest(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.encoder_cache_memory < 0:
+            raise InvalidRequest(f"EngineConfig.encoder_cache_memory must be >= 0, got {self.encoder_cache_memory}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise InvalidRequest(f"EngineConfig.request_timeout must be > 0 seconds, got {self.request_timeout}",
+                                 param="request_timeout")
         if not 0 < self.kv_cache_fraction <= 1:
             raise InvalidRequest(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 

@@ -106,3 +106,10 @@ class RequestAborted(AutoGLMError):
 
     status = 499
     error_type = "request_aborted"
+
+
+class RequestTimeout(AutoGLMError):
+    """A request ran past its time limit (`request_timeout`); it was ended and its KV blocks freed."""
+
+    status = 504
+    error_type = "timeout_error"

@@ -4,6 +4,10 @@ The loop thread is the only one that touches the `Engine`: adds and aborts from 
 the loop drains before every step (kernels release the GIL, so the event loop stays responsive meanwhile). Outputs go
 back with `loop.call_soon_threadsafe`. Closing or cancelling a request's iterator aborts it, which frees its KV
 blocks at the loop's next turn.
+
+Backpressure: beyond `max_waiting` queued requests `add_request` raises Overloaded (429); a request past its
+`request_timeout` ends with RequestTimeout. `drain(grace)` (SIGTERM): new requests get ServiceUnavailable (503),
+admitted ones run on until the grace period ends, then each still open ends with a ServiceUnavailable error.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +24,7 @@ from autoglm.engine.engine import Engine, RequestOutput
 from autoglm.engine.prompt import PromptInputs
 from autoglm.engine.request import Request
 from autoglm.engine.sampling_params import SamplingParams
-from autoglm.errors import AutoGLMError, InvalidRequest, Overloaded, RequestAborted
+from autoglm.errors import AutoGLMError, InvalidRequest, Overloaded, RequestAborted, ServiceUnavailable
 
 log = logging.getLogger("autoglm.engine")
 
@@ -79,6 +84,10 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self.num_finished = 0
         self.num_aborted = 0
+        self.num_rejected = 0  # Overloaded / draining refusals
+        self.num_drain_aborted = 0  # ended by the end of a drain's grace period
+        self._drain_deadline: float | None = None  # time.monotonic(); set once by begin_drain
+        self._drain_grace = 0.0
         self.last_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="autoglm-engine", daemon=True)
         if start:
@@ -101,13 +110,19 @@ class AsyncEngine:
         Must be called from a running event loop; outputs are delivered to it."""
         if self._stop.is_set():
             raise RequestAborted("the engine is shutting down")
+        if self._drain_deadline is not None:
+            self.num_rejected += 1
+            raise ServiceUnavailable("the server is shutting down (draining) and admits no new requests; "
+                                     "retry on another instance or after the restart", code="draining")
         req: Request = self.engine.make_request(request_id, prompt, params, **kw)
         with self._lock:
             if request_id in self._active:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
             # approximate (read from another thread) but only ever conservative by the inbox size
             if len(self._active) - len(self.engine.scheduler.running) >= self.engine.config.max_waiting:
-                raise Overloaded(f"the waiting queue is full ({self.engine.config.max_waiting} requests); retry later")
+                self.num_rejected += 1
+                raise Overloaded(f"the waiting queue is full ({self.engine.config.max_waiting} requests); retry later",
+                                 code="queue_full")
             self._active.add(request_id)
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self._inbox.put(("add", req, stream))
@@ -135,9 +150,40 @@ class AsyncEngine:
         s.update(
             requests_finished=self.num_finished,
             requests_aborted=self.num_aborted,
+            requests_rejected=self.num_rejected,
+            requests_drain_aborted=self.num_drain_aborted,
+            in_flight=self.num_in_flight,
+            draining=self.draining,
             alive=self._thread.is_alive(),
         )
         return s
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def begin_drain(self, grace_seconds: float) -> None:
+        """Thread- and signal-safe, idempotent: stop admitting now; end what is still open after `grace_seconds`."""
+        if self._drain_deadline is None:
+            self._drain_grace = max(0.0, grace_seconds)
+            self._drain_deadline = time.monotonic() + self._drain_grace
+            log.info("draining: no new requests; %d in flight get %.1f s to finish", self.num_in_flight,
+                     self._drain_grace)
+        self._wake.set()
+
+    async def drain(self, grace_seconds: float) -> bool:
+        """`begin_drain`, then wait until every admitted request has ended (finished, or ended at the deadline).
+        -> True when all of them finished within the grace period."""
+        self.begin_drain(grace_seconds)
+        aborted_before = self.num_drain_aborted
+        while self.num_in_flight and self._thread.is_alive():
+            await asyncio.sleep(0.02)
+        return self.num_drain_aborted == aborted_before
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
@@ -159,6 +205,8 @@ class AsyncEngine:
                     self._wake.wait(_IDLE_WAIT_S)
                 self._wake.clear()
                 self._drain_inbox()
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                    self._end_drain()
                 if self.engine.has_unfinished():
                     self._step()
         finally:
@@ -203,6 +251,12 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
+            if out.error is not None:  # the engine ended it (timeout): blocks are already free
+                self.num_aborted += 1
+                stream._put(out.error)
+                self._streams.pop(out.request_id, None)
+                self._release(out.request_id)
+                continue
             if not stream._put(out) or stream.finished and not out.finished:
                 if self.engine.abort(out.request_id) is not None:  # nobody is reading
                     self.num_aborted += 1
@@ -213,6 +267,18 @@ class AsyncEngine:
                 self.num_finished += 1
                 self._streams.pop(out.request_id, None)
                 self._release(out.request_id)
+
+    def _end_drain(self) -> None:
+        if not self._streams and self._inbox.empty():
+            return
+        n = len(self._streams)
+        self.num_drain_aborted += n
+        self.num_aborted += n
+        log.warning("drain grace period (%.1f s) over: ending %d open request(s)", self._drain_grace, n)
+        self._finish_all(ServiceUnavailable(
+            f"the server shut down before this request finished (drain grace period {self._drain_grace:g} s)",
+            code="shutdown",
+        ))
 
     def _finish_all(self, error: BaseException) -> None:
         for rid, stream in list(self._streams.items()):

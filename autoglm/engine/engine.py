@@ -4,6 +4,7 @@
 A step: the scheduler picks tokens for this step -> the runner packs, runs and samples -> each sampled token goes
 through the request's detokenizer (never half a UTF-8 character), its reasoning splitter (tag tokens dropped) and
 stop checks (stop ids are never emitted; stop strings are cut exactly) -> finished requests free their KV blocks.
+Before scheduling, requests past their deadline (`request_timeout`) are ended with a `RequestTimeout` error output.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from autoglm.engine.runner import ModelRunner, decoder_dtype_device, kv_bytes_pe
 from autoglm.engine.sampler import TokenLogprob
 from autoglm.engine.sampling_params import SamplingParams
 from autoglm.engine.scheduler import Scheduler
-from autoglm.errors import ContextTooLong, InvalidRequest, Overloaded
+from autoglm.errors import AutoGLMError, ContextTooLong, InvalidRequest, Overloaded, RequestTimeout
 from autoglm.models.loaded import LoadedModel
 from autoglm.tokenizer.detokenizer import IncrementalDetokenizer
 from autoglm.tokenizer.reasoning import ReasoningSplitter, ReasoningTokens
@@ -49,6 +50,7 @@ class RequestOutput:
     prompt_logits: torch.Tensor | None = None  # [P, V] float32, only for score requests once finished
     first_token_time: float | None = None
     arrival_time: float | None = None
+    error: AutoGLMError | None = None  # set when the engine ended the request (timeout): raise it to the client
 
 
 class Engine:
@@ -78,19 +80,30 @@ class Engine:
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
         self.runner = ModelRunner(
-            model, num_blocks=num_blocks, block_size=config.block_size, kv_cache_dtype=config.kv_cache_dtype
+            model, num_blocks=num_blocks, block_size=config.block_size, kv_cache_dtype=config.kv_cache_dtype,
+            encoder_cache_memory=config.encoder_cache_memory,
         )
         self.requests: dict[str, Request] = {}
         self.num_generated_tokens = 0
+        self.num_timeouts = 0
+        self._has_deadlines = False  # skip the per-step deadline scan until some request has one
         self.num_steps = 0
         self._eos = frozenset(model.eos_token_ids)
         self._reasoning_tokens = ReasoningTokens.from_tokenizer(model.tokenizer)
 
     # --- requests -------------------------------------------------------------------------------------------------
     def make_request(
-        self, request_id: str, prompt: PromptInputs, params: SamplingParams, *, return_prompt_logits: bool = False
+        self,
+        request_id: str,
+        prompt: PromptInputs,
+        params: SamplingParams,
+        *,
+        return_prompt_logits: bool = False,
+        timeout: float | None = None,
     ) -> Request:
-        """Validate and build a request without touching engine state (safe from any thread)."""
+        """Validate and build a request without touching engine state (safe from any thread).
+
+        timeout: seconds from now until the request is ended with RequestTimeout (default: `request_timeout`)."""
         n_prompt = len(prompt.token_ids)
         if n_prompt == 0:
             raise InvalidRequest("the prompt is empty", param="messages")
@@ -115,8 +128,11 @@ class Engine:
         max_tokens = params.max_tokens if params.max_tokens is not None else n_max - n_prompt
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
+        timeout = timeout if timeout is not None else self.config.request_timeout
+        if timeout is not None and timeout <= 0:
+            raise InvalidRequest(f"timeout must be > 0 seconds, got {timeout}", param="timeout")
         tok = self.model.tokenizer
-        return Request(
+        req = Request(
             request_id=request_id,
             prompt=prompt,
             params=params,
@@ -129,6 +145,9 @@ class Engine:
                                         special_ids=tok.special_ids),
             return_prompt_logits=return_prompt_logits,
         )
+        if timeout is not None:
+            req.deadline = req.arrival_time + timeout
+        return req
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -137,6 +156,7 @@ class Engine:
             raise Overloaded(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
         self.requests[request.request_id] = request
         self.scheduler.add(request)
+        self._has_deadlines = self._has_deadlines or request.deadline is not None
 
     def add_request(
         self, request_id: str, prompt: PromptInputs, params: SamplingParams | None = None, **kw: Any
@@ -153,14 +173,32 @@ class Engine:
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         return self._output(req, [], "", "", [])
 
+    def expire(self, now: float | None = None) -> list[RequestOutput]:
+        """End every request past its deadline (blocks freed); their outputs carry a RequestTimeout `error`."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for req in [r for r in self.requests.values() if r.deadline is not None and r.deadline <= now]:
+            final = self.abort(req.request_id)
+            assert final is not None
+            limit = req.deadline - req.arrival_time  # type: ignore[operator]
+            final.error = RequestTimeout(
+                f"request {req.request_id} timed out after {limit:g} s ({req.num_generated} tokens generated)",
+                param="timeout",
+            )
+            self.num_timeouts += 1
+            out.append(final)
+        self._has_deadlines = any(r.deadline is not None for r in self.requests.values())
+        return out
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        expired = self.expire() if self._has_deadlines else []
         batch = self.scheduler.schedule()
         if not batch.requests:
-            return []
+            return expired
         sampled = self.runner.run(batch)
         self.num_steps += 1
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
@@ -172,7 +210,7 @@ class Engine:
             if req.media_embeds and not req.is_prefilling:
                 req.media_embeds.clear()  # cached only until the prompt's slots are in the KV cache
         now = time.monotonic()
-        outputs = []
+        outputs = expired
         for req, token, logprob in sampled:
             outputs.append(self._process_token(req, token, logprob, now))
         return outputs
@@ -237,7 +275,9 @@ class Engine:
             arrival_time=req.arrival_time,
         )
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        queried = self.scheduler.num_prefix_query_tokens
+        enc = self.runner.encoder_cache
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -248,7 +288,15 @@ class Engine:
             "kv_cache_bytes": self.kv_cache_bytes,
             "tokens_generated": self.num_generated_tokens,
             "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_enabled": self.kv.enable_prefix_caching,
             "prefix_cache_hit_tokens": self.scheduler.num_cached_tokens,
+            "prefix_cache_query_tokens": queried,
+            "prefix_cache_hit_rate": self.scheduler.num_cached_tokens / queried if queried else 0.0,
+            "encoder_runs": self.runner.num_encoder_runs,
+            "encoder_cache_hits": enc.hits,
+            "encoder_cache_items": len(enc),
+            "encoder_cache_bytes": enc.bytes,
+            "timeouts": self.num_timeouts,
             "steps": self.num_steps,
             "max_model_len": self.max_model_len,
         }

@@ -114,6 +114,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: chained hash per full block
 
     arrival_time: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() past which the request is ended (request_timeout)
     first_token_time: float | None = None
     last_token_time: float | None = None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from autoglm.engine.encoder_cache import EncoderCache
 from autoglm.engine.request import Request
 from autoglm.engine.sampler import Sampler, SamplingRow, TokenLogprob
 from autoglm.engine.scheduler import ScheduledBatch
@@ -44,7 +45,15 @@ def kv_bytes_per_block(model: LoadedModel, block_size: int, dtype: torch.dtype) 
 
 
 class ModelRunner:
-    def __init__(self, model: LoadedModel, *, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        num_blocks: int,
+        block_size: int,
+        kv_cache_dtype: str = "auto",
+        encoder_cache_memory: int = 0,
+    ) -> None:
         self.model = model
         self.decoder = model.decoder
         self.block_size = block_size
@@ -57,10 +66,13 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=dev)
             attn.v_cache = torch.zeros(shape, dtype=cache_dtype, device=dev)
         self.sampler = Sampler()
+        self.encoder_cache = EncoderCache(encoder_cache_memory)
+        self.num_encoder_runs = 0  # encoder calls (one per media item not found in any cache)
 
     def release(self) -> None:
         for attn in self.layers:
             attn.k_cache = attn.v_cache = None
+        self.encoder_cache.clear()
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[tuple[Request, int, TokenLogprob | None]]:
@@ -123,18 +135,33 @@ class ModelRunner:
         return torch.cat(positions).to(self.device)  # [T]
 
     def _media_rows(self, req: Request, lo: int, hi: int, packed_start: int) -> list[tuple[int, Tensor]]:
-        """Embedding rows of the request's media items that overlap tokens [lo, hi), encoding each item once."""
+        """Embedding rows of the request's media items that overlap tokens [lo, hi), encoding each item once.
+
+        An item whose span crosses a chunk boundary is encoded at its first chunk and sliced for each chunk; its
+        rows stay on the request until its prompt is prefilled (the engine then drops them)."""
         out = []
         for k, item in enumerate(req.prompt.media):
             a, b = item.offset, item.offset + item.n_slots
             if b <= lo or a >= hi:
                 continue
             if k not in req.media_embeds:
-                req.media_embeds[k] = self._encode(item)
+                req.media_embeds[k] = self._cached_encode(item)
             emb = req.media_embeds[k]  # [n_slots, D]
             s, e = max(a, lo), min(b, hi)
             out.append((packed_start + s - lo, emb[s - a : e - a]))
         return out
+
+    def _cached_encode(self, item: object) -> Tensor:
+        from autoglm.engine.prompt import MediaItem
+
+        assert isinstance(item, MediaItem)
+        if self.encoder_cache.max_bytes <= 0:
+            return self._encode(item)
+        emb = self.encoder_cache.get(item.modality, item.inputs.content_hash)
+        if emb is None:
+            emb = self._encode(item)
+            self.encoder_cache.put(item.modality, item.inputs.content_hash, emb)
+        return emb
 
     def _encode(self, item: object) -> Tensor:
         from autoglm.engine.prompt import MediaItem
@@ -146,6 +173,7 @@ class ModelRunner:
 
             raise UnsupportedModality(f"no {item.modality} encoder is loaded for this model")
         emb = encoder.encode(item.inputs)
+        self.num_encoder_runs += 1
         if emb.shape[0] != item.n_slots:
             raise RuntimeError(f"{item.modality} encoder returned {emb.shape[0]} rows for {item.n_slots} slots")
         return emb.to(self.device, self.dtype)

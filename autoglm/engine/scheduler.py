@@ -45,6 +45,7 @@ class Scheduler:
         self.running: list[Request] = []  # arrival (admission) order: newest last
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.num_prefix_query_tokens = 0  # tokens looked up in the prefix cache at admission (hit-rate denominator)
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -95,6 +96,8 @@ class Scheduler:
             self.waiting.popleft()
             self.kv.share(req.block_table, matched)
             req.num_computed_tokens = len(matched) * self.kv.block_size
+            if self.kv.enable_prefix_caching and not req.return_prompt_logits:
+                self.num_prefix_query_tokens += req.num_tokens
             req.num_cached_tokens += req.num_computed_tokens
             self.num_cached_tokens += req.num_computed_tokens
             n = min(req.num_tokens - req.num_computed_tokens, budget)
