@@ -133,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class RequestIdMiddleware:
-    """Gives every HTTP request an id (`x-request-id` in, else a fresh one), echoes it on the response, and turns
+    """Gives every HTTP request a fresh id, returns it in the `x-request-id` header, and turns
     an unhandled exception into an OpenAI-shaped 500 that leaks nothing but the id (the traceback is logged)."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -143,8 +143,8 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        rid = incoming if 0 < len(incoming) <= 64 and incoming.replace("-", "").isalnum() else new_request_id()
+        # Always our own id: it also names the engine request, so a client-sent one could collide.
+        rid = new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         started = False
 

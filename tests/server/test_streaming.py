@@ -123,3 +123,29 @@ def test_non_streaming_disconnect_aborts(server: ServerProcess) -> None:
         time.sleep(0.1)
     assert engine["running"] == 0 and engine["kv_blocks_used"] == 0
     assert any(r["status"] == 499 and not r["stream"] for r in _engine(server)["recent"])
+
+
+def test_concurrent_requests_equal_their_solo_replies(server: ServerProcess) -> None:
+    """Requests batched together by the engine give the same greedy replies as each alone."""
+    import asyncio
+
+    prompts = ["Open Chrome", "打开微信", "What is on the screen?", "Scroll down twice"]
+    params = dict(model=SERVED_NAMES[0], max_tokens=12, temperature=0, extra_body={"repetition_penalty": 1.0})
+    solo = openai.OpenAI(base_url=server.v1, api_key="EMPTY", max_retries=0, timeout=120)
+    expected = [solo.chat.completions.create(messages=[{"role": "user", "content": p}], **params)
+                .choices[0].message.content for p in prompts]
+
+    async def together() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.v1, api_key="EMPTY", max_retries=0, timeout=120)
+
+        async def one(p: str) -> str:
+            stream = await client.chat.completions.create(messages=[{"role": "user", "content": p}], stream=True,
+                                                          **params)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        try:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+        finally:
+            await client.close()
+
+    assert asyncio.run(together()) == expected
