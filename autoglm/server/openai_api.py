@@ -149,7 +149,7 @@ class _Call:
                 f"This model's maximum context length is {max_len} tokens. However, you requested "
                 f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the messages, {params.max_tokens} in the "
                 "completion). Please reduce the length of the messages or completion.",
-                param="max_tokens" if params.max_tokens > max_len - 1 or n_prompt < max_len else "messages",
+                param="max_tokens",
             )
         if n_prompt >= max_len:
             raise ContextTooLong(
