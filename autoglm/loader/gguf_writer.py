@@ -106,19 +106,10 @@ def neox_permute(w: Tensor, head_dim: int, rotary_dim: int) -> Tensor:
     """Rows of q/k (weight [H*hd, D] or bias [H*hd]): per head, rotary pairs (0,1),(2,3).. -> halves (0,2,..|1,3,..).
 
     HF's GLM-4.1V rotates interleaved pairs; llama.cpp's M-RoPE rotates NeoX halves, so the converter reorders the
-    rows once and the two agree (the inverse is `neox_unpermute`)."""
+    rows once and the two agree (the GGUF loader undoes it: `gguf_names.neox_to_interleaved_rows`)."""
     rows = w.reshape(-1, head_dim, *w.shape[1:])  # [H, hd, ...]
     rot, rest = rows[:, :rotary_dim], rows[:, rotary_dim:]
     return torch.cat([rot[:, 0::2], rot[:, 1::2], rest], dim=1).reshape(w.shape)
-
-
-def neox_unpermute(w: Tensor, head_dim: int, rotary_dim: int) -> Tensor:
-    """Inverse of `neox_permute` (for loaders that run the interleaved rotary)."""
-    rows = w.reshape(-1, head_dim, *w.shape[1:])
-    half = rotary_dim // 2
-    out = rows.clone()
-    out[:, 0:rotary_dim:2], out[:, 1:rotary_dim:2] = rows[:, :half], rows[:, half:rotary_dim]
-    return out.reshape(w.shape)
 
 
 # --- planning -------------------------------------------------------------------------------------------------
@@ -445,4 +436,4 @@ def _mix(outtype: str) -> QuantMix:
     return QuantMix.parse(outtype)
 
 
-__all__ = ["OUTTYPES", "convert_mmproj", "convert_text", "neox_permute", "neox_unpermute"]
+__all__ = ["OUTTYPES", "convert_mmproj", "convert_text", "neox_permute"]
