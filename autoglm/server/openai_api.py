@@ -53,6 +53,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    arrival = time.monotonic()  # TTFT counts prompt building and image decoding too
     state = get_state(request)
     rid = request_id_of(request)
     name = state.resolve_model_name(body.model)
@@ -72,12 +73,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         build_chat_prompt, model, messages, enable_thinking=thinking, chat_template_kwargs=kwargs,
         content_format="string", image_loader=state.media.load,
     )
-    call = _Call(state, request, rid, "chat", name, body.stream, body.include_usage, mode)
+    call = _Call(state, request, rid, "chat", name, body.stream, body.include_usage, mode, arrival)
     return await call.run(prompt, params, chat=True)
 
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    arrival = time.monotonic()
     state = get_state(request)
     rid = request_id_of(request)
     name = state.resolve_model_name(body.model)
@@ -89,7 +91,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     from autoglm.engine.prompt import build_text_prompt
 
     prompt = await asyncio.to_thread(build_text_prompt, model, prompt_in)
-    call = _Call(state, request, rid, "completions", name, body.stream, body.include_usage, "merged")
+    call = _Call(state, request, rid, "completions", name, body.stream, body.include_usage, "merged", arrival)
     return await call.run(prompt, params, chat=False)
 
 
@@ -118,7 +120,7 @@ class _Call:
     """One completion request in flight: drives the engine, formats chunks, records metrics."""
 
     def __init__(self, state: ServerState, request: Request, rid: str, endpoint: str, model_name: str,
-                 stream: bool, include_usage: bool, mode: str) -> None:
+                 stream: bool, include_usage: bool, mode: str, arrival: float) -> None:
         self.state = state
         self.request = request
         self.rid = rid
@@ -127,8 +129,8 @@ class _Call:
         self.stream = stream
         self.include_usage = include_usage
         self.formatter = ReasoningFormatter(mode)
-        self.arrival = time.monotonic()
-        self.started_wall = time.time()
+        self.arrival = arrival
+        self.started_wall = time.time() - (time.monotonic() - arrival)
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.created = int(self.started_wall)
