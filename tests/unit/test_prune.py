@@ -92,8 +92,7 @@ def test_pruned_checkpoint_equals_masked_original(
                 drop[report.kept[int(name.split(".")[-2])]] = False
                 mod.down_proj.weight[:, drop] = 0.0
     torch.testing.assert_close(ours, _forward_logits(original, ids), rtol=1e-4, atol=1e-4)
-    if arch == "glm4":  # (our Gemma 3 parity with transformers is tested in tests/models)
-        torch.testing.assert_close(ours, pruned_hf, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, pruned_hf, rtol=1e-4, atol=1e-4)
 
 
 def test_kept_channels_are_top_scored(tiny_glm4_dir: Path, tmp_path: Path) -> None:
