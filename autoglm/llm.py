@@ -86,6 +86,7 @@ class LLM:
         device: Any = "cpu",
         no_vision: bool = False,
         max_model_len: int | None = None,
+        quantization: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
         if isinstance(model, LoadedModel):
@@ -93,7 +94,9 @@ class LLM:
         else:
             from autoglm.loader import load_model
 
-            self.model = load_model(model, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision)
+            self.model = load_model(
+                model, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization
+            )
         self.config = EngineConfig.from_sources({"max_model_len": max_model_len, **engine_kwargs})
         self.engine = Engine(self.model, self.config)
         self._lock = threading.Lock()  # the engine is stepped by one caller at a time

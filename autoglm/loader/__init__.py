@@ -32,8 +32,12 @@ def load_model(
     dtype: str = "auto",
     device: Any = "cpu",
     no_vision: bool = False,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Load a model from an HF directory or a GGUF file (plus `mmproj` for its vision projector)."""
+    """Load a model from an HF directory or a GGUF file (plus `mmproj` for its vision projector).
+    `quantization` ("int8" | "int4") applies to HF checkpoints; GGUF weights keep their own block types."""
+    if quantization not in (None, "none", "int8", "int4"):
+        raise ModelLoadError(f"unknown quantization {quantization!r}; choose int8, int4 or none")
     if path is None:
         from autoglm.default_model import default_model_path
 
@@ -46,7 +50,7 @@ def load_model(
             raise ModelLoadError(f"--mmproj {mmproj} applies to GGUF models only; {p} is a Hugging Face directory")
         from autoglm.loader.hf import load_hf
 
-        return load_hf(p, dtype=dtype, device=device, no_vision=no_vision)
+        return load_hf(p, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization)
     if p.is_file():
         if not is_gguf(p):
             raise CorruptFile(
@@ -54,6 +58,11 @@ def load_model(
             )
         if mmproj is not None and not is_gguf(mmproj):
             raise CorruptFile(f"{mmproj}: the mmproj file is not a GGUF file")
+        if quantization not in (None, "none"):
+            raise ModelLoadError(
+                f"--quantization {quantization} applies to Hugging Face checkpoints; {p} is a GGUF file whose "
+                "weights are already quantized (use `autoglm quantize` to change their type)"
+            )
         from autoglm.loader.gguf import load_gguf
 
         return load_gguf(p, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision)

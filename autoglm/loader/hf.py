@@ -201,9 +201,14 @@ def load_hf(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | dict[str, Any] = "cpu",
     no_vision: bool = False,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load an HF model directory. dtype: "auto" | "float32" | "bfloat16" | "float16"; device: a device or
-    {"decoder": ..., "vision": ...}; no_vision skips the vision tower (its tensors are read past, not loaded)."""
+    {"decoder": ..., "vision": ...}; no_vision skips the vision tower (its tensors are read past, not loaded);
+    quantization "int8" | "int4" quantizes the decoder's linear layers after loading (a checkpoint that records a
+    `quantization_config` is loaded quantized as recorded)."""
+    from autoglm.quant.apply import apply_quantization, finalize_quantization, quantization_from_config
+
     t0 = time.perf_counter()
     root = Path(path)
     if not root.is_dir():
@@ -225,6 +230,9 @@ def load_hf(
         raise ConfigError(f"{root / 'config.json'}: {e.message}", param=e.param) from e
 
     vp = spec.vision_prefix
+    recorded = quantization_from_config(config, source=str(root / "config.json"))
+    if recorded is not None:  # pre-quantized checkpoint: quantized shells are filled by name
+        apply_quantization(model, recorded)
 
     def is_vision(name: str) -> bool:
         return vp is not None and name.startswith(vp)
@@ -244,6 +252,11 @@ def load_hf(
         drop=(lambda n: is_vision(n)) if no_vision else None,
         group_of=lambda n: "vision" if is_vision(n) else "decoder",
     )
+    if quantization not in (None, "none") and recorded is None:
+        # Float checkpoint quantized on load, layer by layer: peak memory is the float weights (say so in docs).
+        apply_quantization(model, quantization, vision_prefix=vp)
+    if recorded is not None or quantization not in (None, "none"):
+        finalize_quantization(model)
     model.eval()
 
     tokenizer, chat_template = _load_tokenizer(root)
