@@ -38,13 +38,14 @@ def gemma(gemma_path: Path) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def our_top1(gemma: LoadedModel) -> list[list[int]]:
-    out = []
+    prompts = [p["ids"] for p in _golden("gemma3_top1.json")["prompts"]]
+    lens = [len(p) for p in prompts]
+    # one packed forward for all prompts: the quantized weights are decoded once, not once per prompt
+    ids = torch.tensor([i for p in prompts for i in p])
+    pos = torch.cat([torch.arange(n) for n in lens])
     with torch.no_grad():
-        for p in _golden("gemma3_top1.json")["prompts"]:
-            ids = torch.tensor(p["ids"])
-            h = gemma.decoder(ids, torch.arange(len(ids)), AttentionContext.no_cache([len(ids)]))
-            out.append(gemma.decoder.compute_logits(h).argmax(-1).tolist())
-    return out
+        top = gemma.decoder.compute_logits(gemma.decoder(ids, pos, AttentionContext.no_cache(lens))).argmax(-1)
+    return [t.tolist() for t in top.split(lens)]
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]:
@@ -88,11 +89,15 @@ def transformers_model(gemma_path: Path) -> torch.nn.Module:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    cfg = load_gguf_checkpoint(str(gemma_path), return_tensors=False)["config"]
-    config = Gemma3TextConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "_model_name_or_path")})
+    from autoglm.loader.gguf_reader import GGUFFile
+
+    # the name map only needs the parameter names, i.e. the layer count; one pass then returns config + tensors
+    n_layers = int(GGUFFile(gemma_path).metadata["gemma3.block_count"])
     with torch.device("meta"):
-        skeleton = Gemma3ForCausalLM(config)
+        skeleton = Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=n_layers))
     sd = load_gguf_checkpoint(str(gemma_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32)
+    cfg = sd["config"]
+    config = Gemma3TextConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "_model_name_or_path")})
     model = Gemma3ForCausalLM(config).eval()
     model.load_state_dict(sd["tensors"], strict=False)
     model.tie_weights()
