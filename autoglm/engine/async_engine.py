@@ -247,26 +247,32 @@ class AsyncEngine:
             self.last_error = e
             self._finish_all(e)
             return
+        # Bookkeeping before the last item is handed over: a client that sees its request end sees it released.
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             if out.error is not None:  # the engine ended it (timeout): blocks are already free
                 self.num_aborted += 1
+                self._streams.pop(out.request_id, None)
+                self._release(out.request_id)
                 stream._put(out.error)
-                self._streams.pop(out.request_id, None)
-                self._release(out.request_id)
                 continue
-            if not stream._put(out) or stream.finished and not out.finished:
-                if self.engine.abort(out.request_id) is not None:  # nobody is reading
-                    self.num_aborted += 1
-                self._streams.pop(out.request_id, None)
-                self._release(out.request_id)
+            if stream.finished and not out.finished:  # closed by its reader
+                self._abort_unread(out.request_id)
                 continue
             if out.finished:
                 self.num_finished += 1
                 self._streams.pop(out.request_id, None)
                 self._release(out.request_id)
+            if not stream._put(out) and not out.finished:  # its event loop is gone: nobody is reading
+                self._abort_unread(out.request_id)
+
+    def _abort_unread(self, request_id: str) -> None:
+        if self.engine.abort(request_id) is not None:
+            self.num_aborted += 1
+        self._streams.pop(request_id, None)
+        self._release(request_id)
 
     def _end_drain(self) -> None:
         if not self._streams and self._inbox.empty():
@@ -283,8 +289,8 @@ class AsyncEngine:
     def _finish_all(self, error: BaseException) -> None:
         for rid, stream in list(self._streams.items()):
             self.engine.abort(rid)
-            stream._put(error)
             self._release(rid)
+            stream._put(error)
         self._streams.clear()
         while True:  # requests still in the inbox
             try:

@@ -6,7 +6,9 @@ Each step is a token budget (`max_num_batched_tokens`) shared by the running req
    preempts the newest running request (its blocks are freed; it goes back to the front of the waiting queue and is
    recomputed later), or itself when it is the newest.
 2. waiting requests in order while there is budget, a batch slot (`max_num_seqs`) and KV blocks for their whole
-   remaining prompt (so admitted prompts are not preempted by their own prefill).
+   remaining prompt (so admitted prompts are not preempted by their own prefill). With prefix caching, a request
+   whose next uncached block is being prefilled by a running request waits for it (FIFO, usually one step) and then
+   shares it: N phone agents arriving together with the same system prompt compute it once, not N times.
 A request's scheduled tokens are `num_tokens - num_computed_tokens` (capped by the budget): the whole prompt,
 the rest of a chunked prompt, a recompute after preemption, or the single last token when decoding.
 """
@@ -45,6 +47,7 @@ class Scheduler:
         self.running: list[Request] = []  # arrival (admission) order: newest last
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.num_prefix_waits = 0  # admissions held back a step to share a block being prefilled
         self.num_prefix_query_tokens = 0  # tokens looked up in the prefix cache at admission (hit-rate denominator)
 
     def add(self, request: Request) -> None:
@@ -88,9 +91,16 @@ class Scheduler:
             scheduled.add(req.request_id)
             budget -= n
         # admission: only when nothing was preempted this step (the cache is full) and in strict FIFO order
+        pending: set[bytes] | None = None  # hashes of prompt blocks running requests have yet to compute
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             req = self.waiting[0]
             matched = self._cached_prefix(req)
+            if self.kv.enable_prefix_caching and not req.return_prompt_logits:
+                pending = self._pending_prefix_hashes() if pending is None else pending
+                hashes = req.full_block_hashes(req.num_tokens - 1, self.kv.block_size)  # as _cached_prefix
+                if len(matched) < len(hashes) and hashes[len(matched)] in pending:
+                    self.num_prefix_waits += 1
+                    break
             if not self.kv.can_allocate_with_prefix(matched, req.num_tokens):
                 break
             self.waiting.popleft()
@@ -107,6 +117,8 @@ class Scheduler:
             batch.requests.append(req)
             batch.num_new_tokens.append(n)
             budget -= n
+            if pending is not None:  # its prompt blocks are now being prefilled too
+                pending.update(self._uncomputed_hashes(req))
         return batch
 
     def _cached_prefix(self, req: Request) -> list[int]:
@@ -114,6 +126,18 @@ class Scheduler:
             return []
         # at least the last token is computed: its logits give the next token
         return self.kv.match_prefix(req.full_block_hashes(req.num_tokens - 1, self.kv.block_size))
+
+    def _pending_prefix_hashes(self) -> set[bytes]:
+        out: set[bytes] = set()
+        for r in self.running:
+            out.update(self._uncomputed_hashes(r))
+        return out
+
+    def _uncomputed_hashes(self, r: Request) -> list[bytes]:
+        if not r.is_prefilling or r.return_prompt_logits:
+            return []
+        bs = self.kv.block_size
+        return r.full_block_hashes(r.num_prompt_tokens, bs)[r.num_computed_tokens // bs :]
 
     def _newest_unscheduled(self, scheduled: set[str]) -> Request:
         # Running requests are visited oldest first, so the newest ones are not scheduled yet (or it is `req` itself).
