@@ -87,6 +87,7 @@ class LLM:
         no_vision: bool = False,
         max_model_len: int | None = None,
         quantization: str | None = None,
+        chat_template: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
         if isinstance(model, LoadedModel):
@@ -95,7 +96,8 @@ class LLM:
             from autoglm.loader import load_model
 
             self.model = load_model(
-                model, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization
+                model, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization,
+                chat_template=chat_template,
             )
         self.config = EngineConfig.from_sources({"max_model_len": max_model_len, **engine_kwargs})
         self.engine = Engine(self.model, self.config)

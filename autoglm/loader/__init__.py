@@ -7,13 +7,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from autoglm.errors import CorruptFile, ModelLoadError
+from autoglm.errors import ConfigError, CorruptFile, ModelLoadError
 from autoglm.models.loaded import LoadedModel
 
 GGUF_MAGIC = b"GGUF"
+log = logging.getLogger("autoglm.loader")
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -33,9 +35,43 @@ def load_model(
     device: Any = "cpu",
     no_vision: bool = False,
     quantization: str | None = None,
+    chat_template: str | None = None,
 ) -> LoadedModel:
     """Load a model from an HF directory or a GGUF file (plus `mmproj` for its vision projector).
-    `quantization` ("int8" | "int4") applies to HF checkpoints; GGUF weights keep their own block types."""
+    `quantization` ("int8" | "int4") applies to HF checkpoints; GGUF weights keep their own block types.
+    `chat_template` (a Jinja file path or template text) replaces the model's own template; a model with none
+    gets ChatML, as llama-server does, with a warning."""
+    model = _load(path, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization)
+    _set_chat_template(model, chat_template)
+    return model
+
+
+def _set_chat_template(model: LoadedModel, override: str | None) -> None:
+    from autoglm.tokenizer.chat_template import CHATML_TEMPLATE, ChatTemplate
+
+    if override is not None:
+        source = override
+        if "{" not in override:  # a path, not template text
+            try:
+                source = Path(override).expanduser().read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"--chat-template {override}: cannot read the template file: {e}") from e
+        model.chat_template = ChatTemplate.from_string(source, name=f"--chat-template {override[:60]}")
+    elif model.chat_template is None:
+        log.warning("%s carries no chat template; using ChatML for chat requests (like llama-server). "
+                    "Pass --chat-template to use another.", model.path or model.name)
+        model.chat_template = ChatTemplate.from_string(CHATML_TEMPLATE, name="chatml (fallback)")
+
+
+def _load(
+    path: str | Path | None,
+    *,
+    mmproj: str | Path | None,
+    dtype: str,
+    device: Any,
+    no_vision: bool,
+    quantization: str | None,
+) -> LoadedModel:
     if quantization not in (None, "none", "int8", "int4"):
         raise ModelLoadError(f"unknown quantization {quantization!r}; choose int8, int4 or none")
     if path is None:

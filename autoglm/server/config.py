@@ -39,6 +39,7 @@ class ServerConfig:
     device: str = "cpu"
     no_vision: bool = False
     quantization: str | None = None
+    chat_template: str | None = None
     max_num_seqs: int | None = None
     kv_cache_memory: int | None = None
     log_level: str = "info"
@@ -125,6 +126,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--dtype",), "dtype", str, "weight dtype: auto, float32, bfloat16, float16"),
     _Option(("--device",), "device", str, "device for the model: cpu, cuda, cuda:1, ..."),
     _Option(("--no-vision",), "no_vision", bool, "do not load the vision encoder (text-only)"),
+    _Option(("--chat-template",), "chat_template", str, "Jinja template file or text replacing the model's own"),
     _Option(("--quantization",), "quantization", str, "int8 or int4 weight-only decoder (HF checkpoints)"),
     _Option(("--max-num-seqs",), "max_num_seqs", int, "most requests decoded together"),
     _Option(("--kv-cache-memory",), "kv_cache_memory", int, "bytes for the KV cache (default: engine's choice)"),

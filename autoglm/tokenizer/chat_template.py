@@ -162,6 +162,15 @@ def _first_in(source: str, table: Iterable[str], vocab: Mapping[str, int] | None
 
 
 # --- the template --------------------------------------------------------------------------------------------------
+# llama-server's fallback for a model that carries no template (common/chat.cpp uses ChatML); we do the same.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 class NoChatTemplate(ConfigError):
     """The model directory carries no chat template at all (a base model): loaders treat this as "no template"."""
 
