@@ -288,6 +288,23 @@ def load_gguf(
     return loaded
 
 
+def dense_weights(f: GGUFFile) -> Iterator[tuple[str, Tensor]]:
+    """(our parameter name, float32 tensor) for every tensor of `f`, decoded from its block type with the
+    converter's layout changes undone (Gemma norms - 1, GLM-4.1V q/k order): the values `load_gguf` computes with.
+    For exporting a GGUF as an HF checkpoint (`autoglm.loader.gguf_export`); a tensor with no parameter raises."""
+    for info in f.tensors.values():
+        _check_supported(info, f.path)
+    model = build_decoder(f)  # on meta: only its names and config are used
+    arch = f.architecture
+    names = gguf_names_for(arch, int(_need(f, f"{arch}.block_count")), expected_tensors(model))
+    convert = _layout_fixups(f, arch, model)
+    for gname, info in f.tensors.items():
+        pname = names.get(gname)
+        if pname is None:
+            raise ModelLoadError(f"{f.path}: tensor {gname!r} has no parameter in the {arch} model", param=gname)
+        yield pname, convert(pname, _dense(f, info)).float()
+
+
 def _swap_tied_head(model: nn.Module, embd: TensorInfo) -> None:
     """A tied lm_head over a quantized embedding must read the same blocks: make it a GGUFLinear of that type."""
     head = getattr(model, "lm_head", None)

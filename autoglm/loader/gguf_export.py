@@ -1,0 +1,184 @@
+"""A GGUF file as an HF safetensors directory (dequantized): config.json, model.safetensors, tokenizer files.
+
+The weights are the values our GGUF loader computes with (`autoglm.loader.gguf.dense_weights`: decoded from their
+block type, Gemma norms shifted back by -1, GLM-4.1V q/k rows back in interleaved order), so a directory written
+here computes what the GGUF computes (up to the dtype chosen). Tools that work on HF checkpoints (pruning,
+`autoglm quantize HF_DIR`) use it to accept GGUF input.
+
+Architectures: `gemma3` -> Gemma3ForCausalLM, `glm4` -> Glm4ForCausalLM (GLM-4.1V text GGUFs have no text-only HF
+class and are refused). The tokenizer is the one built from GGUF metadata (llama.cpp's ids), saved as a `tokenizers`
+tokenizer.json plus a tokenizer_config.json naming its special tokens and the file's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoglm.errors import ConfigError, InvalidRequest, UnsupportedArchitecture
+from autoglm.loader.gguf_reader import GGUFFile
+
+GGUF_MAGIC = b"GGUF"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """True when `path` is a file starting with the GGUF magic (the content decides, never the name)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(4) == GGUF_MAGIC
+
+
+def _int_if_whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def gemma3_hf_config(cfg: Any) -> dict[str, Any]:
+    """transformers 5.x `Gemma3TextConfig` dict (model_type gemma3_text) for our `Gemma3Config`."""
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    if cfg.rope_scaling_factor != 1.0:
+        full = {"rope_type": "linear", "rope_theta": float(cfg.rope_theta), "factor": float(cfg.rope_scaling_factor)}
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": float(f"{cfg.rms_norm_eps:.7g}"),  # GGUF stores float32: 1e-6 reads as 9.99999997e-7
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_parameters": {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(cfg.rope_local_base_freq)},
+        },
+        # transformers types it int; llama.cpp derives it from head_dim (an integer) unless attention.scale says else
+        "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar),
+        "sliding_window": cfg.sliding_window,
+        "layer_types": list(cfg.layer_types),
+        "final_logit_softcapping": cfg.final_logit_softcapping,
+        "attn_logit_softcapping": None,
+        "attention_bias": bool(cfg.attention_bias),
+        "hidden_activation": cfg.hidden_activation,
+        "tie_word_embeddings": bool(cfg.tie_word_embeddings),
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    }
+
+
+def glm4_hf_config(tc: Any, source: str) -> dict[str, Any]:
+    """transformers `Glm4Config` dict for a plain GLM-4 `TextConfig` (not GLM-4.1V's M-RoPE text model)."""
+    if tc.uses_mrope:
+        raise UnsupportedArchitecture(
+            f"{source}: a GLM-4.1V text GGUF (M-RoPE) has no text-only HF architecture to export to",
+            param="glm4.rope.dimension_sections",
+        )
+    return {
+        "architectures": ["Glm4ForCausalLM"],
+        "model_type": "glm4",
+        "vocab_size": tc.vocab_size,
+        "hidden_size": tc.hidden_size,
+        "intermediate_size": tc.intermediate_size,
+        "num_hidden_layers": tc.num_hidden_layers,
+        "num_attention_heads": tc.num_attention_heads,
+        "num_key_value_heads": tc.num_key_value_heads,
+        "head_dim": tc.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": tc.rms_norm_eps,
+        "max_position_embeddings": tc.max_position_embeddings,
+        "attention_bias": bool(tc.attention_bias),
+        "tie_word_embeddings": bool(tc.tie_word_embeddings),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(tc.rope_theta),
+            "partial_rotary_factor": tc.rotary_dim / tc.head_dim,
+        },
+        "partial_rotary_factor": tc.rotary_dim / tc.head_dim,
+        "bos_token_id": tc.bos_token_id,
+        "eos_token_id": tc.eos_token_id,
+        "pad_token_id": tc.pad_token_id,
+    }
+
+
+def hf_config_of(f: GGUFFile) -> dict[str, Any]:
+    """The HF config.json dict for the GGUF's text model."""
+    from autoglm.loader.gguf import SUPPORTED_ARCHITECTURES, gemma3_config, glm4_config
+
+    arch = f.architecture
+    if arch == "gemma3":
+        return gemma3_hf_config(gemma3_config(f))
+    if arch == "glm4":
+        return glm4_hf_config(glm4_config(f), str(f.path))
+    raise UnsupportedArchitecture(
+        f"{f.path}: cannot export GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        param="general.architecture",
+    )
+
+
+def _write_tokenizer(f: GGUFFile, dst: Path) -> None:
+    from autoglm.loader.gguf_tokenizer import build_tokenizer, eos_token_ids
+
+    tok = build_tokenizer(f.metadata, source=str(f.path))
+    # the backend already carries llama.cpp's BOS/EOS post-processor and the special tokens
+    tok.backend.save(str(dst / "tokenizer.json"))
+    cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token,
+        "unk_token": None if tok.unk_token_id is None else tok.id_to_token(tok.unk_token_id),
+        "add_bos_token": tok.add_bos,
+        "clean_up_tokenization_spaces": False,
+    }
+    template = f.get("tokenizer.chat_template")
+    if template:
+        cfg["chat_template"] = str(template)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    gen: dict[str, Any] = {}
+    eos = eos_token_ids(f.metadata)
+    if eos:
+        gen["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    if tok.bos_token_id is not None:
+        gen["bos_token_id"] = tok.bos_token_id
+    keys = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p"}
+    for k, ours in keys.items():
+        v = f.get(f"general.sampling.{k}")
+        if v is not None:
+            gen[ours] = int(v) if ours == "top_k" else float(v)
+    if gen:
+        (dst / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+
+
+def export_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", shard_bytes: int = 2 << 30) -> Path:
+    """Write the GGUF file `src` as an HF model directory `dst` (created; must not hold a config.json).
+
+    Memory: one decoded tensor at a time plus the shard being written (`shard_bytes`)."""
+    from autoglm.loader.gguf import dense_weights
+    from autoglm.quant.apply import ShardedWriter
+
+    if dtype not in _DTYPES:
+        raise ConfigError(f"export dtype {dtype!r} is not supported; choose from {', '.join(_DTYPES)}", param="dtype")
+    src, dst = Path(src), Path(dst)
+    if not is_gguf_file(src):
+        raise InvalidRequest(f"{src}: not a GGUF file (no GGUF magic)", param="model")
+    if (dst / "config.json").exists():
+        raise InvalidRequest(f"{dst}: already holds a model (config.json); choose a new directory", param="output")
+    f = GGUFFile(src)
+    config = hf_config_of(f)
+    config["torch_dtype"] = dtype
+    dst.mkdir(parents=True, exist_ok=True)
+    writer = ShardedWriter(dst, shard_bytes)
+    for name, tensor in dense_weights(f):
+        writer.add(name, tensor.to(_DTYPES[dtype]))
+    writer.close()
+    (dst / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    _write_tokenizer(f, dst)
+    return dst
