@@ -12,11 +12,14 @@ from typing import Any
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "prune",
-        help="channel-prune the MLPs of an HF checkpoint (same count per layer)",
+        help="channel-prune the MLPs of an HF checkpoint or GGUF file (same count per layer)",
         description="Remove the least important MLP intermediate channels (activation-weighted magnitude on "
-        "calibration text; data-free weight norms without a tokenizer) and write an HF checkpoint.",
+        "calibration text; data-free weight norms without a tokenizer) and write an HF checkpoint. A GGUF input is "
+        "dequantized to float32 first (Gemma 3, GLM-4); the output is an HF safetensors directory either way.",
     )
-    p.add_argument("model", help="HF model directory (float weights)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="HF model directory (float weights) or GGUF file [the built-in model]"
+    )
     p.add_argument("--ratio", type=float, required=True, help="fraction of MLP channels to remove, e.g. 0.25")
     p.add_argument("-o", "--output", required=True, help="output directory (new)")
     p.add_argument("--calibration", default=None, help="text file to score channels on [built-in sample, 1st half]")
@@ -35,11 +38,16 @@ def run(args: argparse.Namespace) -> int:
     from autoglm.quant.prune import SAMPLE_TEXT, prune_checkpoint
 
     torch.set_grad_enabled(False)
+    model = args.model
+    if model is None:
+        from autoglm.default_model import default_model_path
+
+        model = str(default_model_path())
     half = len(SAMPLE_TEXT) // 2
     calib = Path(args.calibration).read_text(encoding="utf-8") if args.calibration else SAMPLE_TEXT[:half]
     evals = Path(args.eval_file).read_text(encoding="utf-8") if args.eval_file else SAMPLE_TEXT[half:]
     report = prune_checkpoint(
-        args.model,
+        model,
         args.output,
         args.ratio,
         calibration_text=calib,

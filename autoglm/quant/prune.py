@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autoglm.errors import ConfigError, InvalidRequest
+from autoglm.errors import ConfigError, InvalidRequest, ModelLoadError
 
 _MLP = re.compile(
     r"^(?P<stem>.*layers\.(?P<layer>\d+)\.mlp\.)(?P<proj>gate_up_proj|gate_proj|up_proj|down_proj)\.weight$"
@@ -45,6 +45,7 @@ class PruneReport:
     perplexity_before: float | None = None
     perplexity_after: float | None = None
     eval_tokens: int = 0
+    source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -52,7 +53,8 @@ class PruneReport:
         return d
 
     def render(self) -> str:
-        lines = [
+        lines = [f"source: {self.source}"] if self.source else []
+        lines += [
             f"criterion: {self.criterion}",
             f"intermediate_size: {self.intermediate_before} -> {self.intermediate_after} per layer "
             f"({len(self.kept)} layers, ratio {self.ratio})",
@@ -170,15 +172,31 @@ def prune_checkpoint(
     multiple_of: int = 32,
     measure: bool = True,
 ) -> PruneReport:
-    """Prune `src` (HF dir) into `dst` (HF dir). Calibration text (or token ids) picks channels; `eval_text` (held
-    out; text or ids) measures perplexity before and after — after by loading `dst` back, so the written checkpoint is
-    what is measured. Texts need the checkpoint's tokenizer; without one they are ignored."""
+    """Prune `src` (HF dir, or a GGUF file) into `dst` (HF dir). Calibration text (or token ids) picks channels;
+    `eval_text` (held out; text or ids) measures perplexity before and after — after by loading `dst` back, so the
+    written checkpoint is what is measured. Texts need the checkpoint's tokenizer; without one they are ignored.
+    A GGUF file is first exported to a float32 HF directory beside `dst` (removed afterwards) with the GGUF loader's
+    conventions (`autoglm.loader.gguf_export`), so "before" is the dequantized GGUF model."""
+    from autoglm.loader.gguf_export import export_hf, is_gguf_file
     from autoglm.loader.hf import iter_safetensors, load_hf, safetensors_files
     from autoglm.quant.apply import ShardedWriter, copy_side_files
 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise InvalidRequest("prune output must be a new directory, not the input", param="output")
+    kwargs: dict[str, Any] = dict(
+        calibration_text=calibration_text, eval_text=eval_text, window=window, multiple_of=multiple_of, measure=measure
+    )
+    if is_gguf_file(src):
+        import tempfile
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".prune-src-", dir=dst.parent) as tmp:
+            report = prune_checkpoint(export_hf(src, Path(tmp) / "float32"), dst, ratio, **kwargs)
+        report.source = f"{src} (GGUF, dequantized to float32)"
+        return report
+    if not (src / "config.json").is_file():
+        raise ModelLoadError(f"{src}: neither an HF model directory (config.json) nor a GGUF file", param="model")
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     if config.get("quantization_config") is not None:
         raise ConfigError(f"{src}: prune a float checkpoint, then quantize (this one is already quantized)")
@@ -201,7 +219,9 @@ def prune_checkpoint(
         if calib
         else "||down_proj column|| x ||gate row|| x ||up row|| (data-free)"
     )
-    report = PruneReport(ratio=ratio, intermediate_before=inter, intermediate_after=keep, criterion=criterion)
+    report = PruneReport(
+        ratio=ratio, intermediate_before=inter, intermediate_after=keep, criterion=criterion, source=str(src)
+    )
     scores = channel_importance(model, calib, inter)
     for layer, s in scores.items():
         report.kept[layer] = sorted(torch.topk(s, keep).indices.tolist())
