@@ -6,8 +6,9 @@ Two paths, picked per call by the number of activation rows M (measured in `benc
   with the weight's integers by AVX512-VNNI; the result equals `F.linear(x_q, W)` up to float32 summation order,
   where `x_q = d * round(x / d)`, `d = max|x_block| / 127` — so |y - F.linear(x, W)| <= |W| @ (d / 2) per block.
   Without VNNI the kernel dequantizes one row into L1 and keeps the activations in float32 (no activation error).
-- larger M (prefill): the weight is dequantized once per call, a slab of rows at a time (bounded memory), by the same
-  C++ code (bit-exact with `gguf.quants`), then one float32 GEMM per slab.
+- larger M (prefill): the weight is dequantized once per call, a slab of rows at a time into a reused buffer (bounded
+  memory), by the same C++ code (bit-exact with `gguf.quants`), then one GEMM per slab — in bfloat16 on CPUs with
+  BF16 dot products (`PREFILL_BF16`: weight and activations rounded to bfloat16), else float32.
 
 Memory: nothing is repacked or cached; the module keeps only the file's blocks (no float copy of the model).
 Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; others keep the reference path of `GGUFBlockFormat.matmul`.
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -37,10 +39,25 @@ log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
-# activation rows up to which the fused kernel beats dequantize-once + GEMM (2 threads; benchmarks/kernels.py)
-GEMV_MAX_ROWS = 16
-# prefill dequantizes at most this many weight elements at a time (64 MiB of float32)
-DEQUANT_SLAB_ELEMENTS = 1 << 24
+# activation rows up to which the fused kernel beats dequantize-once + GEMM (benchmarks/kernels.py: the kernel's
+# cost grows with every row, the GEMM's hardly; 8 rows is about even for Q4_K, the fused kernel wins below)
+GEMV_MAX_ROWS = 8
+# prefill dequantizes at most this many weight elements at a time into a reused buffer (16 MiB of float32)
+DEQUANT_SLAB_ELEMENTS = 1 << 22
+_SCRATCH: dict[tuple[int, torch.dtype], Tensor] = {}
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# Prefill of float32 activations computes in bfloat16 where the CPU has BF16 dot products: the GEMM runs ~2x faster
+# (512 tokens, benchmarks/kernels.py) at an activation error (2^-9 relative) no larger than decode's int8-per-32
+# quantization. Set False for float32-exact prefill (the GEMM then equals F.linear(x, W) up to summation order).
+PREFILL_BF16 = _cpu_has_bf16()
 
 _SOURCE = Path(__file__).with_name("csrc") / "gguf_kernels.cpp"
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
@@ -117,18 +134,28 @@ def gemv(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat, exact_activations: bool =
     return ext.gemv(x.float().contiguous(), raw, int(fmt.qtype), exact_activations)
 
 
+def _scratch(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    # one reused slab buffer per (thread, dtype): fresh 64 MiB tensors per call cost more in page faults than decoding
+    key = (threading.get_ident(), dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(max(rows * cols, DEQUANT_SLAB_ELEMENTS), dtype=dtype)
+        _SCRATCH[key] = buf
+    return buf[: rows * cols].view(rows, cols)
+
+
 def gemm(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
-    """x [M, cols] @ W.T -> [M, rows] in x's dtype: W dequantized once per call, a slab of rows at a time."""
+    """x [M, cols] @ W.T -> [M, rows] in x's dtype: W dequantized once per call, a slab of rows at a time, into a
+    reused buffer (at most `DEQUANT_SLAB_ELEMENTS`), then one GEMM per slab in x's dtype (float32 or bfloat16)."""
     ext = extension()
     assert ext is not None
-    bf16 = x.dtype == torch.bfloat16
-    step = max(1, DEQUANT_SLAB_ELEMENTS // fmt.cols)
-    if step >= fmt.rows:
-        return F.linear(x, ext.dequantize(raw, int(fmt.qtype), fmt.cols, bf16).to(x.dtype))
+    step = max(1, min(fmt.rows, DEQUANT_SLAB_ELEMENTS // fmt.cols))
     out = x.new_empty(x.shape[0], fmt.rows)
     for s in range(0, fmt.rows, step):
-        w = ext.dequantize(raw[s : s + step], int(fmt.qtype), fmt.cols, bf16)  # [slab, cols]
-        out[:, s : s + w.shape[0]] = F.linear(x, w.to(x.dtype))
+        slab = raw[s : s + step]
+        w = _scratch(slab.shape[0], fmt.cols, x.dtype)  # [slab, cols]
+        ext.dequantize_out(slab, int(fmt.qtype), fmt.cols, w)
+        out[:, s : s + slab.shape[0]] = F.linear(x, w)
     return out
 
 
@@ -141,7 +168,10 @@ def matmul(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
     if x2.shape[0] <= GEMV_MAX_ROWS:
         y = gemv(x2, raw, fmt).to(x.dtype)
     else:
-        y = gemm(x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float(), raw, fmt).to(x.dtype)
+        cd = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        if PREFILL_BF16 and cd == torch.float32:
+            cd = torch.bfloat16
+        y = gemm(x2.to(cd), raw, fmt).to(x.dtype)
     return y.reshape(*lead, fmt.rows)
 
 

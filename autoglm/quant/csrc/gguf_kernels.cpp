@@ -58,13 +58,14 @@ inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
 }
 
 // ---- dequantize one block -> float (same arithmetic order as ggml, so bit-exact) -----------------------------------
-void deq_q8_0(const uint8_t* b, float* y) {
+// __restrict: uint8 may alias anything, and without it the compiler will not vectorize the float stores
+void deq_q8_0(const uint8_t* __restrict b, float* __restrict y) {
   const float d = h2f(b);
   const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
   for (int i = 0; i < 32; ++i) y[i] = q[i] * d;
 }
 
-void deq_q4_0(const uint8_t* b, float* y) {
+void deq_q4_0(const uint8_t* __restrict b, float* __restrict y) {
   const float d = h2f(b);
   const uint8_t* qs = b + 2;
   for (int j = 0; j < 16; ++j) {
@@ -73,7 +74,7 @@ void deq_q4_0(const uint8_t* b, float* y) {
   }
 }
 
-void deq_q5_0(const uint8_t* b, float* y) {
+void deq_q5_0(const uint8_t* __restrict b, float* __restrict y) {
   const float d = h2f(b);
   uint32_t qh;
   std::memcpy(&qh, b + 2, 4);
@@ -86,7 +87,7 @@ void deq_q5_0(const uint8_t* b, float* y) {
   }
 }
 
-void deq_q4_k(const uint8_t* b, float* y) {
+void deq_q4_k(const uint8_t* __restrict b, float* __restrict y) {
   const float d = h2f(b), dmin = h2f(b + 2);
   const uint8_t* sc = b + 4;
   const uint8_t* q = b + 16;
@@ -101,7 +102,7 @@ void deq_q4_k(const uint8_t* b, float* y) {
   }
 }
 
-void deq_q5_k(const uint8_t* b, float* y) {
+void deq_q5_k(const uint8_t* __restrict b, float* __restrict y) {
   const float d = h2f(b), dmin = h2f(b + 2);
   const uint8_t* sc = b + 4;
   const uint8_t* qh = b + 16;
@@ -118,7 +119,7 @@ void deq_q5_k(const uint8_t* b, float* y) {
   }
 }
 
-void deq_q6_k(const uint8_t* b, float* y) {
+void deq_q6_k(const uint8_t* __restrict b, float* __restrict y) {
   const uint8_t* ql = b;
   const uint8_t* qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
@@ -417,13 +418,16 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t q, 
   return y;
 }
 
-// W [N, K] in float32 or bfloat16, bit-exact float32 values (bfloat16: rounded to nearest even)
-torch::Tensor dequantize(const torch::Tensor& raw, int64_t q, int64_t K, bool bf16) {
+// out [N, K] (float32 or bfloat16, contiguous) = W; bit-exact float32 values (bfloat16: rounded to nearest even).
+// Writing into a caller-owned buffer matters: a fresh 64 MiB tensor per call costs more in page faults than decoding.
+void dequantize_out(const torch::Tensor& raw, int64_t q, int64_t K, torch::Tensor& out) {
   const int64_t N = raw.size(0);
   int64_t bs, ts;
   check_raw(raw, q, K, bs, ts);
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || out.scalar_type() == torch::kFloat32) && out.is_contiguous() && out.size(0) == N &&
+                  out.size(1) == K, "out must be a contiguous float32/bfloat16 [", N, ", ", K, "] tensor");
   const int64_t nb = K / bs, rs = raw.stride(0);
-  auto out = torch::empty({N, K}, raw.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
   const uint8_t* wp = raw.data_ptr<uint8_t>();
   const DeqFn f = deq_fn(q);
   at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
@@ -438,6 +442,11 @@ torch::Tensor dequantize(const torch::Tensor& raw, int64_t q, int64_t K, bool bf
       for (int64_t i = 0; i < K; ++i) o[i] = c10::BFloat16(tmp[i]);
     }
   });
+}
+
+torch::Tensor dequantize(const torch::Tensor& raw, int64_t q, int64_t K, bool bf16) {
+  auto out = torch::empty({raw.size(0), K}, raw.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  dequantize_out(raw, q, K, out);
   return out;
 }
 
@@ -462,5 +471,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni);
   m.def("gemv", &gemv, "y = x @ W.T on raw GGUF blocks", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize", &dequantize, "raw GGUF blocks -> float32/bfloat16", py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize_out", &dequantize_out, "raw GGUF blocks -> out", py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations);
 }
