@@ -1,6 +1,7 @@
 """GGUF matmul candidates on realistic shapes: which path should `GGUFLinear.forward` take for decode and prefill?
 
     python benchmarks/kernels.py [--threads 2] [--reps 7] [--tokens 1,512] [--big] [--json out.json]
+    python benchmarks/kernels.py --model [PATH.gguf] [--threads 1] [--gen 64] [--prompt 512]   # whole-model decode
 
 Weights are random GGUF blocks (valid fp16 scales); every timing is the min over `--reps` runs, all candidates of a
 shape measured back to back in one process (the machine is shared: compare only within a run). Candidates:
@@ -88,6 +89,83 @@ def candidates(qtype: GGMLQuantizationType, rows: int, cols: int, m: int) -> dic
     return c
 
 
+def model_decode(path: str | None, threads: int, prompt: int, gen: int, runs: int) -> dict[str, float]:
+    """Whole-model decode/prefill tok/s: our engine with the kernels installed, then llama-cpp-python, same process."""
+    from autoglm.config import EngineConfig
+    from autoglm.default_model import default_model_path
+    from autoglm.engine.engine import Engine
+    from autoglm.engine.prompt import PromptInputs
+    from autoglm.engine.sampling_params import SamplingParams
+    from autoglm.loader import load_model
+
+    path = path or str(default_model_path())
+    torch.set_grad_enabled(False)
+    loaded = load_model(path, no_vision=True)
+    gk.install()
+
+    def ids(k: int, plen: int) -> list[int]:  # a different prompt per run: no prefix-cache hits
+        g = torch.Generator().manual_seed(k)
+        return torch.randint(1000, 200000, (plen,), generator=g).tolist()
+
+    engine = Engine(
+        loaded,
+        EngineConfig(
+            max_model_len=prompt + gen + 32,
+            max_num_seqs=1,
+            max_num_batched_tokens=max(prompt, 16),
+            block_size=16,
+            num_kv_blocks=(prompt + gen) // 16 + 8,
+        ),
+    )
+
+    def ours(plen: int, glen: int, k: int) -> tuple[float, float]:
+        p = SamplingParams(max_tokens=glen, temperature=0.0, ignore_eos=True)
+        engine.add_request(f"r{k}", PromptInputs(token_ids=ids(k, plen)), p)
+        start, first, n = time.perf_counter(), 0.0, 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                n += len(out.new_token_ids)
+                first = first or time.perf_counter()
+        end = time.perf_counter()
+        return plen / (first - start), (n - 1) / (end - first)
+
+    ours(16, 4, 0)
+    res = [ours(prompt, gen, k) for k in range(1, runs + 1)]
+    row = {"autoglm_prefill": max(r[0] for r in res), "autoglm_decode": max(r[1] for r in res)}
+    engine.close()
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return row
+    llm = Llama(
+        model_path=path,
+        n_ctx=prompt + gen + 32,
+        n_batch=max(prompt, 32),
+        n_ubatch=max(prompt, 32),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def theirs(plen: int, glen: int, k: int) -> tuple[float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids(k, plen))
+        tok = llm.sample(top_k=1, temp=0.0)
+        first = time.perf_counter()
+        for _ in range(glen - 1):
+            llm.eval([tok])
+            tok = llm.sample(top_k=1, temp=0.0)
+        return plen / (first - start), (glen - 1) / (time.perf_counter() - first)
+
+    theirs(16, 4, 0)
+    res = [theirs(prompt, gen, k) for k in range(1, runs + 1)]
+    row.update({"llamacpp_prefill": max(r[0] for r in res), "llamacpp_decode": max(r[1] for r in res)})
+    row["decode_ratio"] = row["autoglm_decode"] / row["llamacpp_decode"]
+    row["prefill_ratio"] = row["autoglm_prefill"] / row["llamacpp_prefill"]
+    return {k: round(v, 2) for k, v in row.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -96,8 +174,16 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_0")
     ap.add_argument("--big", action="store_true", help="also the 9B shapes (4096x4096, 4096x13696)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--model", nargs="?", const="", help="whole-model decode vs llama.cpp (default: the gemma file)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model is not None:
+        row = model_decode(args.model or None, args.threads, args.prompt, args.gen, args.runs)
+        print(json.dumps({"threads": args.threads, "prompt": args.prompt, "gen": args.gen, **row}))
+        return
     if gk.extension() is None:
         raise SystemExit("the GGUF kernel extension could not be built")
     gk.uninstall()
