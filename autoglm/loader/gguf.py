@@ -285,7 +285,16 @@ def load_gguf(
         info.bytes / 2**20,
         seconds,
     )
+    if _on_cpu(loaded):
+        # Fused dequant+dot kernels on the raw blocks (compiled once per machine; falls back when unavailable).
+        from autoglm.quant import gguf_kernels
+
+        gguf_kernels.install()
     return loaded
+
+
+def _on_cpu(loaded: LoadedModel) -> bool:
+    return any(p.device.type == "cpu" for p in loaded.decoder.buffers())
 
 
 def dense_weights(f: GGUFFile) -> Iterator[tuple[str, Tensor]]:

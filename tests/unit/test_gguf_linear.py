@@ -19,6 +19,13 @@ TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q
 OUT, IN = 24, 512
 
 
+@pytest.fixture(autouse=True)
+def _reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin the exact dequantize-then-matmul path; fast kernels (installed process-wide by any GGUF load
+    earlier in the session) are tested against their own tolerance in test_gguf_kernels.py."""
+    monkeypatch.setattr(gl, "_KERNELS", {})
+
+
 @pytest.fixture(scope="module")
 def float_weight() -> np.ndarray:
     return (np.random.default_rng(0).standard_normal((OUT, IN)) * 0.05).astype(np.float32)

@@ -20,6 +20,17 @@ from autoglm.quant.gguf_linear import GGUFEmbedding, GGUFLinear
 IDS = [2, 40, 283, 284, 285, 7, 301, 302, 299, 100, 12, 265, 266, 297, 298, 303, 290, 291]  # < 306
 
 
+@pytest.fixture(autouse=True)
+def _reference_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader is checked on the exact dequantize-then-matmul path (tight tolerances); the fused kernels, which
+    round activations to int8 like llama.cpp, have their own tests in test_gguf_kernels.py."""
+    import autoglm.quant.gguf_kernels as gk
+    import autoglm.quant.gguf_linear as gl
+
+    monkeypatch.setattr(gl, "_KERNELS", {})
+    monkeypatch.setattr(gk, "install", lambda: False)
+
+
 def _logits(model: torch.nn.Module, ids: list[int], positions: torch.Tensor | None = None) -> torch.Tensor:
     t = torch.tensor(ids)
     pos = torch.arange(len(ids)) if positions is None else positions
