@@ -14,11 +14,12 @@ from pathlib import Path
 
 from autoglm.errors import AutoGLMError
 
+# mirrors autoglm.loader.gguf_writer.OUTTYPES (a test checks): importing the writer here would load torch for --help
+OUTTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `autoglm convert` to the CLI."""
-    from autoglm.loader.gguf_writer import OUTTYPES
-
     p = subparsers.add_parser(
         "convert",
         help="convert a Hugging Face GLM-4 / GLM-4.1V directory to GGUF (+ mmproj)",

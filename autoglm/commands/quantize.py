@@ -1,8 +1,13 @@
-"""`autoglm quantize IN.gguf OUT.gguf TYPE`: re-quantize a GGUF file's weights, copying all its metadata.
+"""`autoglm quantize IN OUT TYPE`: quantize a model; what IN is (never its name) picks the mode.
 
-Every quantizable 2-D weight (llama.cpp's rule: names ending in `weight`, not norms) is decoded and re-encoded to
-TYPE (q4_k_m uses llama.cpp's mixture: Q6_K for output and some attn_v / ffn_down); norms, biases and other 1-D
-tensors are stored F32. Tensors are streamed one at a time, so memory stays at about one tensor.
+- IN is a GGUF file (GGUF magic): re-quantize its weights to TYPE (f32 ... q4_k_m), copying all its metadata.
+  Every quantizable 2-D weight (llama.cpp's rule: names ending in `weight`, not norms) is decoded and re-encoded
+  (q4_k_m uses llama.cpp's mixture: Q6_K for output and some attn_v / ffn_down); norms, biases and other 1-D
+  tensors are stored F32. Tensors are streamed one at a time, so memory stays at about one tensor.
+- IN is an HF model directory (config.json): write OUT as an HF directory with weight-only INT8 (per output
+  channel) or INT4 (group-wise, --group-size) linear layers of the text decoder, recorded in config.json's
+  `quantization_config`; `autoglm serve OUT` / `autoglm.LLM(OUT)` load it quantized, with peak memory about the
+  quantized weights. The vision tower and a tied lm_head stay in their dtype; with int4 the lm_head is int8.
 """
 
 from __future__ import annotations
@@ -12,23 +17,28 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Keys
-from tqdm import tqdm
+from autoglm.errors import AutoGLMError, CorruptFile, InvalidRequest, UnsupportedQuantType
 
-from autoglm.errors import AutoGLMError, CorruptFile, UnsupportedQuantType
-from autoglm.loader.quants import QuantMix, dequantize, layer_of, quantize, row_nbytes
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 logger = logging.getLogger(__name__)
 
-Q = GGMLQuantizationType
+# kept free of heavy imports: `autoglm --help` imports this module (torch/numpy/gguf load inside the functions)
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m")
-_FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-# quantized source types we can decode
-_QUANT_SOURCE = {
-    Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_K, Q.IQ4_NL, Q.IQ4_XS,
-}  # fmt: skip
+HF_TYPES = ("int8", "int4")  # mirrors autoglm.quant.apply.MODES
+
+
+def _source_types() -> tuple[set[Any], set[Any]]:
+    """(float types, quantized source types we can decode)."""
+    from gguf import GGMLQuantizationType as Q
+
+    floats = {Q.F32, Q.F16, Q.BF16}
+    quant = {Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_K, Q.IQ4_NL,
+             Q.IQ4_XS}  # fmt: skip
+    return floats, quant
 
 
 @dataclass
@@ -41,6 +51,8 @@ class QuantizeReport:
 
 
 def _open(path: str | Path) -> GGUFReader:
+    from gguf import GGUFReader
+
     try:
         return GGUFReader(path, "r")
     except FileNotFoundError:
@@ -50,6 +62,8 @@ def _open(path: str | Path) -> GGUFReader:
 
 
 def _n_layers(reader: GGUFReader, arch: str) -> int:
+    from autoglm.loader.quants import layer_of
+
     f = reader.fields.get(f"{arch}.block_count")
     if f is not None:
         return int(f.contents())
@@ -58,6 +72,8 @@ def _n_layers(reader: GGUFReader, arch: str) -> int:
 
 
 def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, file_type: int) -> None:
+    from gguf import GGUFValueType, Keys
+
     for f in reader.fields.values():
         # GGUF.* are virtual fields; the writer adds the architecture itself
         if f.name.startswith("GGUF.") or f.name in (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE):
@@ -73,6 +89,14 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, file_type: int) -> No
 
 def quantize_gguf(src: str | Path, dst: str | Path, target: str, *, progress: bool = True) -> QuantizeReport:
     """Write `dst`: `src` with its weights re-encoded to `target` ("q4_k_m", "q8_0", "f16", ...)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFWriter, Keys
+    from tqdm import tqdm
+
+    from autoglm.loader.quants import QuantMix, dequantize, quantize, row_nbytes
+
+    float_types, quant_source = _source_types()
     mix = QuantMix.parse(target)
     if Path(src).resolve() == Path(dst).resolve():
         raise UnsupportedQuantType(f"{dst}: output would overwrite the input file")
@@ -89,7 +113,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, target: str, *, progress: bo
     plan: list[tuple[object, tuple[int, ...], GGMLQuantizationType]] = []
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists ne[0] (the row) first
-        if t.tensor_type in _FLOAT_TYPES or t.tensor_type in _QUANT_SOURCE:
+        if t.tensor_type in float_types or t.tensor_type in quant_source:
             new = mix.type_for(t.name, shape, n_layers, tied_embeddings=tied)
         else:
             new = Q(t.tensor_type)  # integer tensors etc.: copied as they are
@@ -123,27 +147,77 @@ def quantize_gguf(src: str | Path, dst: str | Path, target: str, *, progress: bo
     return report
 
 
+def input_kind(path: str | Path) -> str:
+    """ "gguf" (a file with the GGUF magic) or "hf" (a directory with config.json); the content decides."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf"
+        raise CorruptFile(f"{p}: a directory without config.json is not an HF model directory")
+    if not p.exists():
+        raise CorruptFile(f"{p}: no such file or directory")
+    with open(p, "rb") as fh:
+        if fh.read(4) == b"GGUF":
+            return "gguf"
+    raise CorruptFile(f"{p}: neither a GGUF file (no GGUF magic) nor an HF model directory (config.json)")
+
+
+def quantize_hf(src: str | Path, dst: str | Path, mode: str, *, group_size: int = 32) -> dict[str, int]:
+    """HF directory -> quantized HF directory (`autoglm.quant.apply.quantize_hf_checkpoint`); {format: bytes}."""
+    from autoglm.quant.apply import quantize_hf_checkpoint
+
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise InvalidRequest(f"{dst}: output would overwrite the input directory", param="output")
+    if (dst / "config.json").exists():
+        raise InvalidRequest(f"{dst}: already holds a model (config.json); choose a new directory", param="output")
+    return quantize_hf_checkpoint(src, dst, mode, group_size=group_size)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `autoglm quantize` to the CLI."""
     p = subparsers.add_parser(
         "quantize",
-        help="re-quantize a GGUF file (q4_k_m, q8_0, f16, ...)",
+        help="re-quantize a GGUF file (q4_k_m, q8_0, ...) or an HF directory (int8, int4)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="source .gguf file")
-    p.add_argument("output", help="destination .gguf file")
-    p.add_argument("type", type=str.lower, choices=TYPES, metavar="TYPE", help=f"one of: {', '.join(TYPES)}")
+    p.add_argument("input", help="source .gguf file or HF model directory")
+    p.add_argument("output", help="destination .gguf file (GGUF input) or new directory (HF input)")
+    p.add_argument("type", type=str.lower, choices=(*TYPES, *HF_TYPES), metavar="TYPE",
+                   help=f"GGUF input: one of {', '.join(TYPES)}; HF input: {' or '.join(HF_TYPES)}")  # fmt: skip
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (HF input) [32]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        rep = quantize_gguf(args.input, args.output, args.type, progress=not args.no_progress)
+        kind = input_kind(args.input)
+        if kind == "hf":
+            if args.type not in HF_TYPES:
+                raise UnsupportedQuantType(
+                    f"{args.input} is an HF directory: TYPE must be {' or '.join(HF_TYPES)}, not {args.type!r} "
+                    f"(for GGUF block types: `autoglm convert {args.input} -o OUT.gguf --outtype ...`)",
+                    param="type",
+                )
+            written = quantize_hf(args.input, args.output, args.type, group_size=args.group_size)
+        else:
+            if args.type in HF_TYPES:
+                raise UnsupportedQuantType(
+                    f"{args.input} is a GGUF file: TYPE must be a GGUF type ({', '.join(TYPES)}), not {args.type!r}; "
+                    "GGUF weights already run quantized (q8_0 is the int8 counterpart)",
+                    param="type",
+                )
+            rep = quantize_gguf(args.input, args.output, args.type, progress=not args.no_progress)
     except AutoGLMError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
+    if kind == "hf":
+        total = sum(written.values())
+        parts = ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in sorted(written.items(), key=lambda kv: -kv[1]))
+        print(f"{args.output}: {args.type} HF checkpoint, {total / 2**20:.1f} MiB ({parts})")
+        return 0
     counts: dict[str, int] = {}
     for qt in rep.tensor_types.values():
         counts[qt.name] = counts.get(qt.name, 0) + 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +102,16 @@ def _read_converted(fh: Any, start: int, entry: dict[str, Any], dtype: torch.dty
     return raw.view(_ST_DTYPES[entry["dtype"]]).reshape(entry["shape"]).to(dtype)
 
 
-def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+def iter_safetensors(
+    files: list[Path], dtype: torch.dtype | None = None, *, keep_dtype: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """Yield (checkpoint name, tensor) from each file; CorruptFile names the file on a bad header or data.
 
-    Tensors already in `dtype` (or all, when dtype is None; and every non-float one) come zero-copy from the mmap;
-    floating tensors in another dtype are read and cast one at a time.
+    Tensors already in `dtype` (or all, when dtype is None; and every non-float one; and those `keep_dtype(name)`
+    selects, e.g. quantization scales) come zero-copy from the mmap; floating tensors in another dtype are read and
+    cast one at a time.
     """
+    keep = keep_dtype or (lambda _k: False)
     for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as st:
@@ -115,6 +119,7 @@ def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Ite
                 convert = dtype is not None and any(
                     _ST_DTYPES.get(st.get_slice(k).get_dtype(), dtype).is_floating_point
                     and _ST_DTYPES.get(st.get_slice(k).get_dtype()) != dtype
+                    and not keep(k)
                     for k in keys
                 )
                 if not convert:
@@ -126,7 +131,7 @@ def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Ite
                     for key in keys:
                         entry = header[key]
                         src = _ST_DTYPES.get(entry["dtype"])
-                        if src is None or not src.is_floating_point or src == dtype:
+                        if src is None or not src.is_floating_point or src == dtype or keep(key):
                             yield key, st.get_tensor(key)
                         else:
                             assert dtype is not None
@@ -195,6 +200,16 @@ def _module_info(
     )
 
 
+def _quantization_aux(model: nn.Module) -> set[str]:
+    """Our names of the quantized layers' non-bias floating tensors (int8 `scales`, int4 `scales_and_zeros`)."""
+    out: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        if getattr(mod, "format", None) in ("int8", "int4"):
+            params = mod.named_parameters(recurse=False)
+            out |= {f"{mod_name}.{n}" for n, p in params if n != "bias" and p.is_floating_point()}
+    return out
+
+
 def load_hf(
     path: str | Path,
     *,
@@ -237,8 +252,15 @@ def load_hf(
     def is_vision(name: str) -> bool:
         return vp is not None and name.startswith(vp)
 
+    # quantized layers' scales/zeros keep the dtype they were written in (int8 scales float32, int4 bfloat16)
+    aux = _quantization_aux(model) if recorded is not None else set()
+
+    def keep_dtype(key: str) -> bool:
+        ours = spec.rename(key)
+        return ours is not None and ours in aux
+
     def renamed() -> Iterator[tuple[str, Tensor]]:
-        for key, tensor in iter_safetensors(files, torch_dtype):
+        for key, tensor in iter_safetensors(files, torch_dtype, keep_dtype=keep_dtype if aux else None):
             ours = spec.rename(key)
             if ours is not None:
                 yield ours, tensor
@@ -251,6 +273,7 @@ def load_hf(
         device=lambda n: devices["vision"] if is_vision(n) else devices["decoder"],
         drop=(lambda n: is_vision(n)) if no_vision else None,
         group_of=lambda n: "vision" if is_vision(n) else "decoder",
+        keep_dtype=(lambda n: n in aux) if aux else None,
     )
     if quantization not in (None, "none") and recorded is None:
         # Float checkpoint quantized on load, layer by layer: peak memory is the float weights (say so in docs).

@@ -63,6 +63,7 @@ def fill_parameters(
     drop: Callable[[str], bool] | None = None,
     group_of: Callable[[str], str] | None = None,
     convert: Callable[[str, Tensor], Tensor] | None = None,
+    keep_dtype: Callable[[str], bool] | None = None,
 ) -> FillReport:
     """Assign each (name, tensor) to the model's parameter/buffer of that name.
 
@@ -71,6 +72,7 @@ def fill_parameters(
     drop:     names to consume and discard on purpose (e.g. the vision tower with no_vision); not leftovers.
     group_of: name -> group for timing (e.g. "decoder" / "vision").
     convert:  optional hook (name, tensor) -> tensor applied before the shape check (e.g. dequantize).
+    keep_dtype: names whose tensors keep the file's dtype despite `dtype` (e.g. quantization scales).
     Raises WeightMismatch naming leftover, missing and misshapen tensors (all of them checked before raising).
     Tied parameters (`model.tied_parameters()`) are re-tied at the end via `model.tie_weights()`.
     """
@@ -99,7 +101,8 @@ def fill_parameters(
             if tuple(tensor.shape) != tuple(current.shape):
                 mismatched.append(f"{name}: file {tuple(tensor.shape)} vs model {tuple(current.shape)}")
             else:
-                cast = dtype if dtype is not None and tensor.is_floating_point() else None
+                keep = keep_dtype is not None and keep_dtype(name)
+                cast = dtype if dtype is not None and tensor.is_floating_point() and not keep else None
                 tensor = tensor.to(device=place(name), dtype=cast)
                 if is_param:
                     mod._parameters[attr] = nn.Parameter(tensor, requires_grad=False)

@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoglm.errors import UnsupportedQuantType
+from autoglm.quant.pages import release_pages
 
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 32  # same granularity as GGUF Q4_K sub-blocks; no slower than 128 in the packed kernel
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _UNPACK_ROWS = 512  # identity rows per kernel call when rebuilding the portable form
+_PACK_ROWS = 64  # output rows repacked at a time (a multiple of the CPU kernel's 64-row blocks)
 
 
 def _check(out_features: int, in_features: int, group_size: int) -> None:
@@ -158,9 +160,17 @@ class Int4Linear(nn.Module):
         """Repack the portable `qweight` into the kernel layout and free it (no-op when done or not applicable)."""
         if self.weight_packed is not None or not self.kernel_ok or self.qweight is None or self.qweight.is_meta:
             return
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.qweight), 1)
+        qweight = self.qweight
+        # row chunks (multiples of the kernel's 64-row blocks) pack to the same bytes as the whole matrix and keep
+        # the int32 unpacked transient small (it is 8x the 4-bit weight)
+        packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
+        for start in range(0, self.out_features, _PACK_ROWS):
+            stop = min(start + _PACK_ROWS, self.out_features)
+            q = unpack_nibbles(qweight[start:stop])
+            packed[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.weight_packed = nn.Parameter(packed, requires_grad=False)
         self.qweight = None
+        release_pages(qweight)  # the mmap'd portable copy must not stay resident beside the packed one
 
     def _kernel_sz(self, cd: torch.dtype) -> Tensor:
         cached = self.__dict__.get("_sz_cache")

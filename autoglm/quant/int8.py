@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoglm.errors import UnsupportedQuantType
+from autoglm.quant.pages import release_pages
 
 # rows up to which the packed GEMV-style kernel beats dequantize + GEMM (2 threads, 4096x4096; BENCHMARKS.md)
 PACKED_MAX_ROWS = 96
@@ -106,6 +107,7 @@ class Int8Linear(nn.Module):
         w = self.weight
         if not w.is_meta and w.device.type == "cpu" and (w.data_ptr() % 64 or not w.is_contiguous()):
             self.weight = nn.Parameter(w.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+            release_pages(w)  # the mmap'd original must not stay resident beside the copy (peak = weights once)
 
     def _kernel_scales(self, cd: torch.dtype) -> Tensor:
         # the kernel wants scales in the activation dtype; cached so decode steps do not re-cast them
