@@ -14,11 +14,49 @@ import sys
 from collections.abc import Sequence
 
 from autoglm import __version__
-from autoglm.errors import AutoGLMError
+from autoglm.errors import AutoGLMError, InvalidRequest
 
 COMMANDS: tuple[str, ...] = ("serve", "chat", "inspect", "convert", "quantize", "bench", "plan", "prune")
 
+# commands that compute with torch: without --threads / AUTOGLM_THREADS they get every core this process may use
+COMPUTE_COMMANDS = ("serve", "chat", "bench", "prune", "quantize")
+
 log = logging.getLogger("autoglm.cli")
+
+
+def _threads_value(value: str, source: str = "--threads") -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InvalidRequest(f"{source} must be a positive integer (CPU threads), got {value!r}", param="threads")
+    return n
+
+
+def _threads_arg(value: str) -> int:
+    try:
+        return _threads_value(value)
+    except InvalidRequest as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (the affinity mask, which containers and taskset narrow), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_threads(flag: int | None, command: str | None) -> int | None:
+    """--threads > AUTOGLM_THREADS > all cores (compute commands only; None: leave torch alone)."""
+    if flag is not None:
+        return flag
+    env = os.environ.get("AUTOGLM_THREADS")
+    if env not in (None, ""):
+        return _threads_value(env, "AUTOGLM_THREADS")
+    return available_cores() if command in COMPUTE_COMMANDS else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autoglm {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("AUTOGLM_LOG_LEVEL", "WARNING"),
                         help="logging level (DEBUG, INFO, WARNING, ...) [env AUTOGLM_LOG_LEVEL]")
+    # dest differs from `bench --threads`: a subparser's default would overwrite a same-named global value
+    parser.add_argument("--threads", dest="global_threads", type=_threads_arg, default=None, metavar="N",
+                        help="CPU threads for compute (torch.set_num_threads), set before the command runs "
+                        "[env AUTOGLM_THREADS; default: all cores]")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     skipped = []
     for name in COMMANDS:
@@ -54,6 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        threads = resolve_threads(args.global_threads, args.command)
+        if threads is not None:
+            import torch  # only here: `autoglm --help` and light commands stay torch-free
+
+            torch.set_num_threads(threads)
+            log.info("using %d CPU threads", threads)
+        args.global_threads = threads
         return int(func(args) or 0)
     except AutoGLMError as e:
         print(f"autoglm {args.command}: error: {e.message}", file=sys.stderr)

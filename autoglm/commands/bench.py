@@ -19,7 +19,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request [512]")
     p.add_argument("--gen-len", type=int, default=128, help="generated tokens per request [128]")
     p.add_argument("--concurrency", type=int, default=1, help="requests run together as one batch [1]")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads [all cores]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads [autoglm --threads, else all cores]")
     p.add_argument("--quantization", choices=("int8", "int4"), default=None, help="HF path: quantize at load")
     p.add_argument("--dtype", default="auto", help="HF path dtype: auto, float32, bfloat16, float16 [auto]")
     p.add_argument("--runs", type=int, default=1, help="timed runs per engine; best is reported [1]")
@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
         if not is_gguf(model):
             raise InvalidRequest(f"--compare-llamacpp needs a GGUF file; {model} is not one", param="model")
+    threads = args.threads if args.threads is not None else getattr(args, "global_threads", None)
     cfg = BenchConfig(
         model=str(model), prompt_len=args.prompt_len, gen_len=args.gen_len, concurrency=args.concurrency,
-        threads=args.threads, quantization=args.quantization, dtype=args.dtype, runs=args.runs,
+        threads=threads, quantization=args.quantization, dtype=args.dtype, runs=args.runs,
     )  # fmt: skip
     results = []
     if args.inline:
