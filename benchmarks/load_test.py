@@ -451,7 +451,8 @@ def checks(report: dict[str, Any]) -> list[str]:
     for label, pa in (report.get("phone_agent") or {}).items():
         if isinstance(pa, dict) and (pa["errors"] or pa["kv_blocks_used_after"]):
             bad.append(f"phone agent ({label}): {pa['errors']} errors, {pa['kv_blocks_used_after']} blocks used")
-    if (s := report.get("sigterm")) is not None and (s["cut_without_event"] or s["exit_code"] not in (0, None)):
+    # uvicorn re-raises the SIGTERM it handled once it has shut down: -15 is a clean exit too
+    if (s := report.get("sigterm")) is not None and (s["cut_without_event"] or s["exit_code"] not in (0, -15)):
         bad.append(f"sigterm: {s}")
     return bad
 

@@ -86,9 +86,11 @@ def serve(config: Any, model: Any = None) -> int:
         return EXIT_PORT_IN_USE
     app = create_app(config, model=model)
     server = uvicorn.Server(uvicorn.Config(
-        app, log_config=None, log_level=config.log_level.lower(), timeout_graceful_shutdown=5,
+        app, log_config=None, log_level=config.log_level.lower(),
+        timeout_graceful_shutdown=getattr(config, "drain_grace", 10.0) + 5,  # the drain ends streams before this
         access_log=config.log_level.lower() == "debug",
     ))
+    server.handle_exit = _drain_on_exit(server, app, getattr(config, "drain_grace", 10.0))  # type: ignore[method-assign]
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
@@ -99,6 +101,25 @@ def serve(config: Any, model: Any = None) -> int:
         log.error("Server did not start (see the errors above)")
         return EXIT_STARTUP_FAILED
     return 0
+
+
+def _drain_on_exit(server: Any, app: Any, grace: float) -> Any:
+    """SIGTERM/SIGINT: the engine drains (new requests 503; open streams get `grace` seconds, then a clean error
+    event), while uvicorn stops accepting connections and waits for the open ones."""
+    plain = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        begin = getattr(getattr(app.state.autoglm, "engine", None), "begin_drain", None)
+        if begin is not None:
+            try:  # run it on the event loop, not inside the signal handler (it takes locks)
+                import asyncio
+
+                asyncio.get_running_loop().call_soon_threadsafe(begin, grace)
+            except RuntimeError:  # no running loop: still starting, nothing to drain
+                pass
+        plain(sig, frame)
+
+    return handle_exit
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,10 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> Any:
             "max_model_len": config.max_model_len,
             "max_num_seqs": config.max_num_seqs,
             "kv_cache_memory": config.kv_cache_memory,
+            "max_num_batched_tokens": getattr(config, "max_num_batched_tokens", None),
+            "max_waiting": getattr(config, "max_waiting", None),
+            "request_timeout": getattr(config, "request_timeout", None),
+            "enable_prefix_caching": False if getattr(config, "no_prefix_caching", False) else None,
         },
         model_values={"max_model_len": model.max_model_len},
     )

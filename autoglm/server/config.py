@@ -43,6 +43,12 @@ class ServerConfig:
     max_num_seqs: int | None = None
     kv_cache_memory: int | None = None
     log_level: str = "info"
+    # concurrency and backpressure (engine options; None: the engine's default)
+    max_num_batched_tokens: int | None = None
+    max_waiting: int | None = None
+    request_timeout: float | None = None
+    no_prefix_caching: bool = False
+    drain_grace: float = 10.0
 
     def __post_init__(self) -> None:
         if self.reasoning_format not in REASONING_FORMATS:
@@ -55,6 +61,8 @@ class ServerConfig:
             raise ConfigError(f"--limit-mm-per-prompt must be >= 0, got {self.limit_mm_per_prompt}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.drain_grace < 0:
+            raise ConfigError(f"--drain-grace must be >= 0, got {self.drain_grace}")
 
     @classmethod
     def from_sources(
@@ -130,6 +138,14 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--quantization",), "quantization", str, "int8 or int4 weight-only decoder (HF checkpoints)"),
     _Option(("--max-num-seqs",), "max_num_seqs", int, "most requests decoded together"),
     _Option(("--kv-cache-memory",), "kv_cache_memory", int, "bytes for the KV cache (default: engine's choice)"),
+    _Option(("--max-num-batched-tokens",), "max_num_batched_tokens", int,
+            "token budget of one engine step: prefill chunks + decodes (default 2048)"),
+    _Option(("--max-waiting",), "max_waiting", int, "queued requests beyond which new ones get 429 (default 1024)"),
+    _Option(("--request-timeout",), "request_timeout", float,
+            "seconds after which a request is ended with a timeout error (default: none)"),
+    _Option(("--no-prefix-caching",), "no_prefix_caching", bool, "do not share KV blocks of repeated prompt prefixes"),
+    _Option(("--drain-grace",), "drain_grace", float,
+            "on SIGTERM: seconds running requests get to finish before they end with an error (default 10)"),
     # `autoglm --log-level` (the CLI frame's) is a different option with a different default: keep them apart.
     _Option(("--log-level",), "log_level", str, "debug, info, warning, error (default info)",
             arg_dest="serve_log_level"),

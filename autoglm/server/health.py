@@ -147,6 +147,9 @@ async def health(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 only when every loaded module answers a tiny forward; 503 otherwise."""
     state = get_state(request)
+    if getattr(state.engine, "draining", False) is True:  # SIGTERM: take this instance out of rotation
+        return JSONResponse({"status": "draining", "reason": "the server is shutting down", "modules": []},
+                            status_code=503)
     if state.health is None:
         reason = state.load_error or "the model is still loading"
         return JSONResponse({"status": "not_ready", "reason": reason, "modules": []}, status_code=503)

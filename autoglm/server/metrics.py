@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -169,3 +169,31 @@ class _EngineCollector:
                                        else f"autoglm_{key}", help_text)
             family.add_metric([], float(stats.get(key, 0) or 0))
             yield family
+        # concurrency: KV capacity, prefix caching, backpressure (engine stats; absent keys read as 0)
+        for name, key, help_text in _ENGINE_GAUGES:
+            family = GaugeMetricFamily(name, help_text)
+            family.add_metric([], float(stats.get(key, 0) or 0))
+            yield family
+        for name, key, help_text in _ENGINE_COUNTERS:
+            counter = CounterMetricFamily(name, help_text)
+            counter.add_metric([], float(stats.get(key, 0) or 0))
+            yield counter
+
+
+_ENGINE_GAUGES = (
+    ("autoglm_kv_blocks_total", "kv_blocks_total", "KV-cache blocks in all"),
+    ("autoglm_prefix_cache_hit_rate", "prefix_cache_hit_rate",
+     "Prompt tokens served from the prefix cache / prompt tokens looked up, since start"),
+    ("autoglm_engine_requests_in_flight", "in_flight", "Requests admitted to the engine and not yet ended"),
+    ("autoglm_draining", "draining", "1 while the server drains after SIGTERM (new requests get 503)"),
+    ("autoglm_encoder_cache_bytes", "encoder_cache_bytes", "Bytes of cached encoder outputs"),
+)
+_ENGINE_COUNTERS = (
+    ("autoglm_preemptions", "preemptions", "Requests preempted (KV cache full) and later recomputed"),
+    ("autoglm_prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
+    ("autoglm_prefix_cache_query_tokens", "prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache"),
+    ("autoglm_request_timeouts", "timeouts", "Requests ended by --request-timeout"),
+    ("autoglm_requests_rejected", "requests_rejected", "Requests refused by backpressure (429) or draining (503)"),
+    ("autoglm_encoder_runs", "encoder_runs", "Media items run through an encoder"),
+    ("autoglm_encoder_cache_hits", "encoder_cache_hits", "Media items whose encoder output came from the cache"),
+)

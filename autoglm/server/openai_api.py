@@ -290,7 +290,7 @@ class _Call:
             raise
         except Exception as exc:
             status = getattr(exc, "status", 500)
-            if status >= 500:
+            if status >= 500 and status not in (503, 504):  # drain / timeout ends are expected, not bugs
                 log.exception("request %s: error mid-stream", self.rid)
             else:
                 log.info("request %s: %s", self.rid, exc)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from benchmarks.load_test import MALFORMED, Sample, settle, stream_chat
-from tests.fixtures.server import REPO_ROOT, SERVED_NAMES, ServerProcess, server_env
+from tests.fixtures.server import REPO_ROOT, SERVED_NAMES, ServerProcess, server_env, start_server
 
 
 def body(i: int, max_tokens: int = 48) -> dict[str, object]:
@@ -81,3 +83,54 @@ def test_load_test_script_small(tmp_path: Path) -> None:
     assert on["prefix_hit_rate"] > 0.05 and off["prefix_hit_rate"] == 0
     assert report["faults"]["kv_blocks_used_after"] == 0 and report["faults"]["health_ready"] == 200
     assert report["sigterm"]["cut_without_event"] == 0
+
+
+def test_backpressure_429_then_sigterm_drains_live_streams(tiny_glm4v_dir: Path,
+                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One request runs, one waits, the rest get 429 + Retry-After; then SIGTERM during 8 live streams: each ends
+    with [DONE] (finished, or a clean error event at the end of the drain grace), and the process exits."""
+    handle = start_server(tiny_glm4v_dir, tmp_path_factory.mktemp("backpressure"), "--served-model-name",
+                          SERVED_NAMES[0], "--max-num-seqs", "1", "--max-waiting", "1", "--drain-grace", "1.5")
+    try:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=handle.base_url, timeout=120) as client:
+                return list(await asyncio.gather(*(client.post("/v1/chat/completions", json=body(i, 60))
+                                                   for i in range(6))))
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) >= 1 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+        limited = next(r for r in responses if r.status_code == 429)
+        assert limited.headers.get("retry-after") == "1"
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+        assert "waiting queue is full" in limited.json()["error"]["message"]
+        metrics = httpx.get(handle.base_url + "/metrics", timeout=30).text
+        assert "autoglm_requests_rejected_total" in metrics and "autoglm_prefix_cache_hit_rate" in metrics
+    finally:
+        handle.stop()
+
+    handle = start_server(tiny_glm4v_dir, tmp_path_factory.mktemp("drain"), "--served-model-name", SERVED_NAMES[0],
+                          "--max-num-seqs", "8", "--drain-grace", "1.5")
+    try:
+        async def live() -> tuple[list[Sample], float]:
+            async with httpx.AsyncClient(base_url=handle.base_url, timeout=120) as client:
+                tasks = [asyncio.create_task(stream_chat(client, body(i, 900))) for i in range(8)]
+                for _ in range(600):
+                    stats = (await client.get("/status/data")).json()["engine"]
+                    if stats["running"] == 8 and stats["tokens_generated"] >= 16:
+                        break
+                    await asyncio.sleep(0.02)
+                started = time.monotonic()
+                handle.process.send_signal(signal.SIGTERM)
+                samples = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                return samples, time.monotonic() - started
+
+        samples, took = asyncio.run(live())
+        assert all(s.done for s in samples), [s.error for s in samples]  # nothing cut without its [DONE]
+        for s in samples:
+            assert s.error is None or "drain grace period" in s.error, s.error
+        assert took < 15
+        assert handle.process.wait(30) in (0, -signal.SIGTERM)
+        assert "draining" in handle.log()
+    finally:
+        handle.stop()
