@@ -9,6 +9,7 @@ model's forward receives besides `input_ids`, `positions` and optional `inputs_e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ class AttentionContext:
     block_tables    [B, max_blocks] int64, the cache blocks of each sequence in order (padding: any valid block id)
     With `slot_mapping is None` no cache is used: each sequence attends causally over its new tokens only
     (context_lens must equal query_lens); this is the path for one-shot scoring without an engine.
+    `memo` holds what every layer of one step would otherwise recompute (cache spans, masks); a context lives for
+    one step, so it is never stale.
     """
 
     query_lens: list[int]
@@ -32,9 +35,28 @@ class AttentionContext:
     slot_mapping: Tensor | None = None
     block_tables: Tensor | None = None
     is_decode: bool = field(init=False)
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.is_decode = all(q == 1 for q in self.query_lens)
+
+    def cache_span(self, seq: int, lo: int, hi: int, block_size: int) -> tuple[int, Tensor | None]:
+        """Where tokens lo..hi-1 of sequence `seq` live in the flat cache: (first slot, None) when their blocks are
+        consecutive (the span is a view), else (offset into the gathered blocks, block ids [n] to gather)."""
+        key = ("span", seq, lo, hi)
+        hit = self.memo.get(key)
+        if hit is None:
+            assert self.block_tables is not None
+            b0, b1 = lo // block_size, (hi - 1) // block_size + 1
+            tables = self.memo.get("tables")
+            if tables is None and self.block_tables.device.type == "cpu":
+                tables = self.memo["tables"] = self.block_tables.tolist()  # host copy: no device sync on CPU
+            if tables is not None and all(tables[seq][j + 1] == tables[seq][j] + 1 for j in range(b0, b1 - 1)):
+                hit = (tables[seq][b0] * block_size + lo % block_size, None)
+            else:
+                hit = (lo % block_size, self.block_tables[seq, b0:b1])
+            self.memo[key] = hit
+        return hit
 
     @classmethod
     def no_cache(cls, lengths: list[int]) -> AttentionContext:
@@ -108,26 +130,60 @@ class Attention(nn.Module):
         return out.transpose(0, 1)
 
     def _decode(self, q: Tensor, ctx: AttentionContext, block_size: int) -> Tensor:
-        # One new token per sequence: gather every sequence's blocks at once and mask the tail.
+        # q: [B, H, D], one new token per sequence -> [B, H, D]
+        if len(ctx.query_lens) == 1:  # the common single-stream case: no gather, no mask
+            k, v = self._cached_kv(ctx, 0, block_size)
+            return self._attend_last(q, k, v)
+        return self._decode_batched(q, ctx, block_size)
+
+    def _cached_kv(self, ctx: AttentionContext, seq: int, block_size: int) -> tuple[Tensor, Tensor]:
+        """The keys/values the newest token of `seq` sees ([n, KV, D]): the whole context, or the sliding window's
+        tail; a view of the cache when its blocks are consecutive, else only the needed blocks are gathered."""
+        assert self.k_cache is not None and self.v_cache is not None
+        hi = ctx.context_lens[seq]
+        lo = 0 if self.sliding_window is None else max(0, hi - self.sliding_window)
+        start, blocks = ctx.cache_span(seq, lo, hi, block_size)
+        n = hi - lo
+        if blocks is None:
+            k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[start : start + n]
+            v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[start : start + n]
+        else:
+            k = self.k_cache[blocks].flatten(0, 1)[start : start + n]
+            v = self.v_cache[blocks].flatten(0, 1)[start : start + n]
+        return k, v
+
+    def _attend_last(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q: [1, H, D]; k, v: [n, KV, D], every key visible -> [1, H, D]. Plain matmuls: CPU SDPA's flash kernel
+        # costs ~2.5x more for a single query. Head h uses KV head h // (H / KV), as in HF's repeat_kv.
+        kvh = self.num_kv_heads
+        qg = q.view(kvh, self.num_heads // kvh, self.head_dim)  # [KV, G, D]
+        s = torch.matmul(qg, k.to(q.dtype).permute(1, 2, 0))  # [KV, G, n]
+        p = torch.softmax(s.mul_(self.scale), dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(p, v.to(q.dtype).transpose(0, 1))  # [KV, G, D]
+        return o.view(1, self.num_heads, self.head_dim)
+
+    def _decode_batched(self, q: Tensor, ctx: AttentionContext, block_size: int) -> Tensor:
+        # Several sequences: gather their blocks at once and mask the tails (mask built once per step).
         assert self.k_cache is not None and self.v_cache is not None and ctx.block_tables is not None
-        bsz = len(ctx.query_lens)
+        bsz, kvh = len(ctx.query_lens), self.num_kv_heads
         max_ctx = max(ctx.context_lens)
         nb = (max_ctx + block_size - 1) // block_size
         tables = ctx.block_tables[:, :nb]
         k = self.k_cache[tables].flatten(1, 2)[:, :max_ctx].to(q.dtype)  # [B, L, KV, D]
         v = self.v_cache[tables].flatten(1, 2)[:, :max_ctx].to(q.dtype)
-        lens = torch.tensor(ctx.context_lens, device=q.device)
-        idx = torch.arange(max_ctx, device=q.device)[None, :]
-        mask = idx < lens[:, None]
-        if self.sliding_window is not None:
-            mask &= idx >= lens[:, None] - self.sliding_window
-        mask = mask[:, None, None, :]  # [B, 1, 1, L]
-        out = F.scaled_dot_product_attention(
-            q.view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            scale=self.scale,
-            enable_gqa=True,
-        )  # [B, H, 1, D]
-        return out.transpose(1, 2).reshape(bsz, self.num_heads, self.head_dim)
+        key = ("mask", self.sliding_window, q.dtype)
+        mask = ctx.memo.get(key)
+        if mask is None:
+            lens = torch.tensor(ctx.context_lens, device=q.device)
+            idx = torch.arange(max_ctx, device=q.device)[None, :]
+            seen = idx < lens[:, None]
+            if self.sliding_window is not None:
+                seen &= idx >= lens[:, None] - self.sliding_window
+            mask = ctx.memo[key] = torch.zeros(seen.shape, dtype=torch.float32, device=q.device).masked_fill_(
+                ~seen, float("-inf")
+            )[:, None, None, :]  # [B, 1, 1, L] additive
+        qg = q.view(bsz, kvh, self.num_heads // kvh, self.head_dim)  # [B, KV, G, D]
+        s = torch.matmul(qg, k.permute(0, 2, 3, 1)).float().mul_(self.scale).add_(mask)  # [B, KV, G, L]
+        p = torch.softmax(s, dim=-1).to(q.dtype)
+        o = torch.matmul(p, v.transpose(1, 2))  # [B, KV, G, D]
+        return o.reshape(bsz, self.num_heads, self.head_dim)

@@ -6,6 +6,9 @@ cache to size and M-RoPE positions past `max_position_embeddings` still work.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +25,47 @@ def rotate_half_split(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """GPT-NeoX / LLaMA style: dim i is paired with dim i + R/2. x: [..., R]; cos/sin: [..., R/2]."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RopeTables(NamedTuple):
+    """Whole-head rotation tables for one step, built once and shared by every layer with the same rope.
+
+    Any style (interleaved or half-split, partial or full) is out = x * cos + x[..., perm] * sin: `perm` names each
+    dim's rotation partner, `sin` carries the sign, and dims past the rotary part have cos 1, sin 0 (left as is).
+    """
+
+    cos: Tensor  # [T, 1, D]
+    sin: Tensor  # [T, 1, D]
+    perm: Tensor  # [D] int64
+
+
+@lru_cache(maxsize=64)
+def _partner(rotary_dim: int, head_dim: int, interleaved: bool, device: torch.device) -> Tensor:
+    j = torch.arange(head_dim, device=device)
+    r = torch.arange(rotary_dim, device=device)
+    j[:rotary_dim] = r ^ 1 if interleaved else (r + rotary_dim // 2) % rotary_dim
+    return j
+
+
+def rope_tables(cos: Tensor, sin: Tensor, head_dim: int, interleaved: bool) -> RopeTables:
+    """cos, sin [T, R/2] (frequency i rotates pair i) -> `RopeTables` over heads of `head_dim` dims."""
+    t, half = cos.shape
+    if interleaved:  # pairs (2i, 2i+1)
+        c = cos.repeat_interleave(2, dim=-1)  # [T, R]
+        s = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    else:  # pairs (i, i + R/2)
+        c = torch.cat((cos, cos), dim=-1)
+        s = torch.cat((-sin, sin), dim=-1)
+    if head_dim > 2 * half:
+        rest = head_dim - 2 * half
+        c = torch.cat((c, c.new_ones(t, rest)), dim=-1)
+        s = torch.cat((s, s.new_zeros(t, rest)), dim=-1)
+    return RopeTables(c[:, None, :], s[:, None, :], _partner(2 * half, head_dim, interleaved, cos.device))
+
+
+def apply_rope(x: Tensor, tables: RopeTables) -> Tensor:
+    """x [T, H, D] -> x rotated by `tables` (three ops whatever the style: the per-token path stays short)."""
+    return torch.addcmul(x * tables.cos, x.index_select(-1, tables.perm), tables.sin)
 
 
 class RotaryEmbedding(nn.Module):
@@ -86,6 +130,11 @@ class RotaryEmbedding(nn.Module):
             # Frequency j takes its angle from position row rows[j].
             freqs = pos[rows].transpose(0, 1) * inv_freq  # [T, R/2]
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+    def tables(self, positions: Tensor, dtype: torch.dtype, head_dim: int) -> RopeTables:
+        """positions [T] or [3, T] -> whole-head `RopeTables` for `apply_rope` (compute once per forward)."""
+        cos, sin = self.cos_sin(positions, dtype)
+        return rope_tables(cos, sin, head_dim, self.interleaved)
 
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x: [T, H, D] with D >= rotary_dim; cos/sin: [T, R/2] -> [T, H, D]."""

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from autoglm.errors import ConfigError
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
+from autoglm.layers.norm import GemmaRMSNorm
+from autoglm.layers.rotary import RopeTables, apply_rope, rope_tables
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -97,23 +99,8 @@ class Gemma3Config:
         return cls(**kw)
 
 
-class Gemma3RMSNorm(nn.Module):
-    """RMSNorm computed in float32, scaled by (1 + weight) (Gemma's zero-centred weights)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+# RMSNorm in float32 scaled by (1 + weight) (Gemma's zero-centred weights): the shared layer
+Gemma3RMSNorm = GemmaRMSNorm
 
 
 class Gemma3Rotary(nn.Module):
@@ -137,12 +124,15 @@ class Gemma3Rotary(nn.Module):
             self._inv_freq[device] = 1.0 / (self.base**exponent) / self.scaling_factor
         return self._inv_freq[device]
 
+    def tables(self, positions: Tensor, dtype: torch.dtype) -> RopeTables:
+        """positions [T] -> rotation tables for every layer using this rope (computed once per forward)."""
+        freqs = positions[:, None].float() * self.inv_freq(positions.device)[None, :]  # [T, D/2]
+        return rope_tables(freqs.cos().to(dtype), freqs.sin().to(dtype), self.head_dim, interleaved=False)
+
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         # q: [T, H, D], k: [T, KV, D], positions: [T]
-        freqs = positions[:, None].float() * self.inv_freq(q.device)[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[:, None, :].to(q.dtype), emb.sin()[:, None, :].to(q.dtype)  # [T, 1, D]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        rope = self.tables(positions, q.dtype)
+        return apply_rope(q, rope), apply_rope(k, rope)
 
 
 class Gemma3Attention(nn.Module):
@@ -172,13 +162,12 @@ class Gemma3Attention(nn.Module):
             sliding_window=config.sliding_window if sliding else None,
         )
 
-    def forward(self, x: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
-        # x: [T, D]
+    def forward(self, x: Tensor, rope: RopeTables, ctx: AttentionContext) -> Tensor:
+        # x: [T, D]; rope: this layer type's tables for the step
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
+        q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim)), rope)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)), rope)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(q, k, positions)
         out = self.attn(q, k, v, ctx)  # [T, H, Dh]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -205,8 +194,8 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
         self.post_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
 
-    def forward(self, h: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), positions, ctx))
+    def forward(self, h: Tensor, rope: RopeTables, ctx: AttentionContext) -> Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, ctx))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -257,8 +246,13 @@ class Gemma3ForCausalLM(nn.Module):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, D]
         if positions.dim() == 2:  # a 3-row M-RoPE layout from a generic caller: text rows are all equal
             positions = positions[0]
+        ropes: dict[str, RopeTables] = {}  # angles once per step per rope base, shared by the layers
         for layer in self.model.layers:
-            h = layer(h, positions, ctx)
+            attn = layer.self_attn
+            rope = ropes.get(attn.layer_type)
+            if rope is None:
+                rope = ropes[attn.layer_type] = attn.rotary.tables(positions, h.dtype)
+            h = layer(h, rope, ctx)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from autoglm.layers.activation import GatedActivation
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
 from autoglm.layers.norm import RMSNorm
-from autoglm.layers.rotary import RotaryEmbedding
+from autoglm.layers.rotary import RopeTables, RotaryEmbedding, apply_rope
 from autoglm.models.config import TextConfig
 
 
@@ -47,13 +47,13 @@ class Glm4Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * hd, d, bias=False)
         self.attn = Attention(self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rotary: RotaryEmbedding, ctx: AttentionContext) -> Tensor:
-        # x: [T, D]; cos/sin: [T, R/2]
+    def forward(self, x: Tensor, rope: RopeTables, ctx: AttentionContext) -> Tensor:
+        # x: [T, D]; rope: this step's tables (shared by all layers)
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         o = self.attn(q, k, v, ctx)  # [T, H, hd]
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -71,9 +71,9 @@ class Glm4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rotary: RotaryEmbedding, ctx: AttentionContext) -> Tensor:
+    def forward(self, x: Tensor, rope: RopeTables, ctx: AttentionContext) -> Tensor:
         # x: [T, D]
-        h = self.self_attn(self.input_layernorm(x), cos, sin, rotary, ctx)
+        h = self.self_attn(self.input_layernorm(x), rope, ctx)
         x = x + self.post_self_attn_layernorm(h)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + self.post_mlp_layernorm(h)
@@ -89,6 +89,8 @@ class Glm4Model(nn.Module):
         super().__init__()
         self.config = config
         self.uses_mrope = config.uses_mrope
+        assert config.head_dim is not None
+        self.head_dim = config.head_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Glm4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -105,9 +107,9 @@ class Glm4Model(nn.Module):
     ) -> Tensor:
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, D]
         # Angles once per step, shared by every layer.
-        cos, sin = self.rotary_emb.cos_sin(positions, h.dtype)  # [T, R/2]
+        rope = self.rotary_emb.tables(positions, h.dtype, self.head_dim)  # [T, 1, head_dim] each
         for layer in self.layers:
-            h = layer(h, cos, sin, self.rotary_emb, ctx)
+            h = layer(h, rope, ctx)
         return self.norm(h)
 
 

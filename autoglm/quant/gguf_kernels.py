@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from autoglm.quant import gguf_linear
-from autoglm.quant.gguf_linear import GGUFBlockFormat, register_matmul_kernel
+from autoglm.quant.gguf_linear import GGUFBlockFormat, register_gemv_kernel, register_matmul_kernel
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +177,17 @@ def matmul(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
 
 def install() -> bool:
     """Register the fast kernels for every supported type; False (nothing registered) if they cannot be built."""
-    if extension() is None:
+    ext = extension()
+    if ext is None:
         return False
+    gemv_direct = ext.gemv
+
+    def direct(x: Tensor, raw: Tensor, qid: int) -> Tensor:  # = matmul() for float32 [M <= GEMV_MAX_ROWS, K]
+        return gemv_direct(x, raw, qid, False)
+
     for qtype in SUPPORTED_TYPES:
         register_matmul_kernel(qtype, matmul)
+        register_gemv_kernel(qtype, direct, GEMV_MAX_ROWS, owner=matmul)
     return True
 
 
@@ -189,6 +196,7 @@ def uninstall() -> None:
     for qtype in SUPPORTED_TYPES:
         if gguf_linear._KERNELS.get(qtype) is matmul:
             del gguf_linear._KERNELS[qtype]
+        register_gemv_kernel(qtype, None)
 
 
 def installed() -> bool:

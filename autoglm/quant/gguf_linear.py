@@ -33,6 +33,25 @@ def register_matmul_kernel(qtype: GGMLQuantizationType, kernel: MatmulKernel) ->
     _KERNELS[GGMLQuantizationType(qtype)] = kernel
 
 
+# Decode fast path: x [M, in] float32 contiguous (M <= max_rows), raw [out, row_bytes], GGML type id -> [M, out]
+# float32. `GGUFLinear.forward` calls it directly: the generic route costs ~10 us of Python per call, which is
+# ~1.2 ms per token over a 126-matmul model. It must return what the registered matmul kernel (`owner`) returns, and
+# is used only while `owner` is the registered kernel (emptying `_KERNELS` still pins the reference path).
+GemvKernel = Callable[[Tensor, Tensor, int], Tensor]
+_GEMV: dict[int, tuple[GemvKernel, int, MatmulKernel]] = {}
+
+
+def register_gemv_kernel(
+    qtype: GGMLQuantizationType, kernel: GemvKernel | None, max_rows: int = 0, owner: MatmulKernel | None = None
+) -> None:
+    """Install (or with None remove) the direct float32 small-M kernel `GGUFLinear.forward` uses for `qtype`
+    while `owner` is its registered matmul kernel."""
+    if kernel is None or owner is None:
+        _GEMV.pop(int(qtype), None)
+    else:
+        _GEMV[int(qtype)] = (kernel, max_rows, owner)
+
+
 @dataclass(frozen=True)
 class GGUFBlockFormat:
     """How to read a [rows, cols] weight stored as GGUF blocks: `qtype` plus the logical (torch-order) shape."""
@@ -111,6 +130,7 @@ class GGUFLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight_format = GGUFBlockFormat(check_type(qtype, name), out_features, in_features)
+        self._qid = int(self.weight_format.qtype)  # plain int key: enum hashing is slow on the per-token path
         self.register_buffer("weight", torch.empty(self.weight_format.raw_shape, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -147,6 +167,17 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
+        fast = _GEMV.get(self._qid)
+        if (
+            fast is not None
+            and x.dim() == 2
+            and x.shape[0] <= fast[1]
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and _KERNELS.get(self.weight_format.qtype) is fast[2]
+        ):
+            y = fast[0](x.contiguous(), self.weight, self._qid)  # [M, out]
+            return y if self.bias is None else y.add_(self.bias)
         return self.weight_format.matmul(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
