@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError
+from autoglm.layers.norm import Norm, fused_ops
 
 
 def rotate_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -37,6 +38,8 @@ class RopeTables(NamedTuple):
     cos: Tensor  # [T, 1, D]
     sin: Tensor  # [T, 1, D]
     perm: Tensor  # [D] int64
+    rotary_dim: int = 0  # R: dims [R, D) are passed through (0: the whole head)
+    interleaved: bool = False
 
 
 @lru_cache(maxsize=64)
@@ -60,11 +63,23 @@ def rope_tables(cos: Tensor, sin: Tensor, head_dim: int, interleaved: bool) -> R
         rest = head_dim - 2 * half
         c = torch.cat((c, c.new_ones(t, rest)), dim=-1)
         s = torch.cat((s, s.new_zeros(t, rest)), dim=-1)
-    return RopeTables(c[:, None, :], s[:, None, :], _partner(2 * half, head_dim, interleaved, cos.device))
+    perm = _partner(2 * half, head_dim, interleaved, cos.device)
+    return RopeTables(c[:, None, :], s[:, None, :], perm, 2 * half, interleaved)
 
 
-def apply_rope(x: Tensor, tables: RopeTables) -> Tensor:
-    """x [T, H, D] -> x rotated by `tables` (three ops whatever the style: the per-token path stays short)."""
+def apply_rope(x: Tensor, tables: RopeTables, norm: Norm | None = None) -> Tensor:
+    """x [T, H, D] -> norm(x) (per head, if given: Gemma's q/k norms) rotated by `tables`.
+
+    One fused call on float32 CPU when the kernels are installed, else three torch ops whatever the style.
+    """
+    f = fused_ops(x, tables.cos)
+    if f is not None and (norm is None or norm.weight.dtype == torch.float32):
+        w = None if norm is None else norm.weight
+        eps, offset = (0.0, 0.0) if norm is None else (norm.eps, norm.offset)
+        r = tables.rotary_dim or x.shape[-1]
+        return f.norm_rope(x.contiguous(), w, eps, offset, tables.cos, tables.sin, r, tables.interleaved)
+    if norm is not None:
+        x = norm(x)
     return torch.addcmul(x * tables.cos, x.index_select(-1, tables.perm), tables.sin)
 
 

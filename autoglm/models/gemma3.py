@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from autoglm.errors import ConfigError
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
-from autoglm.layers.norm import GemmaRMSNorm
+from autoglm.layers.norm import GemmaRMSNorm, add_norm
 from autoglm.layers.rotary import RopeTables, apply_rope, rope_tables
 
 SLIDING = "sliding_attention"
@@ -165,8 +165,8 @@ class Gemma3Attention(nn.Module):
     def forward(self, x: Tensor, rope: RopeTables, ctx: AttentionContext) -> Tensor:
         # x: [T, D]; rope: this layer type's tables for the step
         t = x.shape[0]
-        q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim)), rope)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)), rope)
+        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), rope, self.q_norm)
+        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), rope, self.k_norm)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, ctx)  # [T, H, Dh]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -195,8 +195,11 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
 
     def forward(self, h: Tensor, rope: RopeTables, ctx: AttentionContext) -> Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, ctx))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        # h: [T, D]; residual + post-norm + the next pre-norm in one step each (one fused call on CPU float32)
+        a = self.self_attn(self.input_layernorm(h), rope, ctx)
+        h, x = add_norm(h, a, self.post_attention_layernorm, self.pre_feedforward_layernorm)
+        assert x is not None
+        return add_norm(h, self.mlp(x), self.post_feedforward_layernorm)[0]
 
 
 class Gemma3TextModel(nn.Module):

@@ -15,7 +15,7 @@ from autoglm.errors import ConfigError
 from autoglm.layers.activation import GatedActivation
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
-from autoglm.layers.norm import RMSNorm
+from autoglm.layers.norm import RMSNorm, add_norm
 from autoglm.layers.rotary import RopeTables, RotaryEmbedding, apply_rope
 from autoglm.models.config import TextConfig
 
@@ -74,9 +74,9 @@ class Glm4DecoderLayer(nn.Module):
     def forward(self, x: Tensor, rope: RopeTables, ctx: AttentionContext) -> Tensor:
         # x: [T, D]
         h = self.self_attn(self.input_layernorm(x), rope, ctx)
-        x = x + self.post_self_attn_layernorm(h)
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + self.post_mlp_layernorm(h)
+        x, hn = add_norm(x, h, self.post_self_attn_layernorm, self.post_attention_layernorm)
+        assert hn is not None
+        return add_norm(x, self.mlp(hn), self.post_mlp_layernorm)[0]
 
 
 class Glm4Model(nn.Module):

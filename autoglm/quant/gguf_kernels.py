@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
+from autoglm.layers import norm as norm_layers
 from autoglm.quant import gguf_linear
 from autoglm.quant.gguf_linear import GGUFBlockFormat, register_gemv_kernel, register_matmul_kernel
 
@@ -188,6 +189,7 @@ def install() -> bool:
     for qtype in SUPPORTED_TYPES:
         register_matmul_kernel(qtype, matmul)
         register_gemv_kernel(qtype, direct, GEMV_MAX_ROWS, owner=matmul)
+    norm_layers.set_fused_ops(ext)  # fused norms / residual+norm / norm+rope on the per-token path
     return True
 
 
@@ -197,6 +199,7 @@ def uninstall() -> None:
         if gguf_linear._KERNELS.get(qtype) is matmul:
             del gguf_linear._KERNELS[qtype]
         register_gemv_kernel(qtype, None)
+    norm_layers.set_fused_ops(None)
 
 
 def installed() -> bool:
