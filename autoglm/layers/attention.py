@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autoglm.layers.norm import fused_ops
+
+_FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 @dataclass
 class AttentionContext:
@@ -131,6 +135,15 @@ class Attention(nn.Module):
 
     def _decode(self, q: Tensor, ctx: AttentionContext, block_size: int) -> Tensor:
         # q: [B, H, D], one new token per sequence -> [B, H, D]
+        assert self.k_cache is not None
+        f = fused_ops(q, q)
+        if f is not None and self.k_cache.dtype in _FUSED_CACHE_DTYPES:
+            # fused kernel per sequence over its cache span: K/V read once, in the cache's dtype (no gather, no mask)
+            outs = []
+            for i in range(len(ctx.query_lens)):
+                k, v = self._cached_kv(ctx, i, block_size)
+                outs.append(f.attend_decode(q[i].contiguous(), k, v, self.scale))  # [H, D]
+            return outs[0][None] if len(outs) == 1 else torch.stack(outs)
         if len(ctx.query_lens) == 1:  # the common single-stream case: no gather, no mask
             k, v = self._cached_kv(ctx, 0, block_size)
             return self._attend_last(q, k, v)
