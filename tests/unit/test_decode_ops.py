@@ -1,0 +1,199 @@
+"""The decode path's fused CPU helpers and attention fast paths equal the plain torch composition.
+
+Kernels (`autoglm/quant/csrc/gguf_kernels.cpp`): rms_norm, add_rms_norm, norm_rope, attend_decode — each against the
+torch ops it replaces. Attention: the cache-view, gathered-block and batched decode paths (torch and fused) against
+attention over the whole sequence. Models: a tiny Gemma 3 decoding through the paged cache with the fused helpers on
+matches transformers' logits (the parity tests in tests/models cover the torch path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoglm.layers import norm as norm_layers
+from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.layers.norm import GemmaRMSNorm, RMSNorm, add_norm
+from autoglm.layers.rotary import RotaryEmbedding, apply_rope, rope_tables
+from autoglm.quant import gguf_kernels as gk
+
+
+@pytest.fixture(scope="module")
+def ext() -> Any:
+    e = gk.extension()
+    assert e is not None, "the C++ kernels must build on the test machine (g++ and ninja are installed)"
+    return e
+
+
+@pytest.fixture
+def fused(ext: Any) -> Iterator[Any]:
+    norm_layers.set_fused_ops(ext)
+    try:
+        yield ext
+    finally:
+        norm_layers.set_fused_ops(None)
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cls", [RMSNorm, GemmaRMSNorm])
+@pytest.mark.parametrize("dim", [640, 48, 7])
+def test_norms_and_residual_step(fused: Any, cls: type, dim: int) -> None:
+    g = torch.Generator().manual_seed(dim)
+    post, pre = cls(dim, 1e-6), cls(dim, 1e-6)
+    with torch.no_grad():
+        post.weight.copy_(torch.randn(dim, generator=g))
+        pre.weight.copy_(torch.randn(dim, generator=g))
+    h, y = torch.randn(5, dim, generator=g), torch.randn(5, dim, generator=g) * 3
+    with torch.inference_mode():
+        got = (post(y), *add_norm(h, y, post, pre), add_norm(h, y, post)[0])
+        norm_layers.set_fused_ops(None)
+        ref = (post(y), *add_norm(h, y, post, pre), add_norm(h, y, post)[0])
+    for a, b in zip(got, ref, strict=True):
+        assert a is not None and b is not None
+        _close(a, b)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize(("rotary_dim", "head_dim"), [(64, 128), (256, 256), (8, 16)])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_norm_rope(fused: Any, interleaved: bool, rotary_dim: int, head_dim: int, with_norm: bool) -> None:
+    g = torch.Generator().manual_seed(rotary_dim + head_dim)
+    rope = RotaryEmbedding(rotary_dim, 10_000.0, interleaved=interleaved)
+    tables = rope.tables(torch.tensor([0, 5, 511]), torch.float32, head_dim)
+    x = torch.randn(3, 4, head_dim, generator=g)
+    norm = GemmaRMSNorm(head_dim) if with_norm else None
+    if norm is not None:
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(head_dim, generator=g))
+    with torch.inference_mode():
+        got = apply_rope(x, tables, norm)
+        norm_layers.set_fused_ops(None)
+        ref = apply_rope(norm(x) if norm is not None else x, tables)
+        # and the table form equals the classic pairwise rotation
+        cos, sin = rope.cos_sin(torch.tensor([0, 5, 511]), torch.float32)
+        classic = rope.apply(norm(x) if norm is not None else x, cos, sin)
+    _close(got, ref)
+    _close(ref, classic)
+
+
+def test_rope_tables_pass_through_dims_unchanged() -> None:
+    ang = torch.rand(2, 4)
+    t = rope_tables(ang.cos(), ang.sin(), 12, interleaved=True)
+    x = torch.randn(2, 3, 12)
+    assert torch.equal(apply_rope(x, t)[..., 8:], x[..., 8:])
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # q [H, D], k/v [n, KV, D] -> [H, D] by torch's reference attention
+    h, kv = q.shape[0], k.shape[1]
+    kk = k.float().repeat_interleave(h // kv, dim=1).transpose(0, 1)  # [H, n, D]
+    vv = v.float().repeat_interleave(h // kv, dim=1).transpose(0, 1)
+    return F.scaled_dot_product_attention(q[:, None], kk, vv, scale=scale)[:, 0]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 1, 256), (8, 2, 128), (10, 2, 64), (4, 2, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_attend_decode_kernel(ext: Any, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(heads * head_dim)
+    cache_k = torch.randn(300, kv_heads, head_dim, generator=g).to(dtype)
+    cache_v = torch.randn(300, kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(heads, head_dim, generator=g)
+    for lo, hi in [(0, 1), (17, 250), (0, 300)]:  # views into a bigger cache, as the decode path passes them
+        k, v = cache_k[lo:hi], cache_v[lo:hi]
+        _close(ext.attend_decode(q, k, v, 0.125), _sdpa(q, k, v, 0.125), tol=2e-5)
+    strided_k = torch.randn(40, kv_heads, 2 * head_dim, generator=g)[..., :head_dim].to(dtype)
+    strided_v = torch.randn(40, kv_heads, 2 * head_dim, generator=g)[..., :head_dim].to(dtype)
+    _close(ext.attend_decode(q, strided_k, strided_v, 0.3), _sdpa(q, strided_k, strided_v, 0.3), tol=2e-5)
+
+
+def _decode_case(
+    attn: Attention, lens: list[int], tables: list[list[int]], block_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill each sequence's cache through the cached prefill path, then one decode step; -> (decode out, reference)."""
+    g = torch.Generator().manual_seed(seed)
+    h, kv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    nblocks = max(max(t) for t in tables) + 1
+    attn.k_cache = torch.zeros(nblocks, block_size, kv, d)
+    attn.v_cache = torch.zeros(nblocks, block_size, kv, d)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables])
+    qs, ks, vs = [], [], []
+    for i, n in enumerate(lens):
+        q, k, v = (
+            torch.randn(n, h, d, generator=g),
+            torch.randn(n, kv, d, generator=g),
+            torch.randn(n, kv, d, generator=g),
+        )
+        slots = torch.tensor([tables[i][j // block_size] * block_size + j % block_size for j in range(n)])
+        attn(
+            q[:-1],
+            k[:-1],
+            v[:-1],
+            AttentionContext([n - 1], [n - 1], slot_mapping=slots[:-1], block_tables=bt[i : i + 1]),
+        )
+        qs.append(q)
+        ks.append(k)
+        vs.append(v)
+    last = [n - 1 for n in lens]
+    slots = torch.tensor([tables[i][p // block_size] * block_size + p % block_size for i, p in enumerate(last)])
+    ctx = AttentionContext([1] * len(lens), list(lens), slot_mapping=slots, block_tables=bt)
+    out = attn(
+        torch.stack([q[-1] for q in qs]), torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs]), ctx
+    )
+    ref = torch.stack([attn._causal(q, k, v)[-1] for q, k, v in zip(qs, ks, vs, strict=True)])
+    return out, ref
+
+
+@pytest.mark.parametrize("use_fused", [False, True])
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize(
+    ("lens", "tables"),
+    [
+        ([11], [[3, 4, 5]]),  # consecutive blocks: the cache-view path
+        ([11], [[5, 1, 3]]),  # scattered blocks: gathered
+        ([11, 4, 9], [[0, 1, 2], [7], [5, 3, 4]]),  # batched decode, mixed lengths
+    ],
+)
+def test_decode_paths_equal_full_attention(
+    ext: Any, use_fused: bool, window: int | None, lens: list[int], tables: list[list[int]]
+) -> None:
+    attn = Attention(4, 2, 64, scale=0.125, sliding_window=window)
+    norm_layers.set_fused_ops(ext if use_fused else None)
+    try:
+        with torch.inference_mode():
+            out, ref = _decode_case(attn, lens, tables, block_size=4, seed=len(lens))
+    finally:
+        norm_layers.set_fused_ops(None)
+    _close(out, ref, tol=2e-5)
+
+
+def test_gemma3_decode_with_fused_ops_matches_transformers(fused: Any) -> None:
+    pytest.importorskip("transformers")
+    from tests.models.test_gemma3_parity import _attach_cache, _hf_model, _ours
+
+    hf = _hf_model("mixed")
+    ours = _ours(hf)
+    ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(5))
+    block_size = 4
+    table = torch.tensor([[2, 0, 5, 1, 3]])  # scattered on purpose
+    _attach_cache(ours, 6, block_size)
+
+    def slots(pos: torch.Tensor) -> torch.Tensor:
+        return table[0, pos // block_size] * block_size + pos % block_size
+
+    with torch.inference_mode():
+        ref = hf(ids[None]).logits[0]
+        pos = torch.arange(12)
+        got = [ours.compute_logits(ours(ids[:12], pos, AttentionContext([12], [12], slots(pos), table)))]
+        for p in range(12, 20):
+            pt = torch.tensor([p])
+            got.append(ours.compute_logits(ours(ids[p : p + 1], pt, AttentionContext([1], [p + 1], slots(pt), table))))
+    err = (torch.cat(got) - ref).abs().max().item()
+    assert err <= 1e-4 * ref.abs().max().item(), err
