@@ -10,6 +10,9 @@ Two paths, picked per call by the number of activation rows M (measured in `benc
   memory), by the same C++ code (bit-exact with `gguf.quants`), then one GEMM per slab — in bfloat16 on CPUs with
   BF16 dot products (`PREFILL_BF16`: weight and activations rounded to bfloat16), else float32.
 
+Decode helpers in the same extension (`install()` hands them to `autoglm.layers.norm.set_fused_ops`): rms_norm,
+add_rms_norm (residual + post-norm + next pre-norm), norm_rope (per-head norm + rotary), attend_decode (one query per
+head over a cache span); float32 CPU only, each equal to its torch composition up to summation order.
 Memory: nothing is repacked or cached; the module keeps only the file's blocks (no float copy of the model).
 Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; others keep the reference path of `GGUFBlockFormat.matmul`.
 The extension is built once per (source, torch, CPU) into `<autoglm cache>/torch_extensions/`; if it cannot be

@@ -5,6 +5,7 @@
 //              by AVX512-VNNI vpdpbusd; the result equals F.linear(x_q, W) up to float32 summation order, where
 //              x_q = scale * round(x / scale). Without VNNI a float-activation path (row dequantized in L1) is used.
 // dequantize:  W as float32 / bfloat16 [N, K], bit-exact with ggml's dequantize_row_* (fp-contract off).
+// decode helpers (end of file): rms_norm, add_rms_norm, norm_rope, attend_decode for the per-token path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
