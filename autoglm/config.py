@@ -31,9 +31,11 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact block count (tests, benchmarks); overrides the memory budget
     kv_cache_dtype: str = "auto"  # "auto" = the decoder's dtype
     max_waiting: int = 1024  # waiting-queue bound; beyond it add_request raises Overloaded (HTTP 429)
-    # On by default: a hit reuses K/V computed from the same tokens and media (same results, tested); cached blocks
-    # sit in the free list and are evicted oldest-first, so caching costs no memory; scoring bypasses it.
-    enable_prefix_caching: bool = True
+    # A hit reuses K/V computed from the same tokens and media (same results, tested); cached blocks sit in the free
+    # list and are evicted oldest-first, so caching costs no memory; scoring bypasses it. On by default for the
+    # server (`autoglm serve` passes it as a default: agents resend their history), off for LLM/bench, whose
+    # repeated identical prompts would otherwise measure the cache instead of the model.
+    enable_prefix_caching: bool = False
     encoder_cache_memory: int = 256 * 2**20  # bytes of encoder outputs kept by media content hash; 0 = off
     request_timeout: float | None = None  # seconds from arrival; past it a request ends with RequestTimeout
 
@@ -58,8 +60,10 @@ class EngineConfig:
         *,
         env: Mapping[str, str] | None = None,
         model_values: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
     ) -> EngineConfig:
-        """Merge flag values (None = not given) > AUTOGLM_* env > model-file values > defaults.
+        """Merge flag values (None = not given) > AUTOGLM_* env > model-file values > `defaults` (a caller's own,
+        e.g. the server's) > the built-in defaults.
 
         Unknown explicit keys raise InvalidRequest naming them (typos in `LLM(**engine_kwargs)` must not pass silently).
         """
@@ -78,6 +82,8 @@ class EngineConfig:
                 values[name] = _parse_env(name, raw, hints[name])
             elif model_values and model_values.get(name) is not None:
                 values[name] = model_values[name]
+            elif defaults and defaults.get(name) is not None:
+                values[name] = defaults[name]
         return cls(**values)
 
 

@@ -118,6 +118,7 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> Any:
             "enable_prefix_caching": False if getattr(config, "no_prefix_caching", False) else None,
         },
         model_values={"max_model_len": model.max_model_len},
+        defaults={"enable_prefix_caching": True},  # agents resend the same prefix every step (EngineConfig says why)
     )
     return AsyncEngine(Engine(model, engine_config))
 

@@ -112,12 +112,14 @@ def alone(vmodel: LoadedModel) -> list[list[int]]:
 
 
 # --- batch invariance ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("budget,seqs", [(2048, 16), (40, 6)])
+@pytest.mark.parametrize("budget,seqs,prefix", [(2048, 16, False), (40, 6, True)])
 def test_16_concurrent_requests_equal_alone(vmodel: LoadedModel, alone: list[list[int]], budget: int,
-                                            seqs: int) -> None:
-    """All 16 at once (and, second case, chunked prefill mixed with decode, a batch cap, late arrivals)."""
+                                            seqs: int, prefix: bool) -> None:
+    """All 16 at once (and, second case, chunked prefill mixed with decode, a batch cap, late arrivals, prefix
+    caching)."""
     prompts = sixteen_prompts(vmodel)
-    engine = Engine(vmodel, EngineConfig(block_size=4, max_num_batched_tokens=budget, max_num_seqs=seqs))
+    engine = Engine(vmodel, EngineConfig(block_size=4, max_num_batched_tokens=budget, max_num_seqs=seqs,
+                                         enable_prefix_caching=prefix))
     late = list(range(16))[::-1]
     first = 16 if budget == 2048 else 8
 
@@ -253,7 +255,7 @@ def test_prefix_hit_gives_same_logprobs_as_miss(vmodel: LoadedModel, with_image:
 
 def test_phone_agent_system_prompt_computed_once(vmodel: LoadedModel) -> None:
     """4 devices x 3 steps, a new screenshot each step: the system prompt blocks are computed once."""
-    engine = Engine(vmodel, EngineConfig(block_size=4))
+    engine = Engine(vmodel, EngineConfig(block_size=4, enable_prefix_caching=True))
     for step in range(3):
         for dev in range(4):
             p = chat_prompt(vmodel, f"device {dev} step {step}", [image(84, 140, seed=100 * dev + step)],
@@ -264,6 +266,16 @@ def test_phone_agent_system_prompt_computed_once(vmodel: LoadedModel) -> None:
     # every request after the very first, including the 3 that arrived with it, reused the system prompt
     assert engine.scheduler.num_cached_tokens >= 11 * (n_system // 4 - 1) * 4
     assert engine.scheduler.num_prefix_waits >= 1 and engine.stats()["prefix_cache_hit_rate"] > 0.5
+
+
+def test_prefix_caching_default_on_for_the_server_only() -> None:
+    assert EngineConfig().enable_prefix_caching is False  # LLM / bench: no state carried across calls
+    server = {"enable_prefix_caching": True}  # what autoglm serve passes as its default
+    assert EngineConfig.from_sources(env={}, defaults=server).enable_prefix_caching is True
+    off = {"AUTOGLM_ENABLE_PREFIX_CACHING": "0"}
+    assert EngineConfig.from_sources(env=off, defaults=server).enable_prefix_caching is False
+    assert EngineConfig.from_sources({"enable_prefix_caching": False}, env={}, defaults=server).enable_prefix_caching \
+        is False
 
 
 # --- invariants under a random mix --------------------------------------------------------------------------------
@@ -299,7 +311,8 @@ def test_random_mix_returns_every_block(vmodel: LoadedModel, ops: list[tuple[str
 def test_async_mix_finish_abort_disconnect_preempt(vmodel: LoadedModel) -> None:
     """Through AsyncEngine: finished, aborted, cancelled-iterator (disconnect), closed-early and preempted requests
     on a small KV budget; afterwards every block is free and nothing is in flight."""
-    inner = Engine(vmodel, EngineConfig(block_size=4, num_kv_blocks=24, max_num_seqs=6, max_num_batched_tokens=32))
+    inner = Engine(vmodel, EngineConfig(block_size=4, num_kv_blocks=24, max_num_seqs=6, max_num_batched_tokens=32,
+                                        enable_prefix_caching=True))
     _slow(inner, 0.003)  # so that cancellations land mid-stream
     engine = AsyncEngine(inner)
     rng = random.Random(7)
