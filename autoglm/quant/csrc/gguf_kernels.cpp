@@ -227,60 +227,93 @@ inline __m256i nibbles16(const uint8_t* p) {
   return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
 }
 
-float dot_q8_0(const uint8_t* row, const ActQ& a, int64_t nb) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+// ---- multi-row dots: each weight block is loaded and unpacked once, then dotted with R <= 8 activation rows ----
+// y[r * ys] = W_row . x_r for r < R. The weight-side work (unpacking, |w| and sign, scales) is shared; each row's
+// arithmetic (accumulators, operation order) is the same for every R, so a row's result does not depend on the batch.
+constexpr int kMaxTile = 8;
+
+template <int R>
+void dot_q8_0(const uint8_t* row, const ActQ* a, int64_t nb, float* y, int64_t ys) {
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
   const __m256i z = _mm256_setzero_si256();
   int64_t b = 0;
   for (; b + 1 < nb; b += 2) {  // two blocks per step: independent accumulators for ILP
     const uint8_t* k0 = row + 34 * b;
     const uint8_t* k1 = k0 + 34;
-    const __m256i p0 = dot_s8(z, load256(k0 + 2), load256(a.q + 32 * b));
-    const __m256i p1 = dot_s8(z, load256(k1 + 2), load256(a.q + 32 * b + 32));
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fh2f(k0) * a.d[b]), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fh2f(k1) * a.d[b + 1]), acc1);
+    const __m256i w0 = load256(k0 + 2), w1 = load256(k1 + 2);
+    // s8 x s8 via u8 x s8 vpdpbusd: |w| . (sign(w) * x)
+    const __mmask32 n0 = _mm256_movepi8_mask(w0), n1 = _mm256_movepi8_mask(w1);
+    const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+    const float d0 = fh2f(k0), d1 = fh2f(k1);
+    for (int r = 0; r < R; ++r) {
+      const __m256i x0 = load256(a[r].q + 32 * b), x1 = load256(a[r].q + 32 * b + 32);
+      const __m256i p0 = _mm256_dpbusd_epi32(z, a0, _mm256_mask_sub_epi8(x0, n0, z, x0));
+      const __m256i p1 = _mm256_dpbusd_epi32(z, a1, _mm256_mask_sub_epi8(x1, n1, z, x1));
+      acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * a[r].d[b]), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * a[r].d[b + 1]), acc1[r]);
+    }
   }
   for (; b < nb; ++b) {
     const uint8_t* k0 = row + 34 * b;
-    const __m256i p0 = dot_s8(z, load256(k0 + 2), load256(a.q + 32 * b));
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fh2f(k0) * a.d[b]), acc0);
+    const __m256i w0 = load256(k0 + 2);
+    const float d0 = fh2f(k0);
+    for (int r = 0; r < R; ++r)
+      acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8(z, w0, load256(a[r].q + 32 * b))),
+                                _mm256_set1_ps(d0 * a[r].d[b]), acc0[r]);
   }
-  return hsum(_mm256_add_ps(acc0, acc1));
+  for (int r = 0; r < R; ++r) y[r * ys] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
 }
 
-float dot_q4_0(const uint8_t* row, const ActQ& a, int64_t nb) {
-  __m256 acc = _mm256_setzero_ps();
+template <int R>
+void dot_q4_0(const uint8_t* row, const ActQ* a, int64_t nb, float* y, int64_t ys) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* k = row + 18 * b;
-    // q in 0..15, value q - 8: the lane init -8 * sum4(x) supplies the offset
-    const __m256i init = _mm256_slli_epi32(load256(a.ns4 + 8 * b), 3);
-    const __m256i p = _mm256_dpbusd_epi32(init, nibbles16(k + 2), load256(a.q + 32 * b));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fh2f(k) * a.d[b]), acc);
+    const __m256i w = nibbles16(k + 2);
+    const float d = fh2f(k);
+    for (int r = 0; r < R; ++r) {
+      // q in 0..15, value q - 8: the lane init -8 * sum4(x) supplies the offset
+      const __m256i init = _mm256_slli_epi32(load256(a[r].ns4 + 8 * b), 3);
+      const __m256i p = _mm256_dpbusd_epi32(init, w, load256(a[r].q + 32 * b));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a[r].d[b]), acc[r]);
+    }
   }
-  return hsum(acc);
+  for (int r = 0; r < R; ++r) y[r * ys] = hsum(acc[r]);
 }
 
-float dot_q5_0(const uint8_t* row, const ActQ& a, int64_t nb) {
-  __m256 acc = _mm256_setzero_ps();
+template <int R>
+void dot_q5_0(const uint8_t* row, const ActQ* a, int64_t nb, float* y, int64_t ys) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i h16 = _mm256_set1_epi8(16);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* k = row + 22 * b;
     uint32_t qh;
     std::memcpy(&qh, k + 2, 4);
-    __m256i q = nibbles16(k + 6);
-    q = _mm256_mask_add_epi8(q, static_cast<__mmask32>(qh), q, h16);  // bit j of qh is element j's 5th bit
-    const __m256i init = _mm256_slli_epi32(load256(a.ns4 + 8 * b), 4);
-    const __m256i p = _mm256_dpbusd_epi32(init, q, load256(a.q + 32 * b));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fh2f(k) * a.d[b]), acc);
+    __m256i w = nibbles16(k + 6);
+    w = _mm256_mask_add_epi8(w, static_cast<__mmask32>(qh), w, h16);  // bit j of qh is element j's 5th bit
+    const float d = fh2f(k);
+    for (int r = 0; r < R; ++r) {
+      const __m256i init = _mm256_slli_epi32(load256(a[r].ns4 + 8 * b), 4);
+      const __m256i p = _mm256_dpbusd_epi32(init, w, load256(a[r].q + 32 * b));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a[r].d[b]), acc[r]);
+    }
   }
-  return hsum(acc);
+  for (int r = 0; r < R; ++r) y[r * ys] = hsum(acc[r]);
 }
 
 // Q4_K / Q5_K: w = d*sc[s]*q - dmin*m[s] per 32-element sub-block s
-template <bool Q5>
-float dot_qk_affine(const uint8_t* row, const ActQ& a, int64_t nsb) {
+template <bool Q5, int R>
+void dot_qk_affine(const uint8_t* row, const ActQ* a, int64_t nsb, float* y, int64_t ys) {
   constexpr int64_t TS = Q5 ? 176 : 144;
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.f;
+  __m256 acc[R];
+  float mins[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    mins[r] = 0.f;
+  }
   const __m256i z = _mm256_setzero_si256(), m4 = _mm256_set1_epi8(0x0F), h16 = _mm256_set1_epi8(16);
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* k = row + TS * sb;
@@ -290,11 +323,13 @@ float dot_qk_affine(const uint8_t* row, const ActQ& a, int64_t nsb) {
     __m256i qhv = z;
     if constexpr (Q5) qhv = load256(k + 16);
     const int64_t b0 = 8 * sb;
-    float msum = 0.f;
+    float msum[R];
+    for (int r = 0; r < R; ++r) msum[r] = 0.f;
     for (int j = 0; j < 4; ++j) {
       uint8_t s1, mn1, s2, mn2;
       scale_min_k4(2 * j, scp, s1, mn1);
       scale_min_k4(2 * j + 1, scp, s2, mn2);
+      const float ds1 = d * s1, ds2 = d * s2;
       const __m256i bytes = load256(qs + 32 * j);
       __m256i lo = _mm256_and_si256(bytes, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
       if constexpr (Q5) {
@@ -302,19 +337,23 @@ float dot_qk_affine(const uint8_t* row, const ActQ& a, int64_t nsb) {
         hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(2 << (2 * j))), hi, h16);
       }
       const int64_t bl = b0 + 2 * j, bh = bl + 1;
-      const __m256i pl = _mm256_dpbusd_epi32(z, lo, load256(a.q + 32 * bl));
-      const __m256i ph = _mm256_dpbusd_epi32(z, hi, load256(a.q + 32 * bh));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(d * s1 * a.d[bl]), acc);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(d * s2 * a.d[bh]), acc);
-      msum += mn1 * a.s[bl] + mn2 * a.s[bh];
+      for (int r = 0; r < R; ++r) {
+        const __m256i pl = _mm256_dpbusd_epi32(z, lo, load256(a[r].q + 32 * bl));
+        const __m256i ph = _mm256_dpbusd_epi32(z, hi, load256(a[r].q + 32 * bh));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(ds1 * a[r].d[bl]), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(ds2 * a[r].d[bh]), acc[r]);
+        msum[r] += mn1 * a[r].s[bl] + mn2 * a[r].s[bh];
+      }
     }
-    mins += dmin * msum;
+    for (int r = 0; r < R; ++r) mins[r] += dmin * msum[r];
   }
-  return hsum(acc) - mins;
+  for (int r = 0; r < R; ++r) y[r * ys] = hsum(acc[r]) - mins[r];
 }
 
-float dot_q6_k(const uint8_t* row, const ActQ& a, int64_t nsb) {
-  __m256 acc = _mm256_setzero_ps();
+template <int R>
+void dot_q6_k(const uint8_t* row, const ActQ* a, int64_t nsb, float* y, int64_t ys) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* k = row + 210 * sb;
@@ -327,29 +366,53 @@ float dot_q6_k(const uint8_t* row, const ActQ& a, int64_t nsb) {
         const __m256i qlv = load256(k + 64 * h + 32 * (j & 1));
         const __m256i low = _mm256_and_si256(j >= 2 ? _mm256_srli_epi16(qlv, 4) : qlv, m4);
         const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qhv, 2 * j), 4), m30);
-        const int64_t b = 8 * sb + c;
-        // q in 0..63, value q - 32: the lane init -32 * sum4(x) supplies the offset
-        const __m256i init = _mm256_slli_epi32(load256(a.ns4 + 8 * b), 5);
-        const __m256i p = _mm256_dpbusd_epi32(init, _mm256_or_si256(low, high), load256(a.q + 32 * b));
+        const __m256i w = _mm256_or_si256(low, high);
         // lanes 0..3 cover elements 0..15 (scale sc[2c]), lanes 4..7 elements 16..31 (sc[2c+1])
         const __m256 scv = _mm256_set_m128(_mm_set1_ps(sc[2 * c + 1]), _mm_set1_ps(sc[2 * c]));
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), scv), _mm256_set1_ps(d * a.d[b]), acc);
+        const int64_t b = 8 * sb + c;
+        for (int r = 0; r < R; ++r) {
+          // q in 0..63, value q - 32: the lane init -32 * sum4(x) supplies the offset
+          const __m256i init = _mm256_slli_epi32(load256(a[r].ns4 + 8 * b), 5);
+          const __m256i p = _mm256_dpbusd_epi32(init, w, load256(a[r].q + 32 * b));
+          acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), scv), _mm256_set1_ps(d * a[r].d[b]), acc[r]);
+        }
       }
     }
   }
-  return hsum(acc);
+  for (int r = 0; r < R; ++r) y[r * ys] = hsum(acc[r]);
 }
 
-using DotFn = float (*)(const uint8_t*, const ActQ&, int64_t);
+// a tile of R activation rows against one weight row
+using TileFn = void (*)(const uint8_t*, const ActQ*, int64_t, float*, int64_t);
 
-DotFn dot_fn(int64_t q) {
+template <template <int> class Dot>
+struct Tiles {
+  static constexpr TileFn fns[kMaxTile] = {Dot<1>::f, Dot<2>::f, Dot<3>::f, Dot<4>::f,
+                                           Dot<5>::f, Dot<6>::f, Dot<7>::f, Dot<8>::f};
+};
+
+#define AUTOGLM_TILE(NAME, ...)              \
+  template <int R>                           \
+  struct NAME {                              \
+    static constexpr TileFn f = __VA_ARGS__; \
+  };
+AUTOGLM_TILE(TQ4_0, dot_q4_0<R>)
+AUTOGLM_TILE(TQ5_0, dot_q5_0<R>)
+AUTOGLM_TILE(TQ8_0, dot_q8_0<R>)
+AUTOGLM_TILE(TQ4_K, dot_qk_affine<false, R>)
+AUTOGLM_TILE(TQ5_K, dot_qk_affine<true, R>)
+AUTOGLM_TILE(TQ6_K, dot_q6_k<R>)
+#undef AUTOGLM_TILE
+
+// tiles[R - 1] computes R rows at once
+const TileFn* tile_fns(int64_t q) {
   switch (q) {
-    case Q4_0: return dot_q4_0;
-    case Q5_0: return dot_q5_0;
-    case Q8_0: return dot_q8_0;
-    case Q4_K: return dot_qk_affine<false>;
-    case Q5_K: return dot_qk_affine<true>;
-    case Q6_K: return dot_q6_k;
+    case Q4_0: return Tiles<TQ4_0>::fns;
+    case Q5_0: return Tiles<TQ5_0>::fns;
+    case Q8_0: return Tiles<TQ8_0>::fns;
+    case Q4_K: return Tiles<TQ4_K>::fns;
+    case Q5_K: return Tiles<TQ5_K>::fns;
+    case Q6_K: return Tiles<TQ6_K>::fns;
     default: return nullptr;
   }
 }
@@ -400,11 +463,14 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t q, 
     std::vector<ActQ> acts(M);
     for (int64_t m = 0; m < M; ++m)
       acts[m] = {aq.data() + m * K, ad.data() + m * K / 32, as.data() + m * K / 32, an.data() + m * K / 4};
-    const DotFn f = dot_fn(q);
+    const TileFn* tiles = tile_fns(q);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* row = wp + n * rs;  // one row stays in L1 while every token reads it
-        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = f(row, acts[m], nb);
+        const uint8_t* row = wp + n * rs;  // one row stays in L1; each block is unpacked once per tile of rows
+        for (int64_t m = 0; m < M; m += kMaxTile) {
+          const int64_t r = std::min<int64_t>(kMaxTile, M - m);
+          tiles[r - 1](row, acts.data() + m, nb, yp + m * N + n, N);
+        }
       }
     });
     return y;
