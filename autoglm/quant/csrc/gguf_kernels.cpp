@@ -228,10 +228,46 @@ inline __m256i nibbles16(const uint8_t* p) {
 }
 
 // ---- multi-row dots: each weight block is loaded and unpacked once, then dotted with R <= 8 activation rows ----
-// y[r * ys] = W_row . x_r for r < R. The weight-side work (unpacking, |w| and sign, scales) is shared; each row's
-// arithmetic (accumulators, operation order) is the same for every R, so a row's result does not depend on the batch.
+// y[r * ys] = W_row . x_r for r < R. The weight side (unpacking, |w| and sign, scales) is done once per block for all
+// R rows. K-quants take a super-block's 8 blocks as a group: per row the 8 blocks' int32 vpdpbusd lanes are reduced to
+// one int32 per block (exact), so one convert and one FMA per row apply all 8 scales (accumulator lane j holds
+// sub-block j). Each row's arithmetic is the same for every R, so a row's result does not depend on the batch.
 constexpr int kMaxTile = 8;
 
+// p[0..7] (8 int32 lanes each) -> lo = sums of lanes 0..3 of p0..p7, hi = sums of lanes 4..7 (exact)
+inline void hsum8_halves(const __m256i* p, __m256i& lo, __m256i& hi) {
+  const __m256i g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+  const __m256i g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+  lo = _mm256_permute2x128_si256(g0, g1, 0x20);
+  hi = _mm256_permute2x128_si256(g0, g1, 0x31);
+}
+
+// per row r: p_j = u_j . x_r[block b0 + j] (+ init -2^SHIFT * sum4(x): the weight's zero point) for j < cnt;
+// acc[r] += float(sum p_j) * ws_j * d_r[b0 + j]
+template <int R, int SHIFT>
+inline void group32(const __m256i* u, __m256 ws, int cnt, int64_t b0, const ActQ* a, __m256* acc) {
+  const __m256i z = _mm256_setzero_si256();
+  const __mmask8 valid = static_cast<__mmask8>((1u << cnt) - 1);
+  for (int r = 0; r < R; ++r) {
+    __m256i p[8];
+    for (int j = 0; j < 8; ++j) {
+      if (j < cnt) {
+        const int64_t b = b0 + j;
+        const __m256i init = SHIFT > 0 ? _mm256_slli_epi32(load256(a[r].ns4 + 8 * b), SHIFT) : z;
+        p[j] = _mm256_dpbusd_epi32(init, u[j], load256(a[r].q + 32 * b));
+      } else {
+        p[j] = z;
+      }
+    }
+    __m256i lo, hi;
+    hsum8_halves(p, lo, hi);
+    const __m256 ad = _mm256_maskz_loadu_ps(valid, a[r].d + b0);  // [8] activation scales of the group
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_mul_ps(ws, ad), acc[r]);
+  }
+}
+
+// Q4_0 / Q5_0 / Q8_0: per block (rows of 640 columns are 20 blocks: groups of 8 measured slower here); one
+// float accumulator vector per row (two for Q8_0: independent chains)
 template <int R>
 void dot_q8_0(const uint8_t* row, const ActQ* a, int64_t nb, float* y, int64_t ys) {
   __m256 acc0[R], acc1[R];
@@ -304,50 +340,45 @@ void dot_q5_0(const uint8_t* row, const ActQ* a, int64_t nb, float* y, int64_t y
   for (int r = 0; r < R; ++r) y[r * ys] = hsum(acc[r]);
 }
 
-// Q4_K / Q5_K: w = d*sc[s]*q - dmin*m[s] per 32-element sub-block s
+// Q4_K / Q5_K: w = d*sc[s]*q - dmin*m[s] per 32-element sub-block s; a super-block is one group of 8
 template <bool Q5, int R>
 void dot_qk_affine(const uint8_t* row, const ActQ* a, int64_t nsb, float* y, int64_t ys) {
   constexpr int64_t TS = Q5 ? 176 : 144;
-  __m256 acc[R];
-  float mins[R];
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    mins[r] = 0.f;
-  }
-  const __m256i z = _mm256_setzero_si256(), m4 = _mm256_set1_epi8(0x0F), h16 = _mm256_set1_epi8(16);
+  __m256 acc[R], macc[R];
+  for (int r = 0; r < R; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), h16 = _mm256_set1_epi8(16);
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* k = row + TS * sb;
     const float d = fh2f(k), dmin = fh2f(k + 2);
     const uint8_t* scp = k + 4;
     const uint8_t* qs = k + (Q5 ? 48 : 16);
-    __m256i qhv = z;
+    __m256i qhv = _mm256_setzero_si256();
     if constexpr (Q5) qhv = load256(k + 16);
-    const int64_t b0 = 8 * sb;
-    float msum[R];
-    for (int r = 0; r < R; ++r) msum[r] = 0.f;
+    __m256i u[8];
+    alignas(32) float wsf[8], mf[8];
     for (int j = 0; j < 4; ++j) {
       uint8_t s1, mn1, s2, mn2;
       scale_min_k4(2 * j, scp, s1, mn1);
       scale_min_k4(2 * j + 1, scp, s2, mn2);
-      const float ds1 = d * s1, ds2 = d * s2;
       const __m256i bytes = load256(qs + 32 * j);
       __m256i lo = _mm256_and_si256(bytes, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
       if constexpr (Q5) {
         lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(1 << (2 * j))), lo, h16);
         hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(qhv, _mm256_set1_epi8(2 << (2 * j))), hi, h16);
       }
-      const int64_t bl = b0 + 2 * j, bh = bl + 1;
-      for (int r = 0; r < R; ++r) {
-        const __m256i pl = _mm256_dpbusd_epi32(z, lo, load256(a[r].q + 32 * bl));
-        const __m256i ph = _mm256_dpbusd_epi32(z, hi, load256(a[r].q + 32 * bh));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(ds1 * a[r].d[bl]), acc[r]);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(ds2 * a[r].d[bh]), acc[r]);
-        msum[r] += mn1 * a[r].s[bl] + mn2 * a[r].s[bh];
-      }
+      u[2 * j] = lo;
+      u[2 * j + 1] = hi;
+      wsf[2 * j] = d * s1;
+      wsf[2 * j + 1] = d * s2;
+      mf[2 * j] = dmin * mn1;
+      mf[2 * j + 1] = dmin * mn2;
     }
-    for (int r = 0; r < R; ++r) mins[r] += dmin * msum[r];
+    group32<R, 0>(u, _mm256_load_ps(wsf), 8, 8 * sb, a, acc);
+    // the mins: sum_s dmin * m[s] * (d_x * sum(q_x)) over the 8 sub-blocks
+    const __m256 mv = _mm256_load_ps(mf);
+    for (int r = 0; r < R; ++r) macc[r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(a[r].s + 8 * sb), macc[r]);
   }
-  for (int r = 0; r < R; ++r) y[r * ys] = hsum(acc[r]) - mins[r];
+  for (int r = 0; r < R; ++r) y[r * ys] = hsum(acc[r]) - hsum(macc[r]);
 }
 
 template <int R>
@@ -357,26 +388,36 @@ void dot_q6_k(const uint8_t* row, const ActQ* a, int64_t nsb, float* y, int64_t 
   const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* k = row + 210 * sb;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(k + 192);
-    const float d = fh2f(k + 208);
+    const __m256 d = _mm256_set1_ps(fh2f(k + 208));
+    // 16 int8 scales: chunk c's elements 0..15 use sc[2c] (even), 16..31 sc[2c+1] (odd)
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + 192));
+    const __m128i ev = _mm_shuffle_epi8(sc, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m128i od = _mm_shuffle_epi8(sc, _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m256 wl = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(ev)));
+    const __m256 wh = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(od)));
+    __m256i u[8];
     for (int h = 0; h < 2; ++h) {
       const __m256i qhv = load256(k + 128 + 32 * h);
       for (int j = 0; j < 4; ++j) {
-        const int c = 4 * h + j;  // 32-element chunk of the super-block
         const __m256i qlv = load256(k + 64 * h + 32 * (j & 1));
         const __m256i low = _mm256_and_si256(j >= 2 ? _mm256_srli_epi16(qlv, 4) : qlv, m4);
         const __m256i high = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qhv, 2 * j), 4), m30);
-        const __m256i w = _mm256_or_si256(low, high);
-        // lanes 0..3 cover elements 0..15 (scale sc[2c]), lanes 4..7 elements 16..31 (sc[2c+1])
-        const __m256 scv = _mm256_set_m128(_mm_set1_ps(sc[2 * c + 1]), _mm_set1_ps(sc[2 * c]));
-        const int64_t b = 8 * sb + c;
-        for (int r = 0; r < R; ++r) {
-          // q in 0..63, value q - 32: the lane init -32 * sum4(x) supplies the offset
-          const __m256i init = _mm256_slli_epi32(load256(a[r].ns4 + 8 * b), 5);
-          const __m256i p = _mm256_dpbusd_epi32(init, w, load256(a[r].q + 32 * b));
-          acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), scv), _mm256_set1_ps(d * a[r].d[b]), acc[r]);
-        }
+        u[4 * h + j] = _mm256_or_si256(low, high);  // chunk 4 h + j of the super-block, q in 0..63
       }
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256i p[8];
+      for (int c = 0; c < 8; ++c) {
+        const int64_t b = 8 * sb + c;
+        // value q - 32: the lane init -32 * sum4(x) supplies the offset
+        const __m256i init = _mm256_slli_epi32(load256(a[r].ns4 + 8 * b), 5);
+        p[c] = _mm256_dpbusd_epi32(init, u[c], load256(a[r].q + 32 * b));
+      }
+      __m256i lo, hi;
+      hsum8_halves(p, lo, hi);
+      const __m256 ad = _mm256_loadu_ps(a[r].d + 8 * sb);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(wl, ad), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(wh, ad), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) y[r * ys] = hsum(acc[r]);
