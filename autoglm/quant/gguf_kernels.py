@@ -2,8 +2,9 @@
 
 Two paths, picked per call by the number of activation rows M (measured in `benchmarks/kernels.py`):
 - M <= `GEMV_MAX_ROWS` (decode): a C++ kernel (`csrc/gguf_kernels.cpp`, JIT-built with `-O3 -march=native`) reads
-  the raw blocks once per call. Activations are quantized to int8 per block of 32 with a float32 scale and dotted
-  with the weight's integers by AVX512-VNNI; the result equals `F.linear(x_q, W)` up to float32 summation order,
+  the raw blocks once per call, unpacking each weight block once for a tile of up to 8 rows (each row's result is
+  independent of the batch, bitwise). Activations are quantized to int8 per block of 32 with a float32 scale and
+  dotted with the weight's integers by AVX512-VNNI; the result equals `F.linear(x_q, W)` up to float32 summation order,
   where `x_q = d * round(x / d)`, `d = max|x_block| / 127` — so |y - F.linear(x, W)| <= |W| @ (d / 2) per block.
   Without VNNI the kernel dequantizes one row into L1 and keeps the activations in float32 (no activation error).
 - larger M (prefill): the weight is dequantized once per call, a slab of rows at a time into a reused buffer (bounded
@@ -43,9 +44,10 @@ log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
-# activation rows up to which the fused kernel beats dequantize-once + GEMM (benchmarks/kernels.py: the kernel's
-# cost grows with every row, the GEMM's hardly; 8 rows is about even for Q4_K, the fused kernel wins below)
-GEMV_MAX_ROWS = 8
+# activation rows up to which the fused kernel beats dequantize-once + GEMM (benchmarks/kernels.py). The kernel
+# unpacks each weight block once for up to 8 rows, so its cost grows by less than a row per row; at 16 rows it still
+# beats or ties the GEMM on every gemma-3-270m shape (Q4_K 640x2048 ties, Q5_0/Q6_K/Q8_0 lm_head win clearly)
+GEMV_MAX_ROWS = 16
 # prefill dequantizes at most this many weight elements at a time into a reused buffer (16 MiB of float32)
 DEQUANT_SLAB_ELEMENTS = 1 << 22
 _SCRATCH: dict[tuple[int, torch.dtype], Tensor] = {}
