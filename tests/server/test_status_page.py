@@ -44,6 +44,8 @@ def test_status_page_in_headless_chromium(server: ServerProcess, tmp_path: Path)
     assert dom.count("healthy") >= 2  # each module row shows its passing check
     assert SERVED_NAMES[0] in dom and SERVED_NAMES[1] in dom  # name and alias
     assert re.search(r'id="requests">\d+<', dom)
+    assert re.search(r'id="kv">\d+ / [1-9]\d*<', dom)  # KV blocks used / total from the engine
+    assert re.search(r'id="prefix">(off|\d+\.\d %)<', dom) and re.search(r'id="preemptions">\d+<', dom)
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "status_page.png"
     shot.unlink(missing_ok=True)

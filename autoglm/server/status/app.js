@@ -94,6 +94,10 @@ function render(data) {
   setText("errors", data.totals.errors);
   setText("tps", data.tokens_per_second.toFixed(1));
   setText("queue", (data.engine.running ?? 0) + " / " + (data.engine.waiting ?? 0));
+  const e = data.engine;
+  setText("kv", (e.kv_blocks_used ?? "–") + " / " + (e.kv_blocks_total ?? "–"));
+  setText("prefix", e.prefix_cache_enabled === false ? "off" : ((e.prefix_cache_hit_rate ?? 0) * 100).toFixed(1) + " %");
+  setText("preemptions", e.preemptions ?? 0);
   setText("rss", bytes(data.process.rss_bytes));
   renderModules(data.modules);
   renderRecent(data.recent);
