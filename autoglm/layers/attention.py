@@ -106,8 +106,8 @@ class Attention(nn.Module):
             else:
                 nb = (cl + block_size - 1) // block_size
                 blocks = ctx.block_tables[i, :nb]
-                ki = kc[blocks].flatten(0, 1)[:cl].to(q.dtype)
-                vi = vc[blocks].flatten(0, 1)[:cl].to(q.dtype)
+                ki = kc.index_select(0, blocks).flatten(0, 1)[:cl].to(q.dtype)  # index_select: ~10x aten::index
+                vi = vc.index_select(0, blocks).flatten(0, 1)[:cl].to(q.dtype)
             outs.append(self._causal(qi, ki, vi))
         return torch.cat(outs, 0)
 
@@ -161,8 +161,8 @@ class Attention(nn.Module):
             k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[start : start + n]
             v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[start : start + n]
         else:
-            k = self.k_cache[blocks].flatten(0, 1)[start : start + n]
-            v = self.v_cache[blocks].flatten(0, 1)[start : start + n]
+            k = self.k_cache.index_select(0, blocks).flatten(0, 1)[start : start + n]
+            v = self.v_cache.index_select(0, blocks).flatten(0, 1)[start : start + n]
         return k, v
 
     def _attend_last(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -182,8 +182,9 @@ class Attention(nn.Module):
         max_ctx = max(ctx.context_lens)
         nb = (max_ctx + block_size - 1) // block_size
         tables = ctx.block_tables[:, :nb]
-        k = self.k_cache[tables].flatten(1, 2)[:, :max_ctx].to(q.dtype)  # [B, L, KV, D]
-        v = self.v_cache[tables].flatten(1, 2)[:, :max_ctx].to(q.dtype)
+        flat = tables.reshape(-1)
+        k = self.k_cache.index_select(0, flat).view(bsz, -1, kvh, self.head_dim)[:, :max_ctx].to(q.dtype)  # [B,L,KV,D]
+        v = self.v_cache.index_select(0, flat).view(bsz, -1, kvh, self.head_dim)[:, :max_ctx].to(q.dtype)
         key = ("mask", self.sliding_window, q.dtype)
         mask = ctx.memo.get(key)
         if mask is None:
