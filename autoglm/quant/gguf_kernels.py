@@ -1,8 +1,8 @@
 """Fast CPU matmuls on GGUF blocks kept quantized, plugged in behind `gguf_linear.register_matmul_kernel`.
 
 Two paths, picked per call by the number of activation rows M (measured in `benchmarks/kernels.py`):
-- M <= `GEMV_MAX_ROWS` (decode): a C++ kernel (`csrc/gguf_kernels.cpp`, JIT-built with `-O3 -march=native`) reads
-  the raw blocks once per call, unpacking each weight block once for a tile of up to 8 rows (each row's result is
+- M <= `GEMV_MAX_ROWS` (decode): a C++ kernel (`csrc/gemv.cpp`, JIT-built with `-O3 -march=native`) reads
+  the raw blocks once per call, unpacking each 64-element weight slot once for a tile of up to 8 rows (each row's result is
   independent of the batch, bitwise). Activations are quantized to int8 per block of 32 with a float32 scale and
   dotted with the weight's integers by AVX512-VNNI; the result equals `F.linear(x_q, W)` up to float32 summation order,
   where `x_q = d * round(x / d)`, `d = max|x_block| / 127` — so |y - F.linear(x, W)| <= |W| @ (d / 2) per block.
@@ -65,7 +65,8 @@ def _cpu_has_bf16() -> bool:
 # quantization. Set False for float32-exact prefill (the GEMM then equals F.linear(x, W) up to summation order).
 PREFILL_BF16 = _cpu_has_bf16()
 
-_SOURCE = Path(__file__).with_name("csrc") / "gguf_kernels.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = sorted(_CSRC.glob("*.cpp"))  # one extension; kernels.h is their shared header
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 _ext: ModuleType | None = None
 _ext_failed = False
@@ -86,7 +87,8 @@ def _build_dir() -> Path:
     from autoglm.default_model import cache_dir
 
     h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_FLAGS).encode(), _cpu_key().encode()):
+    sources = [f.read_bytes() for f in [*_SOURCES, _CSRC / "kernels.h"]]
+    for part in (*sources, torch.__version__.encode(), " ".join(_FLAGS).encode(), _cpu_key().encode()):
         h.update(part)
     return cache_dir() / "torch_extensions" / f"gguf_kernels_{h.hexdigest()[:16]}"
 
@@ -106,7 +108,7 @@ def extension() -> ModuleType | None:
         build.mkdir(parents=True, exist_ok=True)
         _ext = load(
             name="autoglm_gguf_kernels",
-            sources=[str(_SOURCE)],
+            sources=[str(f) for f in _SOURCES],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),

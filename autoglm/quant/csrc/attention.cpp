@@ -1,0 +1,172 @@
+// Decode attention: one query per head over a cache span.
+#include "kernels.h"
+
+#if defined(__AVX512F__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace autoglm {
+
+namespace {
+
+// ---- single-query attention over a cache span (decode) ---------------------------------------------------------
+// Memory-bound: every step reads each layer's whole K/V span once, so the loops stream rows in order, read a K row
+// once for all the query heads that share it, and accept float16/bfloat16 caches converted in registers.
+
+template <typename T>
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
+
+#if defined(__AVX512F__) && defined(__F16C__)
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// s[g * sn + j] = q[g] . k[j] for GB heads g and keys j in [j0, j1); D % 16 == 0
+template <int GB, typename T>
+void scores_avx(const float* q, const T* k, int64_t ks, int64_t j0, int64_t j1, int64_t D, float* s, int64_t sn) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* kr = k + j * ks;
+    __m512 a[GB];
+    for (int g = 0; g < GB; ++g) a[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 x = load16(kr + d);
+      for (int g = 0; g < GB; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), x, a[g]);
+    }
+    for (int g = 0; g < GB; ++g) s[g * sn + j] = _mm512_reduce_add_ps(a[g]);
+  }
+}
+
+// out[g, c0:c0+64] = sum_j p[g * pn + j] v[j, c0:c0+64] for GB heads
+template <int GB, typename T>
+void values_avx(const float* p, int64_t pn, const T* v, int64_t vs, int64_t n, int64_t c0, int64_t D, float* out) {
+  __m512 acc[GB][4];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vr = v + j * vs + c0;
+    __m512 x[4];
+    for (int c = 0; c < 4; ++c) x[c] = load16(vr + 16 * c);
+    for (int g = 0; g < GB; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * pn + j]);
+      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(w, x[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * D + c0 + 16 * c, acc[g][c]);
+}
+#define AUTOGLM_ATTN_AVX 1
+#else
+#define AUTOGLM_ATTN_AVX 0
+#endif
+
+template <typename T>
+void attend_impl(const float* q, const T* k, const T* v, int64_t ks0, int64_t ks1, int64_t vs0, int64_t vs1,
+                 int64_t n, int64_t H, int64_t KV, int64_t D, float scale, float* out) {
+  const int64_t G = H / KV;
+  std::vector<float> s(H * n);  // scores / probabilities [H, n]
+  const bool fast = AUTOGLM_ATTN_AVX && D % 64 == 0;
+  at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t kh = 0; kh < KV; ++kh) {
+      const T* kb = k + kh * ks1;
+      int64_t g = 0;
+#if AUTOGLM_ATTN_AVX
+      if (fast) {
+        for (; g + 4 <= G; g += 4) scores_avx<4>(q + (kh * G + g) * D, kb, ks0, j0, j1, D, s.data() + (kh * G + g) * n, n);
+        for (; g < G; ++g) scores_avx<1>(q + (kh * G + g) * D, kb, ks0, j0, j1, D, s.data() + (kh * G + g) * n, n);
+      }
+#endif
+      for (; g < G; ++g) {
+        const float* qh = q + (kh * G + g) * D;
+        for (int64_t j = j0; j < j1; ++j) {
+          const T* kr = kb + j * ks0;
+          float a = 0.f;
+          for (int64_t d = 0; d < D; ++d) a += qh[d] * to_f(kr[d]);
+          s[(kh * G + g) * n + j] = a;
+        }
+      }
+    }
+  });
+  for (int64_t h = 0; h < H; ++h) {  // softmax(scale * s) per head, float32
+    float* sh = s.data() + h * n;
+    float m = sh[0];
+    for (int64_t j = 1; j < n; ++j) m = std::max(m, sh[j]);
+    float z = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      sh[j] = std::exp((sh[j] - m) * scale);
+      z += sh[j];
+    }
+    const float inv = 1.f / z;
+    for (int64_t j = 0; j < n; ++j) sh[j] *= inv;
+  }
+  // out[h] = sum_j p[h, j] v[j]: threads take (kv head, 64-column chunk) units, so V is read once, no reduction
+  const int64_t chunks = (D + 63) / 64;
+  at::parallel_for(0, KV * chunks, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t kh = u / chunks, c0 = (u % chunks) * 64, c = std::min<int64_t>(64, D - c0);
+      const T* vb = v + kh * vs1;
+      int64_t g = 0;
+#if AUTOGLM_ATTN_AVX
+      if (fast) {
+        for (; g + 4 <= G; g += 4) values_avx<4>(s.data() + (kh * G + g) * n, n, vb, vs0, n, c0, D, out + (kh * G + g) * D);
+        for (; g < G; ++g) values_avx<1>(s.data() + (kh * G + g) * n, n, vb, vs0, n, c0, D, out + (kh * G + g) * D);
+      }
+#endif
+      for (; g < G; ++g) {
+        const float* p = s.data() + (kh * G + g) * n;
+        float* o = out + (kh * G + g) * D + c0;
+        std::fill(o, o + c, 0.f);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t d = 0; d < c; ++d) o[d] += p[j] * to_f(vb[j * vs0 + c0 + d]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// One query per head over n cached keys, all visible: q [H, D] float32; k, v [n, KV, D] float32 / float16 / bfloat16
+// (rows may be strided; each head's D values contiguous) -> [H, D] float32. Head h uses KV head h / (H / KV), as
+// transformers' repeat_kv; softmax in float32.
+torch::Tensor attend_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+  check_rows(q, "q");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.scalar_type() == v.scalar_type(), "k/v must be [n, KV, D]");
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && k.stride(2) == 1 && v.stride(2) == 1,
+              "k/v must be CPU tensors with contiguous heads");
+  const int64_t n = k.size(0), KV = k.size(1), D = k.size(2), H = q.numel() / D;
+  TORCH_CHECK(n > 0 && q.numel() == H * D && H % KV == 0, "q must be [H, D] with H a multiple of KV");
+  auto out = torch::empty({H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t a = k.stride(0), b = k.stride(1), c = v.stride(0), d = v.stride(1);
+  switch (k.scalar_type()) {
+    case torch::kFloat32:
+      attend_impl(qp, k.data_ptr<float>(), v.data_ptr<float>(), a, b, c, d, n, H, KV, D, sc, op);
+      break;
+    case torch::kFloat16:
+      attend_impl(qp, k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), a, b, c, d, n, H, KV, D, sc, op);
+      break;
+    case torch::kBFloat16:
+      attend_impl(qp, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), a, b, c, d, n, H, KV, D, sc, op);
+      break;
+    default:
+      TORCH_CHECK(false, "attend_decode: unsupported cache dtype ", k.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace autoglm

@@ -1,0 +1,17 @@
+// Python bindings of the kernels (autoglm/quant/gguf_kernels.py loads this extension).
+#include "kernels.h"
+
+using namespace autoglm;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("has_vnni", &has_vnni);
+  m.def("gemv", &gemv, "y = x @ W.T on raw GGUF blocks", py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize", &dequantize, "raw GGUF blocks -> float32/bfloat16", py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize_out", &dequantize_out, "raw GGUF blocks -> out", py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_activations", &quantize_activations);
+  m.def("rms_norm", &rms_norm, "rms_norm(x) * (offset + w)");
+  m.def("add_rms_norm", &add_rms_norm, "h + rms_norm(y) * (offset + w1), then its rms_norm * (offset + w2)");
+  m.def("norm_rope", &norm_rope, "optional per-head rms_norm, then rotary (x * cos + x[perm] * sin)");
+  m.def("attend_decode", &attend_decode, "one query per head over n visible cached keys",
+        py::call_guard<py::gil_scoped_release>());
+}
