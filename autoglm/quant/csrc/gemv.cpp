@@ -292,8 +292,6 @@ float dot_float(const float* w, const float* x, int64_t K) {
 
 }  // namespace
 
-}  // namespace
-
 bool has_vnni() { return AUTOGLM_VNNI != 0; }
 
 // y [M, N] float32 = x [M, K] float32 @ W.T; int8 activations (VNNI) unless exact_activations or no VNNI
