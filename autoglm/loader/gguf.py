@@ -289,7 +289,8 @@ def load_gguf(
         # Fused dequant+dot kernels on the raw blocks (compiled once per machine; falls back when unavailable).
         from autoglm.quant import gguf_kernels
 
-        gguf_kernels.install()
+        if gguf_kernels.install():
+            gguf_kernels.pack_model(loaded.decoder)  # Q4_0/Q5_0/Q8_0 repacked for the kernel on first use
     return loaded
 
 

@@ -9,7 +9,7 @@ where fast kernels plug in later (`register_matmul_kernel`), without touching th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,17 +39,36 @@ def register_matmul_kernel(qtype: GGMLQuantizationType, kernel: MatmulKernel) ->
 # is used only while `owner` is the registered kernel (emptying `_KERNELS` still pins the reference path).
 GemvKernel = Callable[[Tensor, Tensor, int], Tensor]
 _GEMV: dict[int, tuple[GemvKernel, int, MatmulKernel]] = {}
+_PACKED_KEY = 256  # _GEMV key offset of a type's kernel for packed weights
+
+# Packed weights (`GGUFBlockFormat.packed`): a kernel backend may rearrange a module's blocks into its own layout
+# (same bytes, other order) on first use. `_UNPACK_ROWS(raw, fmt, ids)` gives rows `ids` back in file order (every
+# other reader goes through it); `_PACKER(module)` packs a module marked `_pack_pending`.
+UnpackRows = Callable[[Tensor, "GGUFBlockFormat", Tensor], Tensor]
+_UNPACK_ROWS: UnpackRows | None = None
+_PACKER: Callable[[nn.Module], None] | None = None
+
+
+def set_packing(packer: Callable[[nn.Module], None], unpack_rows: UnpackRows) -> None:
+    """Install the backend that packs modules marked `_pack_pending` and reads packed rows back in file order."""
+    global _PACKER, _UNPACK_ROWS
+    _PACKER, _UNPACK_ROWS = packer, unpack_rows
 
 
 def register_gemv_kernel(
-    qtype: GGMLQuantizationType, kernel: GemvKernel | None, max_rows: int = 0, owner: MatmulKernel | None = None
+    qtype: GGMLQuantizationType,
+    kernel: GemvKernel | None,
+    max_rows: int = 0,
+    owner: MatmulKernel | None = None,
+    packed: bool = False,
 ) -> None:
     """Install (or with None remove) the direct float32 small-M kernel `GGUFLinear.forward` uses for `qtype`
-    while `owner` is its registered matmul kernel."""
+    (weights in file order, or `packed`) while `owner` is its registered matmul kernel."""
+    key = int(qtype) + (_PACKED_KEY if packed else 0)
     if kernel is None or owner is None:
-        _GEMV.pop(int(qtype), None)
+        _GEMV.pop(key, None)
     else:
-        _GEMV[int(qtype)] = (kernel, max_rows, owner)
+        _GEMV[key] = (kernel, max_rows, owner)
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,7 @@ class GGUFBlockFormat:
     qtype: GGMLQuantizationType
     rows: int
     cols: int
+    packed: bool = False  # blocks rearranged by a kernel backend (see `set_packing`); same bytes, other order
 
     @property
     def row_bytes(self) -> int:
@@ -74,10 +94,17 @@ class GGUFBlockFormat:
 
     def take_rows(self, raw: Tensor, ids: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Rows `ids` ([N] long) of the weight, dequantized: [N, cols]. Only those rows are decoded."""
-        sel = raw if ids is None else raw.index_select(0, ids.reshape(-1))
+        sel = self.take_rows_raw(raw, ids)
         ts = block_layout(self.qtype)[1]
         w = dequantize_blocks(sel.reshape(-1, ts), self.qtype).view(sel.shape[0], self.cols)
         return w if dtype == torch.float32 else w.to(dtype)
+
+    def take_rows_raw(self, raw: Tensor, ids: Tensor | None = None) -> Tensor:
+        """Rows `ids` (all when None) of the blocks in file order: [N, row_bytes] uint8."""
+        if not self.packed:
+            return raw if ids is None else raw.index_select(0, ids.reshape(-1))
+        assert _UNPACK_ROWS is not None, "packed weights need their backend's unpack_rows"
+        return _UNPACK_ROWS(raw, self, torch.arange(self.rows) if ids is None else ids.reshape(-1))
 
     def matmul(self, x: Tensor, raw: Tensor, bias: Tensor | None = None) -> Tensor:
         """x [..., cols] @ W.T (+ bias) -> [..., rows], decoding W a slab of rows at a time (bounded memory)."""
@@ -86,6 +113,8 @@ class GGUFBlockFormat:
         if kernel is not None:
             y = kernel(x, raw, self)
             return y + b if b is not None else y
+        if self.packed:  # reference path over packed blocks: back to file order first (a transient byte copy)
+            return replace(self, packed=False).matmul(x, self.take_rows_raw(raw), bias)
         step = max(1, _MATMUL_CHUNK_ELEMENTS // max(1, self.cols))
         if step >= self.rows:
             return F.linear(x, self.dequantize(raw, x.dtype), b)
@@ -115,6 +144,9 @@ class GGUFLinear(nn.Module):
     Same attributes and forward as `autoglm.layers.linear.Linear`; the bias (if any) is a float parameter.
     """
 
+    _pack_pending = False  # a kernel backend packs `weight` on first use (`set_packing`)
+    _gemv_key = -1
+
     def __init__(
         self,
         in_features: int,
@@ -131,6 +163,7 @@ class GGUFLinear(nn.Module):
         self.out_features = out_features
         self.weight_format = GGUFBlockFormat(check_type(qtype, name), out_features, in_features)
         self._qid = int(self.weight_format.qtype)  # plain int key: enum hashing is slow on the per-token path
+        self._gemv_key = self._qid
         self.register_buffer("weight", torch.empty(self.weight_format.raw_shape, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -167,7 +200,9 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
-        fast = _GEMV.get(self._qid)
+        if self._pack_pending and _PACKER is not None:
+            _PACKER(self)
+        fast = _GEMV.get(self._gemv_key)
         if (
             fast is not None
             and x.dim() == 2
@@ -176,7 +211,7 @@ class GGUFLinear(nn.Module):
             and x.is_cpu
             and _KERNELS.get(self.weight_format.qtype) is fast[2]
         ):
-            y = fast[0](x.contiguous(), self.weight, self._qid)  # [M, out]
+            y = fast[0](x.contiguous(), self.weight, self._qid)  # [M, out] (packed or not, as keyed)
             return y if self.bias is None else y.add_(self.bias)
         return self.weight_format.matmul(x, self.weight, self.bias)
 
@@ -192,6 +227,8 @@ class GGUFEmbedding(nn.Module):
 
     `forward(ids)` decodes only the looked-up rows; `as_logits(hidden)` is hidden @ table.T for tied output heads.
     """
+
+    _pack_pending = False  # as GGUFLinear
 
     def __init__(
         self,
@@ -234,11 +271,15 @@ class GGUFEmbedding(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         # input_ids: [...] -> [..., dim]
+        if self._pack_pending and _PACKER is not None:
+            _PACKER(self)
         rows = self.weight_format.take_rows(self.weight, input_ids.reshape(-1).long(), self.dtype)
         return rows.view(*input_ids.shape, self.embedding_dim)
 
     def as_logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., dim] @ table.T -> [..., vocab] (tied lm_head), decoded a slab at a time."""
+        if self._pack_pending and _PACKER is not None:
+            _PACKER(self)
         return self.weight_format.matmul(hidden, self.weight)
 
     def extra_repr(self) -> str:

@@ -79,6 +79,9 @@ bool has_vnni();
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t q, bool exact_activations);
 void dequantize_out(const torch::Tensor& raw, int64_t q, int64_t K, torch::Tensor& out);
 torch::Tensor dequantize(const torch::Tensor& raw, int64_t q, int64_t K, bool bf16);
+torch::Tensor pack(const torch::Tensor& raw, int64_t q, int64_t K);
+torch::Tensor unpack_rows(const torch::Tensor& packed, int64_t q, int64_t K, const torch::Tensor& ids);
+torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, int64_t q);
 torch::Tensor quantize_activations(const torch::Tensor& x);
 torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& w, double eps, double offset);
 std::tuple<torch::Tensor, c10::optional<torch::Tensor>> add_rms_norm(
