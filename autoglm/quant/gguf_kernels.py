@@ -49,8 +49,10 @@ log = logging.getLogger(__name__)
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-PACKED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0)
+PACKED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K)
 PACK_GROUP_ROWS = 16
+# activation rows per packed-kernel call: each call streams the weights once, with these rows' int8 copy in cache
+PACKED_ROWS_PER_CALL = 256
 _PACK_CHUNK_ROWS = 4096  # rows packed (and their file pages released) at a time: bounded transient memory
 
 # activation rows up to which the fused kernel beats dequantize-once + GEMM (benchmarks/kernels.py). The kernel
@@ -173,6 +175,15 @@ def pack_model(model: nn.Module) -> int:
     return n
 
 
+def pack_pending(model: nn.Module) -> int:
+    """Pack now every module `pack_model` marked (a server warm-up, so the first request does not pay for it);
+    returns how many were packed. Peak memory grows by the packed bytes while their file pages are still cached."""
+    mods = [m for m in model.modules() if getattr(m, "_pack_pending", False)]
+    for mod in mods:
+        _pack_module(mod)
+    return len(mods)
+
+
 def _pack_module(mod: nn.Module) -> None:
     fmt: GGUFBlockFormat = mod.weight_format  # type: ignore[assignment]
     raw: Tensor = mod.weight  # type: ignore[assignment]
@@ -230,7 +241,13 @@ def matmul(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
     x2 = x.reshape(-1, fmt.cols)  # [M, cols]
     if x2.device.type != "cpu" or raw.device.type != "cpu":
         raise RuntimeError("GGUF kernels run on CPU tensors only")
-    if x2.shape[0] <= GEMV_MAX_ROWS:
+    if fmt.packed:  # the packed kernel beats dequantize + GEMM at every M (benchmarks/kernels.py)
+        xf = x2.float().contiguous()
+        y = torch.cat(
+            [gemv(xf[s : s + PACKED_ROWS_PER_CALL], raw, fmt) for s in range(0, xf.shape[0], PACKED_ROWS_PER_CALL)]
+        )
+        y = y.to(x.dtype)
+    elif x2.shape[0] <= GEMV_MAX_ROWS:
         y = gemv(x2, raw, fmt).to(x.dtype)
     else:
         cd = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32

@@ -82,6 +82,7 @@ async def _start(state: ServerState, model: LoadedModel | None, engine: Any) -> 
     for info in model.modules:
         log.info("%s", module_line(info))
     if engine is None:
+        await asyncio.to_thread(_prepare_weights, model)
         engine = await asyncio.to_thread(build_engine, model, config)
     state.model = model
     state.engine = engine
@@ -91,6 +92,16 @@ async def _start(state: ServerState, model: LoadedModel | None, engine: Any) -> 
     log.info("Serving %s as %s (context %d tokens)", model.path or model.name, ", ".join(state.served_names),
              state.max_model_len)
     log.info("All modules loaded successfully")
+
+
+def _prepare_weights(model: LoadedModel) -> None:
+    """Repack GGUF weights for the CPU kernels before serving (otherwise the first request pays for it)."""
+    from autoglm.quant import gguf_kernels
+
+    started = time.monotonic()
+    n = gguf_kernels.pack_pending(model.decoder)
+    if n:
+        log.info("Packed %d GGUF weights for the CPU kernels in %.2f s", n, time.monotonic() - started)
 
 
 async def _stop(state: ServerState) -> None:

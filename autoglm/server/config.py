@@ -119,7 +119,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--api-key",), "api_key", str, "require `Authorization: Bearer KEY` on /v1 (default: off)"),
     _Option(("--max-model-len",), "max_model_len", int, "context window in tokens (default: the model's)"),
     _Option(
-        ("--reasoning-format",), "reasoning_format", str, "default reasoning placement (README: Thinking and reasoning)",
+        ("--reasoning-format",),
+        "reasoning_format",
+        str,
+        "default reasoning placement (README: Thinking and reasoning)",
         choices=REASONING_FORMATS,
     ),
     _Option(

@@ -1,163 +1,173 @@
-// Q4_0 / Q5_0 / Q8_0 weights repacked at load for the decode matmul: 16 rows interleaved per block, so one vpdpbusd
-// multiplies 4 consecutive elements of 16 weight rows by the same 4 activation bytes (broadcast) and its 16 int32
-// lanes are 16 outputs: no horizontal sums, one convert and two float ops per 16 rows x 32 elements per activation
-// row (the row-major kernel in gemv.cpp pays them per row). llama.cpp's CPU "repack" buffers do the same for
-// Q4_0 / Q8_0; the bytes are the file's, rearranged (same total size; `unpack_rows` restores file order exactly).
-//
-// Packed layout of a [N, K] weight (N % 16 == 0): group (g, b) = rows 16g..16g+15, block b (32 elements), at byte
-// (g * nb + b) * 16 * ts, where ts is the type's block size in bytes:
-//   [0, 32)   the 16 rows' fp16 scales d
-//   Q8_0:     [32, 544)  8 quads k: row i's bytes 4i..4i+3 = elements 4k..4k+3 as u8 (q + 128)
-//   Q5_0:     [32, 96)   8 x u64 masks: bit 4i + j of mask k = 5th bit of row i's element 4k + j
-//   Q4_0/Q5_0 [.., +256) 4 x 64 bytes k: row i's byte 4i + j = element 4k + j (low nibble) | element 16 + 4k + j (high)
-// Element value = u - off (off 128 / 8 / 16): the activation side supplies -off * sum(x_q) per block.
+// Decode (and prefill) matmul on packed weights (layout: pack.cpp): y[M, N] = x[M, K] @ W.T with int8 activations
+// per 32 (quantize_act_row), equal to F.linear(x_q, W) up to float32 summation order. Per 16 weight rows x 32
+// elements and activation row: 8 vpdpbusd (the 4 activation bytes broadcast from memory), one int add, one convert
+// and two or three float ops; the 16 lanes are 16 outputs, stored with no horizontal sum. Each group of 16 rows is
+// unpacked once and used for every activation row, so the kernel also serves prefill (measured faster than
+// dequantize + bf16 GEMM at 512 rows). Every activation row's arithmetic is the same whatever M is.
 #include "kernels.h"
 
 namespace autoglm {
 namespace {
 
-constexpr int64_t kRows = 16;
-
-inline bool packable(int64_t q) { return q == Q4_0 || q == Q5_0 || q == Q8_0; }
-inline int zero_point(int64_t q) { return q == Q8_0 ? 128 : (q == Q5_0 ? 16 : 8); }
-
-// element e (0..31) of a file-order block as u8 (value + off)
-inline uint8_t element(const uint8_t* blk, int64_t q, int e) {
-  if (q == Q8_0) return static_cast<uint8_t>(blk[2 + e] ^ 0x80);
-  const uint8_t* qs = blk + (q == Q5_0 ? 6 : 2);
-  uint8_t v = e < 16 ? (qs[e] & 0x0F) : (qs[e - 16] >> 4);
-  if (q == Q5_0) {
-    uint32_t qh;
-    std::memcpy(&qh, blk + 2, 4);
-    v |= ((qh >> e) & 1) << 4;
-  }
-  return v;
-}
-
-// the 16 file-order blocks blk[i] (row i, same block index) -> one packed group
-void pack_group(const uint8_t* const* blk, int64_t q, uint8_t* out) {
-  for (int i = 0; i < kRows; ++i) std::memcpy(out + 2 * i, blk[i], 2);
-  uint8_t* body = out + 32;
-  if (q == Q8_0) {
-    for (int k = 0; k < 8; ++k)
-      for (int i = 0; i < kRows; ++i)
-        for (int j = 0; j < 4; ++j) body[64 * k + 4 * i + j] = element(blk[i], q, 4 * k + j);
-    return;
-  }
-  if (q == Q5_0) {
-    for (int k = 0; k < 8; ++k) {
-      uint64_t m = 0;
-      for (int i = 0; i < kRows; ++i)
-        for (int j = 0; j < 4; ++j) m |= static_cast<uint64_t>(element(blk[i], q, 4 * k + j) >> 4) << (4 * i + j);
-      std::memcpy(body + 8 * k, &m, 8);
-    }
-    body += 64;
-  }
-  for (int k = 0; k < 4; ++k)
-    for (int i = 0; i < kRows; ++i)
-      for (int j = 0; j < 4; ++j)
-        body[64 * k + 4 * i + j] = static_cast<uint8_t>((element(blk[i], q, 4 * k + j) & 0x0F) |
-                                                        ((element(blk[i], q, 16 + 4 * k + j) & 0x0F) << 4));
-}
-
-// row i of a packed group -> its file-order block (exact inverse of pack_group)
-void unpack_block(const uint8_t* grp, int64_t q, int i, uint8_t* out) {
-  std::memcpy(out, grp + 2 * i, 2);
-  const uint8_t* body = grp + 32;
-  if (q == Q8_0) {
-    for (int e = 0; e < 32; ++e) out[2 + e] = body[64 * (e / 4) + 4 * i + e % 4] ^ 0x80;
-    return;
-  }
-  uint8_t* qs = out + 2;
-  if (q == Q5_0) {
-    uint32_t qh = 0;
-    for (int e = 0; e < 32; ++e) {
-      uint64_t m;
-      std::memcpy(&m, body + 8 * (e / 4), 8);
-      qh |= static_cast<uint32_t>((m >> (4 * i + e % 4)) & 1) << e;
-    }
-    std::memcpy(out + 2, &qh, 4);
-    qs = out + 6;
-    body += 64;
-  }
-  for (int e = 0; e < 16; ++e) qs[e] = body[64 * (e / 4) + 4 * i + e % 4];  // both nibbles sit together already
-}
-
-void check_packed(const torch::Tensor& t, int64_t q, int64_t K, int64_t& ts) {
-  int64_t bs;
-  TORCH_CHECK(packable(q), "gguf_kernels: GGML type ", q, " has no packed layout");
-  check_raw(t, q, K, bs, ts);
-  TORCH_CHECK(t.is_contiguous() && t.size(0) % kRows == 0, "packed weights need contiguous rows, a multiple of 16");
-}
-
 #if AUTOGLM_VNNI
 constexpr int kMaxTile = 8;
+constexpr int64_t kPrefetch = 4096;
 
-// one activation row: int8 values, per-block scale d and -off * sum(q) of the block
+// one activation row: int8 values; per 32-block scale d, d * sum(q) (K-quant mins) and -off * sum(q); per
+// 16-block -off * sum(q) (Q6_K's scales are per 16)
 struct ActP {
   const int8_t* q;
   const float* d;
+  const float* s;
   const int32_t* init;
+  const int32_t* init16;
 };
 
-// acc += w . (the 4 bytes at p, broadcast to every lane), with the broadcast folded into vpdpbusd's memory operand
-// (GCC emits a separate vpbroadcastd for the intrinsic form: 8 extra instructions per row and group)
+// acc + w . (the 4 bytes at p broadcast to every lane), the broadcast folded into vpdpbusd's memory operand (GCC
+// emits a separate vpbroadcastd for the intrinsic form: 8 more instructions per group and row)
 inline __m512i dot_bcast(__m512i acc, __m512i w, const int8_t* p) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
   return acc;
 }
 
-// acc[r] (16 rows) += float(W_b . x_r[b]) * (d_w * d_x) for one group; W given as its 8 quads
-template <int R>
-inline void group_columns(const __m512i* w, __m512 dw, int64_t b, const ActP* a, __m512* acc) {
-  for (int r = 0; r < R; ++r) {
-    const int8_t* xb = a[r].q + 32 * b;
-    // two independent chains (integer sums are exact: the split does not change the result)
-    __m512i p0 = _mm512_set1_epi32(a[r].init[b]), p1 = _mm512_setzero_si512();
-    for (int k = 0; k < 8; k += 2) {
-      p0 = dot_bcast(p0, w[k], xb + 4 * k);
-      p1 = dot_bcast(p1, w[k + 1], xb + 4 * k + 4);
-    }
-    const __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a[r].d[b]));
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)), sc, acc[r]);
+inline __m512 load_half16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m128i load128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline __m512 u8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+// 4 nibble vectors -> the 8 quad vectors of a 32-element sub-block
+inline void nibbles(const uint8_t* p, __m512i* w) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  for (int t = 0; t < 4; ++t) {
+    const __m512i v = _mm512_loadu_si512(p + 64 * t);
+    w[t] = _mm512_and_si512(v, m4);
+    w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
   }
 }
 
-template <int64_t Q>
-inline void load_group(const uint8_t* g, __m512i* w, __m512& dw) {
-  dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)));
-  const uint8_t* body = g + 32;
+// the integer dots of one 32-element sub-block: lo = quads 0..3 (from init_lo), hi = quads 4..7 (from init_hi)
+inline void dots(const __m512i* w, const int8_t* xb, __m512i init_lo, __m512i init_hi, __m512i& lo, __m512i& hi) {
+  lo = init_lo;
+  hi = init_hi;
+  for (int k = 0; k < 4; ++k) {
+    lo = dot_bcast(lo, w[k], xb + 4 * k);
+    hi = dot_bcast(hi, w[k + 4], xb + 16 + 4 * k);
+  }
+}
+
+// Q4_0 / Q5_0 / Q8_0 group: one 32-element block of 16 rows
+template <int64_t Q, int R>
+inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, __m512* acc) {
+  __m512i w[8];
+  const __m512 dw = load_half16(g);
   if constexpr (Q == Q8_0) {
-    for (int k = 0; k < 8; ++k) w[k] = _mm512_loadu_si512(body + 64 * k);
-  } else {
-    const uint8_t* nib = body + (Q == Q5_0 ? 64 : 0);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (int k = 0; k < 4; ++k) {
-      const __m512i v = _mm512_loadu_si512(nib + 64 * k);
-      w[k] = _mm512_and_si512(v, m4);
-      w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    for (int k = 0; k < 4; ++k) {  // quad vectors in order: w[k] = quad k, w[k + 4] = quad k + 4
+      w[k] = _mm512_loadu_si512(g + 32 + 64 * k);
+      w[k + 4] = _mm512_loadu_si512(g + 32 + 64 * (k + 4));
     }
+  } else {
+    nibbles(g + (Q == Q5_0 ? 96 : 32), w);
     if constexpr (Q == Q5_0) {
       const __m512i h16 = _mm512_set1_epi8(16);
       for (int k = 0; k < 8; ++k) {
         uint64_t m;
-        std::memcpy(&m, body + 8 * k, 8);
+        std::memcpy(&m, g + 32 + 8 * k, 8);
         w[k] = _mm512_mask_add_epi8(w[k], static_cast<__mmask64>(m), w[k], h16);
       }
     }
   }
+  for (int r = 0; r < R; ++r) {
+    __m512i lo, hi;
+    dots(w, a[r].q + 32 * b, _mm512_set1_epi32(a[r].init[b]), _mm512_setzero_si512(), lo, hi);
+    const __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a[r].d[b]));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), sc, acc[r]);
+  }
 }
 
-// y[r * ys + 16 g + i] for the R activation rows of the tile, row group g
+// Q4_K group: one 256-element super-block of 16 rows; w = d*sc[j]*q - dmin*m[j] per 32-element sub-block j
+template <int R>
+inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, __m512* acc) {
+  const __m512 d = load_half16(g), dmin = load_half16(g + 32);
+  __m128i B[12];  // scale byte t of the 16 rows
+  for (int t = 0; t < 12; ++t) B[t] = load128(g + 64 + 16 * t);
+  const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m48 = _mm_set1_epi8(0x30);
+  for (int j = 0; j < 8; ++j) {
+    __m128i sc, mn;  // ggml get_scale_min_k4, 16 rows at once
+    if (j < 4) {
+      sc = _mm_and_si128(B[j], m63);
+      mn = _mm_and_si128(B[j + 4], m63);
+    } else {
+      const __m128i top_s = _mm_and_si128(_mm_srli_epi16(B[j - 4], 2), m48);  // bits 6-7 -> 4-5
+      const __m128i top_m = _mm_and_si128(_mm_srli_epi16(B[j], 2), m48);
+      sc = _mm_or_si128(_mm_and_si128(B[j + 4], m15), top_s);
+      mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(B[j + 4], 4), m15), top_m);
+    }
+    const __m512 scv = _mm512_mul_ps(d, u8_to_ps(sc)), mv = _mm512_mul_ps(dmin, u8_to_ps(mn));
+    __m512i w[8];
+    nibbles(g + 256 + 256 * j, w);
+    const int64_t b = 8 * sb + j;
+    for (int r = 0; r < R; ++r) {
+      __m512i lo, hi;
+      dots(w, a[r].q + 32 * b, _mm512_setzero_si512(), _mm512_setzero_si512(), lo, hi);
+      const __m512 sc_r = _mm512_mul_ps(scv, _mm512_set1_ps(a[r].d[b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), sc_r, acc[r]);
+      acc[r] = _mm512_fnmadd_ps(mv, _mm512_set1_ps(a[r].s[b]), acc[r]);
+    }
+  }
+}
+
+// Q6_K group: one 256-element super-block of 16 rows; w = d*sc[e/16]*(q - 32)
+template <int R>
+inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, __m512* acc) {
+  const __m512 d = load_half16(g);
+  const __m512i m30 = _mm512_set1_epi8(0x30);
+  for (int j = 0; j < 8; ++j) {
+    const __m512 s_lo = _mm512_mul_ps(d, i8_to_ps(load128(g + 32 + 16 * (2 * j))));
+    const __m512 s_hi = _mm512_mul_ps(d, i8_to_ps(load128(g + 32 + 16 * (2 * j + 1))));
+    const uint8_t* sbp = g + 288 + 384 * j;
+    __m512i w[8];
+    nibbles(sbp, w);
+    const __m512i H0 = _mm512_loadu_si512(sbp + 256), H1 = _mm512_loadu_si512(sbp + 320);
+    // quad k's high bits sit at bits 2p of H[(k % 4) / 2], p = k % 2 + 2 (k / 4): move them to bits 4-5
+    w[0] = _mm512_or_si512(w[0], _mm512_and_si512(_mm512_slli_epi16(H0, 4), m30));
+    w[1] = _mm512_or_si512(w[1], _mm512_and_si512(_mm512_slli_epi16(H0, 2), m30));
+    w[4] = _mm512_or_si512(w[4], _mm512_and_si512(H0, m30));
+    w[5] = _mm512_or_si512(w[5], _mm512_and_si512(_mm512_srli_epi16(H0, 2), m30));
+    w[2] = _mm512_or_si512(w[2], _mm512_and_si512(_mm512_slli_epi16(H1, 4), m30));
+    w[3] = _mm512_or_si512(w[3], _mm512_and_si512(_mm512_slli_epi16(H1, 2), m30));
+    w[6] = _mm512_or_si512(w[6], _mm512_and_si512(H1, m30));
+    w[7] = _mm512_or_si512(w[7], _mm512_and_si512(_mm512_srli_epi16(H1, 2), m30));
+    const int64_t b = 8 * sb + j;
+    for (int r = 0; r < R; ++r) {
+      __m512i lo, hi;
+      dots(w, a[r].q + 32 * b, _mm512_set1_epi32(a[r].init16[2 * b]), _mm512_set1_epi32(a[r].init16[2 * b + 1]), lo,
+           hi);
+      const __m512 dx = _mm512_set1_ps(a[r].d[b]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(s_lo, dx), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s_hi, dx), acc[r]);
+    }
+  }
+}
+
+// y[r * ys + i] (i < 16) for the R activation rows of the tile and one row group (nb blocks of gbytes each)
 template <int64_t Q, int R>
 void tile(const uint8_t* grp0, int64_t nb, int64_t gbytes, const ActP* a, float* y, int64_t ys) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i w[8];
-    __m512 dw;
-    load_group<Q>(grp0 + gbytes * b, w, dw);
-    group_columns<R>(w, dw, b, a, acc);
+    const uint8_t* g = grp0 + gbytes * b;
+    // the weights are one sequential stream: fetch kPrefetch bytes ahead so memory overlaps the arithmetic (the
+    // hardware prefetcher alone left the 8-row lm_head at memory time + compute time)
+    for (int64_t c = 0; c < gbytes; c += 64) _mm_prefetch(reinterpret_cast<const char*>(g + kPrefetch + c), _MM_HINT_T0);
+    if constexpr (Q == Q4_K) {
+      q4_k_block<R>(g, b, a, acc);
+    } else if constexpr (Q == Q6_K) {
+      q6_k_block<R>(g, b, a, acc);
+    } else {
+      simple_block<Q, R>(g, b, a, acc);
+    }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ys, acc[r]);
 }
@@ -169,90 +179,68 @@ constexpr std::array<PackedTileFn, kMaxTile> make_tiles(std::integer_sequence<in
   return {&tile<Q, R + 1>...};
 }
 
+template <int64_t Q>
+const PackedTileFn* tiles_of() {
+  static constexpr auto t = make_tiles<Q>(std::make_integer_sequence<int, kMaxTile>{});
+  return t.data();
+}
+
 const PackedTileFn* packed_tiles(int64_t q) {
-  static constexpr auto t4 = make_tiles<Q4_0>(std::make_integer_sequence<int, kMaxTile>{});
-  static constexpr auto t5 = make_tiles<Q5_0>(std::make_integer_sequence<int, kMaxTile>{});
-  static constexpr auto t8 = make_tiles<Q8_0>(std::make_integer_sequence<int, kMaxTile>{});
-  return q == Q8_0 ? t8.data() : (q == Q5_0 ? t5.data() : t4.data());
+  switch (q) {
+    case Q4_0: return tiles_of<Q4_0>();
+    case Q5_0: return tiles_of<Q5_0>();
+    case Q8_0: return tiles_of<Q8_0>();
+    case Q4_K: return tiles_of<Q4_K>();
+    default: return tiles_of<Q6_K>();
+  }
+}
+
+int zero_point(int64_t q) {
+  switch (q) {
+    case Q8_0: return 128;
+    case Q5_0: return 16;
+    case Q4_0: return 8;
+    case Q6_K: return 32;
+    default: return 0;
+  }
 }
 #endif
 
 }  // namespace
 
-torch::Tensor pack(const torch::Tensor& raw, int64_t q, int64_t K) {
-  int64_t ts;
-  check_packed(raw, q, K, ts);
-  const int64_t N = raw.size(0), nb = K / 32, rs = raw.stride(0);
-  auto out = torch::empty_like(raw, torch::MemoryFormat::Contiguous);
-  const uint8_t* src = raw.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N / kRows, 16, [&](int64_t g0, int64_t g1) {
-    const uint8_t* blk[kRows];
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b) {
-        for (int i = 0; i < kRows; ++i) blk[i] = src + (kRows * g + i) * rs + ts * b;
-        pack_group(blk, q, dst + (g * nb + b) * kRows * ts);
-      }
-  });
-  return out;
-}
-
-// rows `ids` (int64, any order) of a packed weight in file order: [len(ids), row bytes] uint8
-torch::Tensor unpack_rows(const torch::Tensor& packed, int64_t q, int64_t K, const torch::Tensor& ids) {
-  int64_t ts;
-  check_packed(packed, q, K, ts);
-  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "ids must be a 1-D int64 tensor");
-  const auto idc = ids.contiguous();
-  const int64_t n = idc.size(0), N = packed.size(0), nb = K / 32;
-  auto out = torch::empty({n, packed.size(1)}, packed.options());
-  const int64_t* ip = idc.data_ptr<int64_t>();
-  for (int64_t j = 0; j < n; ++j) TORCH_CHECK(ip[j] >= 0 && ip[j] < N, "row id ", ip[j], " out of range [0, ", N, ")");
-  const uint8_t* src = packed.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t g = ip[j] / kRows;
-      for (int64_t b = 0; b < nb; ++b)
-        unpack_block(src + (g * nb + b) * kRows * ts, q, static_cast<int>(ip[j] % kRows), dst + j * nb * ts + b * ts);
-    }
-  });
-  return out;
-}
-
-// y [M, N] float32 = x [M, K] float32 @ W.T for a packed W; int8 activations per 32 (VNNI only)
+// y [M, N] float32 = x [M, K] float32 @ W.T for a packed W; int8 activations per 32 (VNNI builds only)
 torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, int64_t q) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  int64_t ts;
-  check_packed(packed, q, K, ts);
+  int64_t bs, ts;
+  check_packed(packed, q, K, bs, ts);
   auto y = torch::empty({M, N}, x.options());
 #if AUTOGLM_VNNI
-  const int64_t nb = K / 32, gbytes = kRows * ts;
+  const int64_t nb = K / bs, n32 = K / 32, gbytes = kPackRows * ts;
   std::vector<int8_t> aq(M * K);
-  std::vector<float> ad(M * nb), as(M * nb);
-  std::vector<int32_t> ainit(M * nb), ns4(K / 4);
+  std::vector<float> ad(M * n32), as(M * n32);
+  std::vector<int32_t> ainit(M * n32), ainit16(M * 2 * n32), ns4(K / 4);
   std::vector<ActP> acts(M);
   const int off = zero_point(q);
   for (int64_t m = 0; m < M; ++m) {
-    quantize_act_row(x.data_ptr<float>() + m * K, K, aq.data() + m * K, ad.data() + m * nb, as.data() + m * nb,
+    quantize_act_row(x.data_ptr<float>() + m * K, K, aq.data() + m * K, ad.data() + m * n32, as.data() + m * n32,
                      ns4.data());
-    for (int64_t b = 0; b < nb; ++b) {
-      int32_t s = 0;
-      for (int l = 0; l < 8; ++l) s += ns4[8 * b + l];  // ns4 holds -sum4(q)
-      ainit[m * nb + b] = off * s;
-    }
-    acts[m] = {aq.data() + m * K, ad.data() + m * nb, ainit.data() + m * nb};
+    for (int64_t h = 0; h < 2 * n32; ++h)  // ns4 holds -sum4(q)
+      ainit16[m * 2 * n32 + h] = off * (ns4[4 * h] + ns4[4 * h + 1] + ns4[4 * h + 2] + ns4[4 * h + 3]);
+    for (int64_t b = 0; b < n32; ++b) ainit[m * n32 + b] = ainit16[m * 2 * n32 + 2 * b] + ainit16[m * 2 * n32 + 2 * b + 1];
+    acts[m] = {aq.data() + m * K, ad.data() + m * n32, as.data() + m * n32, ainit.data() + m * n32,
+               ainit16.data() + m * 2 * n32};
   }
   const PackedTileFn* tiles = packed_tiles(q);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const int64_t G = N / kRows;
+  const int64_t G = N / kPackRows;
   const int64_t grain = std::max<int64_t>(1, G / (8 * at::get_num_threads()) + 1);
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t m = 0; m < M; m += kMaxTile) {
         const int64_t r = std::min<int64_t>(kMaxTile, M - m);
-        tiles[r - 1](wp + g * nb * gbytes, nb, gbytes, acts.data() + m, yp + m * N + kRows * g, N);
+        tiles[r - 1](wp + g * nb * gbytes, nb, gbytes, acts.data() + m, yp + m * N + kPackRows * g, N);
       }
   });
 #else

@@ -70,6 +70,11 @@ void deq_row(DeqFn f, const uint8_t* row, int64_t nb, int64_t bs, int64_t ts, fl
 // raw [N, row bytes] uint8 of type q with K columns; sets the block geometry
 void check_raw(const torch::Tensor& raw, int64_t q, int64_t K, int64_t& bs, int64_t& ts);
 
+// packed weights (pack.cpp): 16 rows interleaved per block for gemv_packed.cpp
+constexpr int64_t kPackRows = 16;
+bool packable(int64_t q);
+void check_packed(const torch::Tensor& t, int64_t q, int64_t K, int64_t& bs, int64_t& ts);
+
 // activations quantized per 32: x ~= d[b] * q[32 b + i], d = max|x_block| / 127; s[b] = d * sum(q of block b);
 // ns4[j] = -(sum of q[4 j .. 4 j + 3]) (one vpdpbusd lane)
 void quantize_act_row(const float* x, int64_t K, int8_t* q, float* d, float* s, int32_t* ns4);

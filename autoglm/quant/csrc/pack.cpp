@@ -1,0 +1,251 @@
+// The packed weight layout of the decode kernels (gemv_packed.cpp): 16 rows interleaved per block, so one vpdpbusd
+// multiplies 4 consecutive elements of 16 weight rows by the same 4 activation bytes (broadcast) and its 16 int32
+// lanes are 16 outputs. llama.cpp's CPU "repack" buffers do the same for Q4_0 / Q8_0 / Q4_K. The bytes are the
+// file's, rearranged: same total size, and `unpack_rows` restores file order exactly.
+//
+// A [N, K] weight (N % 16 == 0) of block geometry (bs elements, ts bytes) is stored as groups (g, b) = rows
+// 16g..16g+15 x block b, group (g, b) at byte (g * nb + b) * 16 * ts. A "quad" is 4 consecutive elements; a quad
+// vector is 64 bytes: row i's 4 values at bytes 4i..4i+3, each u8 = value + off (the type's zero point; the
+// activation side adds -off * sum(x_q)). "Nibble vectors" hold two quad vectors: quad t in the low nibbles and quad
+// t + 4 in the high nibbles, so a 32-element sub-block is 4 x 64 bytes.
+//   Q8_0  [0,32) d x16 fp16 | [32,544) 8 quad vectors (u = q + 128)
+//   Q4_0  [0,32) d | [32,288) nibble vectors (u = q, off 8)
+//   Q5_0  [0,32) d | [32,96) 8 x u64: bit 4i + j of word k = 5th bit of row i's element 4k + j | [96,352) nibbles
+//   Q4_K  [0,32) d | [32,64) dmin | [64,256) scale byte t (0..11) of the 16 rows at 64 + 16 t |
+//         [256,2304) sub-block j (32 elements) at 256 + 256 j: nibble vectors (u = q, mins applied separately)
+//   Q6_K  [0,32) d | [32,288) int8 scale s (0..15) of the 16 rows at 32 + 16 s | sub-block j at 288 + 384 j:
+//         nibble vectors of the low 4 bits, then 2 x 64 bytes H0, H1: byte 4i + b of Ht holds the high 2 bits of
+//         quads (2t, 2t + 1, 2t + 4, 2t + 5) at bits (0-1, 2-3, 4-5, 6-7); u = q (0..63), off 32
+#include "kernels.h"
+
+namespace autoglm {
+namespace {
+
+// element e of a file-order block as its unsigned stored integer u (Q8_0: q + 128; K-quants: the raw q)
+uint8_t element(const uint8_t* blk, int64_t q, int e) {
+  switch (q) {
+    case Q8_0: return static_cast<uint8_t>(blk[2 + e] ^ 0x80);
+    case Q4_0: return e < 16 ? (blk[2 + e] & 0x0F) : (blk[2 + e - 16] >> 4);
+    case Q5_0: {
+      uint32_t qh;
+      std::memcpy(&qh, blk + 2, 4);
+      const uint8_t lo = e < 16 ? (blk[6 + e] & 0x0F) : (blk[6 + e - 16] >> 4);
+      return static_cast<uint8_t>(lo | (((qh >> e) & 1) << 4));
+    }
+    case Q4_K: {
+      const uint8_t b = blk[16 + 32 * (e / 64) + e % 32];
+      return (e / 32) % 2 == 0 ? (b & 0x0F) : (b >> 4);
+    }
+    default: {  // Q6_K: ql [0,128), qh [128,192)
+      const int n = e / 128, part = (e % 128) / 32, l = e % 32;
+      const uint8_t ql = blk[64 * n + l + 32 * (part % 2)];
+      const uint8_t lo = part < 2 ? (ql & 0x0F) : (ql >> 4);
+      return static_cast<uint8_t>(lo | (((blk[128 + 32 * n + l] >> (2 * part)) & 3) << 4));
+    }
+  }
+}
+
+// the u values of one file-order block, all bs of them
+void elements(const uint8_t* blk, int64_t q, int bs, uint8_t* u) {
+  for (int e = 0; e < bs; ++e) u[e] = element(blk, q, e);
+}
+
+// u [bs] back into a file-order block's integer fields (scales are copied separately)
+void store_elements(const uint8_t* u, int64_t q, uint8_t* blk) {
+  switch (q) {
+    case Q8_0:
+      for (int e = 0; e < 32; ++e) blk[2 + e] = u[e] ^ 0x80;
+      return;
+    case Q4_0:
+    case Q5_0: {
+      uint8_t* qs = blk + (q == Q5_0 ? 6 : 2);
+      uint32_t qh = 0;
+      for (int e = 0; e < 16; ++e) qs[e] = static_cast<uint8_t>((u[e] & 0x0F) | ((u[e + 16] & 0x0F) << 4));
+      for (int e = 0; e < 32; ++e) qh |= static_cast<uint32_t>((u[e] >> 4) & 1) << e;
+      if (q == Q5_0) std::memcpy(blk + 2, &qh, 4);
+      return;
+    }
+    case Q4_K:
+      for (int j = 0; j < 4; ++j)
+        for (int l = 0; l < 32; ++l)
+          blk[16 + 32 * j + l] = static_cast<uint8_t>(u[64 * j + l] | (u[64 * j + 32 + l] << 4));
+      return;
+    default:  // Q6_K
+      for (int n = 0; n < 2; ++n)
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t* v = u + 128 * n + l;
+          blk[64 * n + l] = static_cast<uint8_t>((v[0] & 0x0F) | ((v[64] & 0x0F) << 4));
+          blk[64 * n + l + 32] = static_cast<uint8_t>((v[32] & 0x0F) | ((v[96] & 0x0F) << 4));
+          blk[128 + 32 * n + l] =
+              static_cast<uint8_t>((v[0] >> 4) | ((v[32] >> 4) << 2) | ((v[64] >> 4) << 4) | ((v[96] >> 4) << 6));
+        }
+  }
+}
+
+// byte offset of the integer body and the per-row header fields (offset in the block, width) kept row-transposed
+int64_t body_offset(int64_t q) {
+  switch (q) {
+    case Q8_0: case Q4_0: return 32;
+    case Q5_0: return 96;
+    case Q4_K: return 256;
+    default: return 288;
+  }
+}
+
+// header bytes of a block that are stored transposed (byte t of row i at hdr + 16 t + i): (block offset, count)
+void header(int64_t q, int& off, int& n) {
+  switch (q) {
+    case Q4_K: off = 0; n = 16; return;    // d, dmin (2 + 2 bytes), 12 scale bytes
+    case Q6_K: off = 192; n = 18; return;  // 16 int8 scales then d (2 bytes) -> d first below
+    default: off = 0; n = 2; return;       // d
+  }
+}
+
+// transposed header position of block byte c
+int header_slot(int64_t q, int c) {
+  if (q == Q6_K) return c >= 208 ? c - 208 : c - 192 + 2;  // d x16 first, then the 16 scales
+  return c;
+}
+
+void pack_group(const uint8_t* const* blk, int64_t q, int bs, uint8_t* out) {
+  if (q == Q8_0) {  // the common lm_head type: 4-byte moves instead of per-element decoding
+    for (int i = 0; i < kPackRows; ++i) std::memcpy(out + 2 * i, blk[i], 2);
+    for (int k = 0; k < 8; ++k)
+      for (int i = 0; i < kPackRows; ++i) {
+        uint32_t v;
+        std::memcpy(&v, blk[i] + 2 + 4 * k, 4);
+        v ^= 0x80808080u;
+        std::memcpy(out + 32 + 64 * k + 4 * i, &v, 4);
+      }
+    return;
+  }
+  int hoff, hn;
+  header(q, hoff, hn);
+  // fp16 fields are 2-byte values per row; the rest are single bytes per row
+  for (int i = 0; i < kPackRows; ++i)
+    for (int c = hoff; c < hoff + hn; ++c) {
+      const int s = header_slot(q, c);
+      if (s < 4 && (q == Q4_K || s < 2))
+        out[32 * (s / 2) + 2 * i + s % 2] = blk[i][c];  // fp16 d (and dmin): 16 little-endian halves
+      else
+        out[32 * (q == Q4_K ? 2 : 1) + 16 * (s - (q == Q4_K ? 4 : 2)) + i] = blk[i][c];
+    }
+  uint8_t u[kPackRows][256];
+  for (int i = 0; i < kPackRows; ++i) elements(blk[i], q, bs, u[i]);
+  uint8_t* body = out + body_offset(q);
+  if (q == Q5_0) {
+    for (int k = 0; k < 8; ++k) {
+      uint64_t m = 0;
+      for (int i = 0; i < kPackRows; ++i)
+        for (int j = 0; j < 4; ++j) m |= static_cast<uint64_t>(u[i][4 * k + j] >> 4) << (4 * i + j);
+      std::memcpy(out + 32 + 8 * k, &m, 8);
+    }
+  }
+  const int64_t sub_bytes = q == Q6_K ? 384 : 256;
+  for (int s = 0; s < bs / 32; ++s) {
+    uint8_t* sb = body + sub_bytes * s;
+    for (int t = 0; t < 4; ++t)
+      for (int i = 0; i < kPackRows; ++i)
+        for (int j = 0; j < 4; ++j)
+          sb[64 * t + 4 * i + j] =
+              static_cast<uint8_t>((u[i][32 * s + 4 * t + j] & 0x0F) | ((u[i][32 * s + 16 + 4 * t + j] & 0x0F) << 4));
+    if (q != Q6_K) continue;
+    for (int t = 0; t < 2; ++t)
+      for (int i = 0; i < kPackRows; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const int quads[4] = {2 * t, 2 * t + 1, 2 * t + 4, 2 * t + 5};
+          uint8_t h = 0;
+          for (int p = 0; p < 4; ++p) h |= static_cast<uint8_t>((u[i][32 * s + 4 * quads[p] + j] >> 4) << (2 * p));
+          sb[256 + 64 * t + 4 * i + j] = h;
+        }
+  }
+}
+
+// row i of a packed group -> its file-order block (exact inverse of pack_group)
+void unpack_block(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* out) {
+  int hoff, hn;
+  header(q, hoff, hn);
+  for (int c = hoff; c < hoff + hn; ++c) {
+    const int s = header_slot(q, c);
+    if (s < 4 && (q == Q4_K || s < 2))
+      out[c] = grp[32 * (s / 2) + 2 * i + s % 2];
+    else
+      out[c] = grp[32 * (q == Q4_K ? 2 : 1) + 16 * (s - (q == Q4_K ? 4 : 2)) + i];
+  }
+  uint8_t u[256];
+  const uint8_t* body = grp + body_offset(q);
+  if (q == Q8_0) {
+    for (int e = 0; e < 32; ++e) u[e] = body[64 * (e / 4) + 4 * i + e % 4];
+  } else {
+    const int64_t sub_bytes = q == Q6_K ? 384 : 256;
+    for (int e = 0; e < bs; ++e) {
+      const uint8_t* sb = body + sub_bytes * (e / 32);
+      const int r = e % 32, t = (r % 16) / 4, j = r % 4;
+      const uint8_t n = sb[64 * t + 4 * i + j];
+      u[e] = r < 16 ? (n & 0x0F) : (n >> 4);
+      const int quad = r / 4;
+      if (q == Q6_K) {
+        const int ht = (quad % 4) / 2, p = (quad % 2) + 2 * (quad / 4);
+        u[e] |= static_cast<uint8_t>(((sb[256 + 64 * ht + 4 * i + j] >> (2 * p)) & 3) << 4);
+      } else if (q == Q5_0) {
+        uint64_t m;
+        std::memcpy(&m, grp + 32 + 8 * quad, 8);
+        u[e] |= static_cast<uint8_t>(((m >> (4 * i + j)) & 1) << 4);
+      }
+    }
+  }
+  store_elements(u, q, out);
+}
+
+}  // namespace
+
+bool packable(int64_t q) { return q == Q4_0 || q == Q5_0 || q == Q8_0 || q == Q4_K || q == Q6_K; }
+
+void check_packed(const torch::Tensor& t, int64_t q, int64_t K, int64_t& bs, int64_t& ts) {
+  TORCH_CHECK(packable(q), "gguf_kernels: GGML type ", q, " has no packed layout");
+  check_raw(t, q, K, bs, ts);
+  TORCH_CHECK(t.is_contiguous() && t.size(0) % kPackRows == 0, "packed weights need contiguous rows, a multiple of 16");
+}
+
+torch::Tensor pack(const torch::Tensor& raw, int64_t q, int64_t K) {
+  int64_t bs, ts;
+  check_packed(raw, q, K, bs, ts);
+  const int64_t N = raw.size(0), nb = K / bs, rs = raw.stride(0);
+  auto out = torch::empty_like(raw, torch::MemoryFormat::Contiguous);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N / kPackRows, 16, [&](int64_t g0, int64_t g1) {
+    const uint8_t* blk[kPackRows];
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int i = 0; i < kPackRows; ++i) blk[i] = src + (kPackRows * g + i) * rs + ts * b;
+        pack_group(blk, q, static_cast<int>(bs), dst + (g * nb + b) * kPackRows * ts);
+      }
+  });
+  return out;
+}
+
+// rows `ids` (int64, any order) of a packed weight in file order: [len(ids), row bytes] uint8
+torch::Tensor unpack_rows(const torch::Tensor& packed, int64_t q, int64_t K, const torch::Tensor& ids) {
+  int64_t bs, ts;
+  check_packed(packed, q, K, bs, ts);
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "ids must be a 1-D int64 tensor");
+  const auto idc = ids.contiguous();
+  const int64_t n = idc.size(0), N = packed.size(0), nb = K / bs;
+  auto out = torch::empty({n, packed.size(1)}, packed.options());
+  const int64_t* ip = idc.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n; ++j) TORCH_CHECK(ip[j] >= 0 && ip[j] < N, "row id ", ip[j], " out of range [0, ", N, ")");
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t g = ip[j] / kPackRows;
+      for (int64_t b = 0; b < nb; ++b)
+        unpack_block(src + (g * nb + b) * kPackRows * ts, q, static_cast<int>(bs), static_cast<int>(ip[j] % kPackRows),
+                     dst + j * nb * ts + b * ts);
+    }
+  });
+  return out;
+}
+
+}  // namespace autoglm

@@ -1,0 +1,138 @@
+"""Packed GGUF weights (`csrc/pack.cpp`, `csrc/gemv_packed.cpp`): the 16-row interleaved layout round-trips to the
+file's bytes exactly, the packed kernel computes F.linear(x_q, W) (x_q: the per-32 int8 activations; only float32
+summation order differs, bound derived in test_gguf_kernels.py) for every M, each row independent of the batch, and
+modules packed by `pack_model` keep their memory, share a tied tensor, and read back through every path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import Tensor, nn
+
+import autoglm.quant.gguf_kernels as gk
+from autoglm.loader.quants import dequantize, quantize
+from autoglm.quant.gguf_linear import GGUFBlockFormat, GGUFEmbedding, GGUFLinear
+
+Q = GGMLQuantizationType
+PACKED = list(gk.PACKED_TYPES)
+
+
+@pytest.fixture(scope="module")
+def ext() -> Iterator[object]:
+    e = gk.extension()
+    assert e is not None, "the C++ kernels must build on the test machine (g++ and ninja are installed)"
+    if not e.has_vnni():  # type: ignore[attr-defined]
+        pytest.fail("these tests need an AVX512-VNNI CPU (the packed kernel's only build); this machine has one")
+    yield e
+    gk.uninstall()
+
+
+def _weights(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[0, :16] = 0.0  # zero scales must not produce NaN
+    w[5] *= 40.0  # one row with a much larger scale
+    raw = torch.from_numpy(quantize(w, qtype))
+    return raw, dequantize(raw, qtype, (rows, cols))
+
+
+def _cols(qtype: GGMLQuantizationType) -> int:
+    return 512 if qtype in (Q.Q4_K, Q.Q6_K) else 96
+
+
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
+def test_pack_round_trips_to_the_file_bytes(ext: object, qtype: GGMLQuantizationType) -> None:
+    rows, cols = 48, _cols(qtype)
+    raw, _ = _weights(qtype, rows, cols, seed=1)
+    packed = ext.pack(raw, int(qtype), cols)  # type: ignore[attr-defined]
+    assert packed.shape == raw.shape and packed.dtype == torch.uint8
+    assert not torch.equal(packed, raw)  # it did rearrange
+    ids = torch.randperm(rows, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ext.unpack_rows(packed, int(qtype), cols, ids), raw[ids])  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.unpack_rows(packed, int(qtype), cols, torch.tensor([rows]))  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ext.pack(raw[:40], int(qtype), cols)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
+def test_packed_kernel_computes_the_quantized_product(ext: object, qtype: GGMLQuantizationType) -> None:
+    rows, cols = 64, _cols(qtype)
+    raw, w = _weights(qtype, rows, cols, seed=3)
+    fmt = GGUFBlockFormat(qtype, rows, cols, packed=True)
+    packed = ext.pack(raw, int(qtype), cols)  # type: ignore[attr-defined]
+    g = torch.Generator().manual_seed(4)
+    for m in (1, 3, 8, 17, 300):  # tiles of 8 and a remainder; 300 > PACKED_ROWS_PER_CALL (two calls)
+        x = torch.randn(m, cols, generator=g)
+        x[0, :32] = 0.0
+        y = gk.matmul(x, packed, fmt)
+        xq = gk.quantize_activations(x)
+        scale = F.linear(xq.abs(), w.abs()) + 1e-6
+        assert ((y - F.linear(xq, w)).abs() <= 2e-6 * scale).all(), f"{qtype.name} M={m}"
+        # the same as the row-major decode kernel up to summation order
+        if m <= gk.GEMV_MAX_ROWS:
+            assert ((y - gk.gemv(x, raw, GGUFBlockFormat(qtype, rows, cols))).abs() <= 4e-6 * scale).all()
+
+
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
+def test_packed_rows_are_batch_independent(ext: object, qtype: GGMLQuantizationType) -> None:
+    rows, cols = 32, _cols(qtype)
+    raw, _ = _weights(qtype, rows, cols, seed=5)
+    packed = ext.pack(raw, int(qtype), cols)  # type: ignore[attr-defined]
+    x = torch.randn(19, cols, generator=torch.Generator().manual_seed(6))
+    alone = torch.cat([ext.gemv_packed(x[i : i + 1], packed, int(qtype)) for i in range(19)])  # type: ignore[attr-defined]
+    for m in (2, 8, 9, 19):
+        assert torch.equal(ext.gemv_packed(x[:m], packed, int(qtype)), alone[:m])  # type: ignore[attr-defined]
+
+
+class _Tied(nn.Module):
+    def __init__(self, raw: Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.embed_tokens = GGUFEmbedding.from_raw(raw, qtype, shape)
+        self.lm_head = GGUFLinear.from_raw(raw, qtype, shape)
+        self.odd = GGUFLinear.from_raw(raw[:8], qtype, (8, shape[1]))  # rows % 16 != 0: stays in file order
+
+
+def test_pack_model_packs_on_first_use_and_shares_tied_weights(ext: object) -> None:
+    vocab, dim, qtype = 64, 256, Q.Q8_0
+    raw, w = _weights(qtype, vocab, dim, seed=7)
+    model = _Tied(raw, qtype, (vocab, dim))
+    ids = torch.tensor([[3, 17, 63, 0]])
+    x = torch.randn(2, dim)
+    try:
+        assert gk.install()
+        want_rows = model.embed_tokens(ids)  # before packing: the file-order path
+        want_logits = gk.gemv(x, raw, GGUFBlockFormat(qtype, vocab, dim))
+        assert gk.pack_model(model) == 2  # embedding + head; the 8-row layer is not packable
+        assert model.embed_tokens.weight.data_ptr() == raw.data_ptr()  # lazy: nothing packed yet
+        torch.testing.assert_close(model.embed_tokens(ids), want_rows, rtol=0, atol=0)  # unpacked rows, exact
+        assert model.embed_tokens.weight_format.packed and model.embed_tokens.weight.data_ptr() != raw.data_ptr()
+        logits = model.lm_head(x)
+        assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()  # one packed copy
+        assert model.lm_head.nbytes == raw.numel() and model.lm_head.weight.shape == raw.shape
+        scale = F.linear(gk.quantize_activations(x).abs(), w.abs()) + 1e-6
+        assert ((logits - want_logits).abs() <= 4e-6 * scale).all()
+        torch.testing.assert_close(model.embed_tokens.as_logits(x), logits, rtol=0, atol=0)
+        assert not model.odd.weight_format.packed
+        torch.testing.assert_close(model.lm_head.dequantized_weight(), w, rtol=0, atol=0)
+    finally:
+        gk.uninstall()
+    # with the kernels gone, the reference path reads the packed blocks back in file order: exactly F.linear
+    torch.testing.assert_close(model.lm_head(x), F.linear(x, w), rtol=0, atol=0)
+
+
+def test_pack_pending_packs_everything_marked(ext: object) -> None:
+    raw, _ = _weights(Q.Q6_K, 32, 256, seed=8)
+    model = _Tied(raw, Q.Q6_K, (32, 256))
+    try:
+        assert gk.install()
+        assert gk.pack_model(model) == 2
+        assert gk.pack_pending(model) == 2 and gk.pack_pending(model) == 0
+        assert model.lm_head.weight_format.packed and model.embed_tokens.weight_format.packed
+    finally:
+        gk.uninstall()
