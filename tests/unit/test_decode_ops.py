@@ -1,9 +1,9 @@
 """The decode path's fused CPU helpers and attention fast paths equal the plain torch composition.
 
 Kernels (`autoglm/quant/csrc/norm_ops.cpp`, `attention.cpp`): rms_norm, add_rms_norm, norm_rope, attend_decode —
-each against the torch ops it replaces. Attention: the cache-view, gathered-block and batched decode paths (torch and fused) against
-attention over the whole sequence. Models: a tiny Gemma 3 decoding through the paged cache with the fused helpers on
-matches transformers' logits (the parity tests in tests/models cover the torch path).
+each against the torch ops it replaces. Attention: the cache-view, gathered-block and batched decode paths (torch and
+fused) against attention over the whole sequence. Models: a tiny Gemma 3 decoding through the paged cache with the
+fused helpers on matches transformers' logits (the parity tests in tests/models cover the torch path).
 """
 
 from __future__ import annotations
