@@ -138,6 +138,11 @@ class Attention(nn.Module):
         assert self.k_cache is not None
         f = fused_ops(q, q)
         if f is not None and self.k_cache.dtype in _FUSED_CACHE_DTYPES:
+            paged = getattr(f, "attend_decode_paged", None)
+            if paged is not None and ctx.block_tables is not None and self.k_cache.is_contiguous():
+                # one call for the whole batch, reading each sequence's blocks where they are (no gather)
+                lo, hi = self._spans(ctx)
+                return paged(q.contiguous(), self.k_cache, self.v_cache, ctx.block_tables, lo, hi, self.scale)
             # fused kernel per sequence over its cache span: K/V read once, in the cache's dtype (no gather, no mask)
             outs = []
             for i in range(len(ctx.query_lens)):
@@ -148,6 +153,16 @@ class Attention(nn.Module):
             k, v = self._cached_kv(ctx, 0, block_size)
             return self._attend_last(q, k, v)
         return self._decode_batched(q, ctx, block_size)
+
+    def _spans(self, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
+        """Per sequence, the positions its newest token sees: lo [B], hi [B] int64 (memoized for the step)."""
+        key = ("spans", self.sliding_window)
+        hit = ctx.memo.get(key)
+        if hit is None:
+            hi = torch.tensor(ctx.context_lens, dtype=torch.long)
+            lo = hi.sub(self.sliding_window).clamp_(min=0) if self.sliding_window is not None else torch.zeros_like(hi)
+            hit = ctx.memo[key] = (lo, hi)
+        return hit
 
     def _cached_kv(self, ctx: AttentionContext, seq: int, block_size: int) -> tuple[Tensor, Tensor]:
         """The keys/values the newest token of `seq` sees ([n, KV, D]): the whole context, or the sliding window's

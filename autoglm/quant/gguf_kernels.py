@@ -51,8 +51,6 @@ Q = GGMLQuantizationType
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 PACKED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K)
 PACK_GROUP_ROWS = 16
-# activation rows per packed-kernel call: each call streams the weights once, with these rows' int8 copy in cache
-PACKED_ROWS_PER_CALL = 256
 _PACK_CHUNK_ROWS = 4096  # rows packed (and their file pages released) at a time: bounded transient memory
 
 # activation rows up to which the fused kernel beats dequantize-once + GEMM (benchmarks/kernels.py). The kernel
@@ -241,13 +239,7 @@ def matmul(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
     x2 = x.reshape(-1, fmt.cols)  # [M, cols]
     if x2.device.type != "cpu" or raw.device.type != "cpu":
         raise RuntimeError("GGUF kernels run on CPU tensors only")
-    if fmt.packed:  # the packed kernel beats dequantize + GEMM at every M (benchmarks/kernels.py)
-        xf = x2.float().contiguous()
-        y = torch.cat(
-            [gemv(xf[s : s + PACKED_ROWS_PER_CALL], raw, fmt) for s in range(0, xf.shape[0], PACKED_ROWS_PER_CALL)]
-        )
-        y = y.to(x.dtype)
-    elif x2.shape[0] <= GEMV_MAX_ROWS:
+    if x2.shape[0] <= GEMV_MAX_ROWS:
         y = gemv(x2, raw, fmt).to(x.dtype)
     else:
         cd = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
@@ -271,6 +263,7 @@ def install() -> bool:
         register_matmul_kernel(qtype, matmul)
         register_gemv_kernel(qtype, direct, GEMV_MAX_ROWS, owner=matmul)
     if ext.has_vnni():
+        gguf_linear.set_packing(_pack_module, _unpack_rows)
         for qtype in PACKED_TYPES:  # packed weights: x [M, K] float32 contiguous, as `direct`
             register_gemv_kernel(qtype, ext.gemv_packed, GEMV_MAX_ROWS, owner=matmul, packed=True)
     norm_layers.set_fused_ops(ext)  # fused norms / residual+norm / norm+rope on the per-token path

@@ -113,6 +113,28 @@ def test_attend_decode_kernel(ext: Any, heads: int, kv_heads: int, head_dim: int
     _close(ext.attend_decode(q, strided_k, strided_v, 0.3), _sdpa(q, strided_k, strided_v, 0.3), tol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_attend_decode_paged_equals_the_gathered_span(ext: Any, dtype: torch.dtype) -> None:
+    # the batched paged kernel reads each sequence's blocks in place: bitwise what attend_decode computes on the
+    # gathered span (same arithmetic), for one sequence (parallel inside) and several (a sequence per thread)
+    g = torch.Generator().manual_seed(3)
+    blocks, bs, kv, d, h = 12, 4, 2, 64, 8
+    kc = torch.randn(blocks, bs, kv, d, generator=g).to(dtype)
+    vc = torch.randn(blocks, bs, kv, d, generator=g).to(dtype)
+    tables = torch.tensor([[5, 1, 9, 0], [7, 3, 2, 11], [4, 4, 4, 4]])
+    lo, hi = torch.tensor([0, 3, 0]), torch.tensor([13, 16, 2])  # sequence 1: a sliding-window tail
+    q = torch.randn(3, h, d, generator=g)
+    want = []
+    for b in range(3):
+        rows = torch.cat([kc[i] for i in tables[b]]), torch.cat([vc[i] for i in tables[b]])
+        want.append(ext.attend_decode(q[b], rows[0][lo[b] : hi[b]], rows[1][lo[b] : hi[b]], 0.125))
+    got = ext.attend_decode_paged(q, kc, vc, tables, lo, hi, 0.125)
+    assert torch.equal(got, torch.stack(want))
+    assert torch.equal(ext.attend_decode_paged(q[:1], kc, vc, tables[:1], lo[:1], hi[:1], 0.125), want[0][None])
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        ext.attend_decode_paged(q[:1], kc, vc, torch.tensor([[blocks, 0, 0, 0]]), lo[:1], hi[:1], 0.125)
+
+
 def _decode_case(
     attn: Attention, lens: list[int], tables: list[list[int]], block_size: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

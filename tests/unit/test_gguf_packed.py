@@ -28,6 +28,7 @@ def ext() -> Iterator[object]:
     assert e is not None, "the C++ kernels must build on the test machine (g++ and ninja are installed)"
     if not e.has_vnni():  # type: ignore[attr-defined]
         pytest.fail("these tests need an AVX512-VNNI CPU (the packed kernel's only build); this machine has one")
+    assert gk.install()
     yield e
     gk.uninstall()
 
@@ -67,7 +68,7 @@ def test_packed_kernel_computes_the_quantized_product(ext: object, qtype: GGMLQu
     fmt = GGUFBlockFormat(qtype, rows, cols, packed=True)
     packed = ext.pack(raw, int(qtype), cols)  # type: ignore[attr-defined]
     g = torch.Generator().manual_seed(4)
-    for m in (1, 3, 8, 17, 300):  # tiles of 8 and a remainder; 300 > PACKED_ROWS_PER_CALL (two calls)
+    for m in (1, 3, 8, 11, 16):  # tiles of 8 and a remainder
         x = torch.randn(m, cols, generator=g)
         x[0, :32] = 0.0
         y = gk.matmul(x, packed, fmt)
@@ -75,8 +76,10 @@ def test_packed_kernel_computes_the_quantized_product(ext: object, qtype: GGMLQu
         scale = F.linear(xq.abs(), w.abs()) + 1e-6
         assert ((y - F.linear(xq, w)).abs() <= 2e-6 * scale).all(), f"{qtype.name} M={m}"
         # the same as the row-major decode kernel up to summation order
-        if m <= gk.GEMV_MAX_ROWS:
-            assert ((y - gk.gemv(x, raw, GGUFBlockFormat(qtype, rows, cols))).abs() <= 4e-6 * scale).all()
+        assert ((y - gk.gemv(x, raw, GGUFBlockFormat(qtype, rows, cols))).abs() <= 4e-6 * scale).all()
+    # prefill (M > GEMV_MAX_ROWS): float activations on the weight read back in file order, as for unpacked weights
+    x = torch.randn(40, cols, generator=g)
+    torch.testing.assert_close(gk.gemm(x, packed, fmt), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)

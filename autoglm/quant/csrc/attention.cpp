@@ -35,11 +35,12 @@ inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-// s[g * sn + j] = q[g] . k[j] for GB heads g and keys j in [j0, j1); D % 16 == 0
+// s[g * sn + j] = q[g] . k[j] for GB heads g and keys j in [j0, j1) (key j at rows[j] + ho); D % 16 == 0
 template <int GB, typename T>
-void scores_avx(const float* q, const T* k, int64_t ks, int64_t j0, int64_t j1, int64_t D, float* s, int64_t sn) {
+void scores_avx(const float* q, const T* const* rows, int64_t ho, int64_t j0, int64_t j1, int64_t D, float* s,
+                int64_t sn) {
   for (int64_t j = j0; j < j1; ++j) {
-    const T* kr = k + j * ks;
+    const T* kr = rows[j] + ho;
     __m512 a[GB];
     for (int g = 0; g < GB; ++g) a[g] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
@@ -50,14 +51,15 @@ void scores_avx(const float* q, const T* k, int64_t ks, int64_t j0, int64_t j1, 
   }
 }
 
-// out[g, c0:c0+64] = sum_j p[g * pn + j] v[j, c0:c0+64] for GB heads
+// out[g, c0:c0+64] = sum_j p[g * pn + j] v[j, c0:c0+64] for GB heads (value j at rows[j] + ho)
 template <int GB, typename T>
-void values_avx(const float* p, int64_t pn, const T* v, int64_t vs, int64_t n, int64_t c0, int64_t D, float* out) {
+void values_avx(const float* p, int64_t pn, const T* const* rows, int64_t ho, int64_t n, int64_t c0, int64_t D,
+                float* out) {
   __m512 acc[GB][4];
   for (int g = 0; g < GB; ++g)
     for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
-    const T* vr = v + j * vs + c0;
+    const T* vr = rows[j] + ho + c0;
     __m512 x[4];
     for (int c = 0; c < 4; ++c) x[c] = load16(vr + 16 * c);
     for (int g = 0; g < GB; ++g) {
@@ -73,26 +75,29 @@ void values_avx(const float* p, int64_t pn, const T* v, int64_t vs, int64_t n, i
 #define AUTOGLM_ATTN_AVX 0
 #endif
 
+// one query per head over n keys: key/value j of KV head kh at krow[j] + kh * ks1 / vrow[j] + kh * vs1 (a paged
+// cache's rows are wherever their blocks are); parallel inside unless called from a parallel region
 template <typename T>
-void attend_impl(const float* q, const T* k, const T* v, int64_t ks0, int64_t ks1, int64_t vs0, int64_t vs1,
-                 int64_t n, int64_t H, int64_t KV, int64_t D, float scale, float* out) {
+void attend_impl(const float* q, const T* const* krow, const T* const* vrow, int64_t ks1, int64_t vs1, int64_t n,
+                 int64_t H, int64_t KV, int64_t D, float scale, float* out) {
   const int64_t G = H / KV;
   std::vector<float> s(H * n);  // scores / probabilities [H, n]
   const bool fast = AUTOGLM_ATTN_AVX && D % 64 == 0;
   at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t kh = 0; kh < KV; ++kh) {
-      const T* kb = k + kh * ks1;
+      const int64_t ho = kh * ks1;
       int64_t g = 0;
 #if AUTOGLM_ATTN_AVX
       if (fast) {
-        for (; g + 4 <= G; g += 4) scores_avx<4>(q + (kh * G + g) * D, kb, ks0, j0, j1, D, s.data() + (kh * G + g) * n, n);
-        for (; g < G; ++g) scores_avx<1>(q + (kh * G + g) * D, kb, ks0, j0, j1, D, s.data() + (kh * G + g) * n, n);
+        for (; g + 4 <= G; g += 4)
+          scores_avx<4>(q + (kh * G + g) * D, krow, ho, j0, j1, D, s.data() + (kh * G + g) * n, n);
+        for (; g < G; ++g) scores_avx<1>(q + (kh * G + g) * D, krow, ho, j0, j1, D, s.data() + (kh * G + g) * n, n);
       }
 #endif
       for (; g < G; ++g) {
         const float* qh = q + (kh * G + g) * D;
         for (int64_t j = j0; j < j1; ++j) {
-          const T* kr = kb + j * ks0;
+          const T* kr = krow[j] + ho;
           float a = 0.f;
           for (int64_t d = 0; d < D; ++d) a += qh[d] * to_f(kr[d]);
           s[(kh * G + g) * n + j] = a;
@@ -117,12 +122,13 @@ void attend_impl(const float* q, const T* k, const T* v, int64_t ks0, int64_t ks
   at::parallel_for(0, KV * chunks, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t kh = u / chunks, c0 = (u % chunks) * 64, c = std::min<int64_t>(64, D - c0);
-      const T* vb = v + kh * vs1;
+      const int64_t ho = kh * vs1;
       int64_t g = 0;
 #if AUTOGLM_ATTN_AVX
       if (fast) {
-        for (; g + 4 <= G; g += 4) values_avx<4>(s.data() + (kh * G + g) * n, n, vb, vs0, n, c0, D, out + (kh * G + g) * D);
-        for (; g < G; ++g) values_avx<1>(s.data() + (kh * G + g) * n, n, vb, vs0, n, c0, D, out + (kh * G + g) * D);
+        for (; g + 4 <= G; g += 4)
+          values_avx<4>(s.data() + (kh * G + g) * n, n, vrow, ho, n, c0, D, out + (kh * G + g) * D);
+        for (; g < G; ++g) values_avx<1>(s.data() + (kh * G + g) * n, n, vrow, ho, n, c0, D, out + (kh * G + g) * D);
       }
 #endif
       for (; g < G; ++g) {
@@ -130,13 +136,97 @@ void attend_impl(const float* q, const T* k, const T* v, int64_t ks0, int64_t ks
         float* o = out + (kh * G + g) * D + c0;
         std::fill(o, o + c, 0.f);
         for (int64_t j = 0; j < n; ++j)
-          for (int64_t d = 0; d < c; ++d) o[d] += p[j] * to_f(vb[j * vs0 + c0 + d]);
+          for (int64_t d = 0; d < c; ++d) o[d] += p[j] * to_f(vrow[j][ho + c0 + d]);
       }
     }
   });
 }
 
+template <typename T>
+void attend_strided(const float* q, const T* k, const T* v, int64_t ks0, int64_t ks1, int64_t vs0, int64_t vs1,
+                    int64_t n, int64_t H, int64_t KV, int64_t D, float scale, float* out) {
+  std::vector<const T*> kr(n), vr(n);
+  for (int64_t j = 0; j < n; ++j) {
+    kr[j] = k + j * ks0;
+    vr[j] = v + j * vs0;
+  }
+  attend_impl(q, kr.data(), vr.data(), ks1, vs1, n, H, KV, D, scale, out);
+}
+
+// every sequence b: keys lo[b]..hi[b]-1 of its block table (cache [blocks, BS, KV, D], contiguous)
+template <typename T>
+void attend_paged_impl(const float* q, const T* k, const T* v, const int64_t* tables, int64_t tstride,
+                       const int64_t* lo, const int64_t* hi, int64_t B, int64_t BS, int64_t H, int64_t KV, int64_t D,
+                       float scale, float* out) {
+  const int64_t row = KV * D;
+  auto one = [&](int64_t b) {
+    const int64_t n = hi[b] - lo[b];
+    std::vector<const T*> kr(n), vr(n);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = lo[b] + j, slot = tables[b * tstride + pos / BS] * BS + pos % BS;
+      kr[j] = k + slot * row;
+      vr[j] = v + slot * row;
+    }
+    attend_impl(q + b * H * D, kr.data(), vr.data(), D, D, n, H, KV, D, scale, out + b * H * D);
+  };
+  if (B == 1) {
+    one(0);  // parallel inside the sequence
+  } else {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {  // a sequence per thread (inner loops run inline)
+      for (int64_t b = b0; b < b1; ++b) one(b);
+    });
+  }
+}
+
 }  // namespace
+
+// One query per sequence and head over its paged cache span: q [B, H, D] float32; k_cache, v_cache [blocks, BS, KV, D]
+// (float32 / float16 / bfloat16, contiguous); tables [B, max_blocks] int64 (block ids in order); lo, hi [B] int64
+// (sequence b sees positions lo[b]..hi[b]-1) -> [B, H, D]. The same arithmetic as attend_decode on the gathered span.
+torch::Tensor attend_decode_paged(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                  const torch::Tensor& tables, const torch::Tensor& lo, const torch::Tensor& hi,
+                                  double scale) {
+  check_rows(q, "q");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.device().is_cpu(),
+              "k/v caches must be contiguous CPU [blocks, block_size, KV, D] tensors of one dtype");
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), KV = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == D && q.size(1) % KV == 0, "q must be [B, H, D] with H a multiple of KV");
+  const int64_t B = q.size(0), H = q.size(1);
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && tables.dim() == 2 && tables.size(0) == B &&
+                  tables.stride(1) == 1 && lo.scalar_type() == torch::kLong && hi.scalar_type() == torch::kLong &&
+                  lo.numel() == B && hi.numel() == B && lo.is_contiguous() && hi.is_contiguous(),
+              "tables [B, max_blocks], lo and hi [B] must be int64");
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t *lp = lo.data_ptr<int64_t>(), *hp = hi.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= lp[b] && lp[b] < hp[b] && (hp[b] - 1) / BS < tables.size(1), "sequence ", b, ": bad span");
+    for (int64_t j = lp[b] / BS; j <= (hp[b] - 1) / BS; ++j)
+      TORCH_CHECK(tp[b * tables.stride(0) + j] >= 0 && tp[b * tables.stride(0) + j] < NB, "block id out of range");
+  }
+  auto out = torch::empty({B, H, D}, q.options());
+  const float sc = static_cast<float>(scale);
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ts = tables.stride(0);
+  switch (k_cache.scalar_type()) {
+    case torch::kFloat32:
+      attend_paged_impl(qp, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tp, ts, lp, hp, B, BS, H, KV, D, sc,
+                        op);
+      break;
+    case torch::kFloat16:
+      attend_paged_impl(qp, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), tp, ts, lp, hp, B, BS, H, KV,
+                        D, sc, op);
+      break;
+    case torch::kBFloat16:
+      attend_paged_impl(qp, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), tp, ts, lp, hp, B, BS,
+                        H, KV, D, sc, op);
+      break;
+    default:
+      TORCH_CHECK(false, "attend_decode_paged: unsupported cache dtype ", k_cache.scalar_type());
+  }
+  return out;
+}
 
 // One query per head over n cached keys, all visible: q [H, D] float32; k, v [n, KV, D] float32 / float16 / bfloat16
 // (rows may be strided; each head's D values contiguous) -> [H, D] float32. Head h uses KV head h / (H / KV), as
@@ -155,13 +245,13 @@ torch::Tensor attend_decode(const torch::Tensor& q, const torch::Tensor& k, cons
   const int64_t a = k.stride(0), b = k.stride(1), c = v.stride(0), d = v.stride(1);
   switch (k.scalar_type()) {
     case torch::kFloat32:
-      attend_impl(qp, k.data_ptr<float>(), v.data_ptr<float>(), a, b, c, d, n, H, KV, D, sc, op);
+      attend_strided(qp, k.data_ptr<float>(), v.data_ptr<float>(), a, b, c, d, n, H, KV, D, sc, op);
       break;
     case torch::kFloat16:
-      attend_impl(qp, k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), a, b, c, d, n, H, KV, D, sc, op);
+      attend_strided(qp, k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), a, b, c, d, n, H, KV, D, sc, op);
       break;
     case torch::kBFloat16:
-      attend_impl(qp, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), a, b, c, d, n, H, KV, D, sc, op);
+      attend_strided(qp, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), a, b, c, d, n, H, KV, D, sc, op);
       break;
     default:
       TORCH_CHECK(false, "attend_decode: unsupported cache dtype ", k.scalar_type());

@@ -95,5 +95,8 @@ std::tuple<torch::Tensor, c10::optional<torch::Tensor>> add_rms_norm(
 torch::Tensor norm_rope(const torch::Tensor& x, const c10::optional<torch::Tensor>& w, double eps, double offset,
                         const torch::Tensor& cos, const torch::Tensor& sin, int64_t R, bool interleaved);
 torch::Tensor attend_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
+torch::Tensor attend_decode_paged(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                  const torch::Tensor& tables, const torch::Tensor& lo, const torch::Tensor& hi,
+                                  double scale);
 
 }  // namespace autoglm

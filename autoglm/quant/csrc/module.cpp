@@ -17,4 +17,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_rope", &norm_rope, "optional per-head rms_norm, then rotary (x * cos + x[perm] * sin)");
   m.def("attend_decode", &attend_decode, "one query per head over n visible cached keys",
         py::call_guard<py::gil_scoped_release>());
+  m.def("attend_decode_paged", &attend_decode_paged, "one query per sequence and head over its paged cache span",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -163,6 +163,16 @@ void pack_group(const uint8_t* const* blk, int64_t q, int bs, uint8_t* out) {
 
 // row i of a packed group -> its file-order block (exact inverse of pack_group)
 void unpack_block(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* out) {
+  if (q == Q8_0) {  // 4-byte moves (the prefill path unpacks whole weights)
+    std::memcpy(out, grp + 2 * i, 2);
+    for (int k = 0; k < 8; ++k) {
+      uint32_t v;
+      std::memcpy(&v, grp + 32 + 64 * k + 4 * i, 4);
+      v ^= 0x80808080u;
+      std::memcpy(out + 2 + 4 * k, &v, 4);
+    }
+    return;
+  }
   int hoff, hn;
   header(q, hoff, hn);
   for (int c = hoff; c < hoff + hn; ++c) {
@@ -174,9 +184,7 @@ void unpack_block(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* out) {
   }
   uint8_t u[256];
   const uint8_t* body = grp + body_offset(q);
-  if (q == Q8_0) {
-    for (int e = 0; e < 32; ++e) u[e] = body[64 * (e / 4) + 4 * i + e % 4];
-  } else {
+  {
     const int64_t sub_bytes = q == Q6_K ? 384 : 256;
     for (int e = 0; e < bs; ++e) {
       const uint8_t* sb = body + sub_bytes * (e / 32);
