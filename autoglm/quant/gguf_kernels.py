@@ -224,12 +224,17 @@ def gemm(x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
     ext = extension()
     assert ext is not None
     step = max(1, min(fmt.rows, DEQUANT_SLAB_ELEMENTS // fmt.cols))
+    if fmt.packed:  # slabs start on a 16-row group
+        step = max(PACK_GROUP_ROWS, step // PACK_GROUP_ROWS * PACK_GROUP_ROWS)
     out = x.new_empty(x.shape[0], fmt.rows)
     for s in range(0, fmt.rows, step):
-        slab = raw[s : s + step] if not fmt.packed else fmt.take_rows_raw(raw, torch.arange(s, min(s + step, fmt.rows)))
-        w = _scratch(slab.shape[0], fmt.cols, x.dtype)  # [slab, cols]
-        ext.dequantize_out(slab, int(fmt.qtype), fmt.cols, w)
-        out[:, s : s + slab.shape[0]] = F.linear(x, w)
+        n = min(step, fmt.rows - s)
+        w = _scratch(n, fmt.cols, x.dtype)  # [slab, cols]
+        if fmt.packed:
+            ext.dequantize_packed_out(raw, int(fmt.qtype), fmt.cols, s, w)
+        else:
+            ext.dequantize_out(raw[s : s + n], int(fmt.qtype), fmt.cols, w)
+        out[:, s : s + n] = F.linear(x, w)
     return out
 
 

@@ -77,9 +77,13 @@ def test_packed_kernel_computes_the_quantized_product(ext: object, qtype: GGMLQu
         assert ((y - F.linear(xq, w)).abs() <= 2e-6 * scale).all(), f"{qtype.name} M={m}"
         # the same as the row-major decode kernel up to summation order
         assert ((y - gk.gemv(x, raw, GGUFBlockFormat(qtype, rows, cols))).abs() <= 4e-6 * scale).all()
-    # prefill (M > GEMV_MAX_ROWS): float activations on the weight read back in file order, as for unpacked weights
+    # prefill (M > GEMV_MAX_ROWS): float activations on the weight dequantized from the packed layout (bit-exact)
     x = torch.randn(40, cols, generator=g)
     torch.testing.assert_close(gk.gemm(x, packed, fmt), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(rows - 16, cols, dtype=dtype)
+        ext.dequantize_packed_out(packed, int(qtype), cols, 16, out)  # type: ignore[attr-defined]
+        assert torch.equal(out, w[16:].to(dtype))
 
 
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)

@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations);
   m.def("pack", &pack, "Q4_0/Q5_0/Q8_0 rows -> 16-row interleaved layout", py::call_guard<py::gil_scoped_release>());
   m.def("unpack_rows", &unpack_rows, "packed rows -> file order", py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize_packed_out", &dequantize_packed_out, "packed rows -> out (float32/bfloat16)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("gemv_packed", &gemv_packed, "y = x @ W.T on packed blocks", py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "rms_norm(x) * (offset + w)");
   m.def("add_rms_norm", &add_rms_norm, "h + rms_norm(y) * (offset + w1), then its rms_norm * (offset + w2)");

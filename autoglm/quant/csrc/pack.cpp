@@ -257,3 +257,113 @@ torch::Tensor unpack_rows(const torch::Tensor& packed, int64_t q, int64_t K, con
 }
 
 }  // namespace autoglm
+
+namespace autoglm {
+namespace {
+
+inline uint32_t dword(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// row i of a packed group: its bs stored integers u (4 at a time), file-order element order
+void row_values(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* u) {
+  if (q == Q8_0) {
+    for (int k = 0; k < 8; ++k) std::memcpy(u + 4 * k, grp + 32 + 64 * k + 4 * i, 4);  // stored as q + 128
+    return;
+  }
+  const uint8_t* body = grp + body_offset(q);
+  const int64_t sub_bytes = q == Q6_K ? 384 : 256;
+  for (int s = 0; s < bs / 32; ++s) {
+    const uint8_t* sb = body + sub_bytes * s;
+    uint32_t w[8];
+    for (int t = 0; t < 4; ++t) {
+      const uint32_t n = dword(sb + 64 * t + 4 * i);
+      w[t] = n & 0x0F0F0F0Fu;
+      w[t + 4] = (n >> 4) & 0x0F0F0F0Fu;
+    }
+    if (q == Q5_0) {
+      for (int k = 0; k < 8; ++k) {
+        uint64_t m;
+        std::memcpy(&m, grp + 32 + 8 * k, 8);
+        const uint32_t bits = static_cast<uint32_t>((m >> (4 * i)) & 0xF);
+        w[k] |= ((bits * 0x00204081u) & 0x01010101u) << 4;  // bit j -> bit 4 of byte j
+      }
+    } else if (q == Q6_K) {
+      for (int k = 0; k < 8; ++k) {
+        const int t = (k % 4) / 2, p = k % 2 + 2 * (k / 4);
+        w[k] |= ((dword(sb + 256 + 64 * t + 4 * i) >> (2 * p)) & 0x03030303u) << 4;
+      }
+    }
+    std::memcpy(u + 32 * s, w, 32);
+  }
+}
+
+// row i of a packed group -> bs floats, the same arithmetic as ggml's dequantize_row_* (so bit-exact)
+void deq_packed_row(const uint8_t* grp, int64_t q, int bs, int i, float* __restrict y) {
+  uint8_t u[256];
+  row_values(grp, q, bs, i, u);
+  const float d = h2f(grp + 2 * i);
+  switch (q) {
+    case Q8_0:
+      for (int e = 0; e < 32; ++e) y[e] = static_cast<float>(static_cast<int>(u[e]) - 128) * d;
+      return;
+    case Q4_0:
+      for (int e = 0; e < 32; ++e) y[e] = static_cast<float>(static_cast<int>(u[e]) - 8) * d;
+      return;
+    case Q5_0:
+      for (int e = 0; e < 32; ++e) y[e] = static_cast<float>(static_cast<int>(u[e]) - 16) * d;
+      return;
+    case Q4_K: {
+      const float dmin = h2f(grp + 32 + 2 * i);
+      uint8_t scales[12];
+      for (int t = 0; t < 12; ++t) scales[t] = grp[64 + 16 * t + i];
+      for (int j = 0; j < 8; ++j) {
+        uint8_t sc, m;
+        scale_min_k4(j, scales, sc, m);
+        const float d1 = d * sc, m1 = dmin * m;
+        for (int l = 0; l < 32; ++l) y[32 * j + l] = d1 * u[32 * j + l] - m1;
+      }
+      return;
+    }
+    default:  // Q6_K
+      for (int s = 0; s < 16; ++s) {
+        const float ds = d * static_cast<int8_t>(grp[32 + 16 * s + i]);
+        for (int l = 0; l < 16; ++l) y[16 * s + l] = ds * static_cast<float>(static_cast<int>(u[16 * s + l]) - 32);
+      }
+  }
+}
+
+}  // namespace
+
+// rows row0.. of a packed weight (row0 % 16 == 0) -> out [rows, K] float32 or bfloat16 (contiguous), bit-exact with
+// dequantizing the file's blocks (bfloat16: rounded to nearest even); the prefill path's slabs
+void dequantize_packed_out(const torch::Tensor& packed, int64_t q, int64_t K, int64_t row0, torch::Tensor& out) {
+  int64_t bs, ts;
+  check_packed(packed, q, K, bs, ts);
+  const int64_t rows = out.size(0), nb = K / bs;
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || out.scalar_type() == torch::kFloat32) && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(1) == K, "out must be a contiguous float32/bfloat16 [rows, ", K, "] tensor");
+  TORCH_CHECK(row0 % kPackRows == 0 && row0 >= 0 && row0 + rows <= packed.size(0), "bad row range");
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, (rows + kPackRows - 1) / kPackRows, 4, [&](int64_t g0, int64_t g1) {
+    std::vector<float> tmp(bf16 ? K : 0);
+    for (int64_t gl = g0; gl < g1; ++gl) {
+      const int64_t g = row0 / kPackRows + gl;
+      for (int i = 0; i < kPackRows && gl * kPackRows + i < rows; ++i) {
+        const int64_t r = gl * kPackRows + i;
+        float* y = bf16 ? tmp.data() : out.data_ptr<float>() + r * K;
+        for (int64_t b = 0; b < nb; ++b)
+          deq_packed_row(src + (g * nb + b) * kPackRows * ts, q, static_cast<int>(bs), i, y + b * bs);
+        if (bf16) {
+          c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + r * K;
+          for (int64_t e = 0; e < K; ++e) o[e] = c10::BFloat16(tmp[e]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace autoglm
