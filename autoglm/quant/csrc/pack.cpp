@@ -161,6 +161,8 @@ void pack_group(const uint8_t* const* blk, int64_t q, int bs, uint8_t* out) {
   }
 }
 
+void row_values(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* u);
+
 // row i of a packed group -> its file-order block (exact inverse of pack_group)
 void unpack_block(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* out) {
   if (q == Q8_0) {  // 4-byte moves (the prefill path unpacks whole weights)
@@ -183,25 +185,7 @@ void unpack_block(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* out) {
       out[c] = grp[32 * (q == Q4_K ? 2 : 1) + 16 * (s - (q == Q4_K ? 4 : 2)) + i];
   }
   uint8_t u[256];
-  const uint8_t* body = grp + body_offset(q);
-  {
-    const int64_t sub_bytes = q == Q6_K ? 384 : 256;
-    for (int e = 0; e < bs; ++e) {
-      const uint8_t* sb = body + sub_bytes * (e / 32);
-      const int r = e % 32, t = (r % 16) / 4, j = r % 4;
-      const uint8_t n = sb[64 * t + 4 * i + j];
-      u[e] = r < 16 ? (n & 0x0F) : (n >> 4);
-      const int quad = r / 4;
-      if (q == Q6_K) {
-        const int ht = (quad % 4) / 2, p = (quad % 2) + 2 * (quad / 4);
-        u[e] |= static_cast<uint8_t>(((sb[256 + 64 * ht + 4 * i + j] >> (2 * p)) & 3) << 4);
-      } else if (q == Q5_0) {
-        uint64_t m;
-        std::memcpy(&m, grp + 32 + 8 * quad, 8);
-        u[e] |= static_cast<uint8_t>(((m >> (4 * i + j)) & 1) << 4);
-      }
-    }
-  }
+  row_values(grp, q, bs, i, u);
   store_elements(u, q, out);
 }
 
@@ -302,31 +286,22 @@ void row_values(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* u) {
 
 // row i of a packed group -> bs floats, the same arithmetic as ggml's dequantize_row_* (so bit-exact)
 void deq_packed_row(const uint8_t* grp, int64_t q, int bs, int i, float* __restrict y) {
+  if (q == Q4_K || q == Q8_0) {  // back to the file's block, then ggml's code (measured faster for these two)
+    uint8_t blk[144];
+    unpack_block(grp, q, bs, i, blk);
+    deq_fn(q)(blk, y);
+    return;
+  }
   uint8_t u[256];
   row_values(grp, q, bs, i, u);
   const float d = h2f(grp + 2 * i);
   switch (q) {
-    case Q8_0:
-      for (int e = 0; e < 32; ++e) y[e] = static_cast<float>(static_cast<int>(u[e]) - 128) * d;
-      return;
     case Q4_0:
       for (int e = 0; e < 32; ++e) y[e] = static_cast<float>(static_cast<int>(u[e]) - 8) * d;
       return;
     case Q5_0:
       for (int e = 0; e < 32; ++e) y[e] = static_cast<float>(static_cast<int>(u[e]) - 16) * d;
       return;
-    case Q4_K: {
-      const float dmin = h2f(grp + 32 + 2 * i);
-      uint8_t scales[12];
-      for (int t = 0; t < 12; ++t) scales[t] = grp[64 + 16 * t + i];
-      for (int j = 0; j < 8; ++j) {
-        uint8_t sc, m;
-        scale_min_k4(j, scales, sc, m);
-        const float d1 = d * sc, m1 = dmin * m;
-        for (int l = 0; l < 32; ++l) y[32 * j + l] = d1 * u[32 * j + l] - m1;
-      }
-      return;
-    }
     default:  // Q6_K
       for (int s = 0; s < 16; ++s) {
         const float ds = d * static_cast<int8_t>(grp[32 + 16 * s + i]);
