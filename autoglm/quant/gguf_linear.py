@@ -1,6 +1,7 @@
 """Linear and embedding layers whose weights stay in GGUF block format in memory.
 
-The module owns the raw blocks as a uint8 buffer named `weight` ([rows, row_bytes], exactly the bytes of the file,
+The module owns the raw blocks as a uint8 buffer named `weight` ([rows, row_bytes], exactly the bytes of the file
+(or, once a kernel backend packed it, the same bytes rearranged: `GGUFBlockFormat.packed`),
 possibly a view of its mmap), so a loader fills it by the usual HF name (`...down_proj.weight`) and `.nbytes` is
 what the file holds. All arithmetic goes through a `GGUFBlockFormat` (`dequantize`, `matmul`, `rows`): the seam
 where fast kernels plug in later (`register_matmul_kernel`), without touching the modules or the models.
