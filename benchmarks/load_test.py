@@ -125,13 +125,19 @@ class Sample:
     disconnected: bool = False
 
 
-async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any], disconnect_after: int | None = None) -> Sample:
-    """POST a streaming chat completion; `disconnect_after`: close the connection after that many content chunks."""
+async def stream_chat(
+    client: httpx.AsyncClient,
+    body: dict[str, Any],
+    disconnect_after: int | None = None,
+    path: str = "/v1/chat/completions",
+) -> Sample:
+    """POST a streaming chat completion (or, with `path` /v1/completions, a text completion); `disconnect_after`:
+    close the connection after that many content chunks."""
     s = Sample()
     t0 = time.perf_counter()
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async with client.stream("POST", path, json=body) as r:
             s.status = r.status_code
             if r.status_code != 200:
                 s.error = (await r.aread()).decode(errors="replace")[:300]
@@ -150,8 +156,9 @@ async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any], disconnec
                     continue
                 if obj.get("usage"):
                     s.tokens = obj["usage"]["completion_tokens"]
-                delta = (obj.get("choices") or [{}])[0].get("delta") or {}
-                if delta.get("content") or delta.get("reasoning_content"):
+                choice = (obj.get("choices") or [{}])[0]
+                delta = choice.get("delta") or {}
+                if delta.get("content") or delta.get("reasoning_content") or choice.get("text"):
                     now = time.perf_counter()
                     if s.first is None:
                         s.first, s.ttft = now, now - t0
@@ -238,13 +245,20 @@ async def run_load(client: httpx.AsyncClient, model: str, vision: bool, n: int, 
     }
 
 
-async def decode_throughput(client: httpx.AsyncClient, model: str, streams: int, tokens: int) -> dict[str, Any]:
-    body = {"model": model, "messages": [{"role": "user", "content": "count slowly: " + " ".join(WORDS[:12])}],
-            "temperature": 0.0, "max_tokens": tokens, "ignore_eos": True}
-    samples = await asyncio.gather(*(stream_chat(client, body) for _ in range(streams)))
+async def decode_throughput(
+    client: httpx.AsyncClient, model: str, streams: int, tokens: int, ban: list[int] | None = None, text: bool = False
+) -> dict[str, Any]:
+    prompt = "count slowly: " + " ".join(WORDS[:12])
+    body: dict[str, Any] = {"model": model, "temperature": 0.0, "max_tokens": tokens, "ignore_eos": True}
+    path = "/v1/completions" if text else "/v1/chat/completions"
+    body.update({"prompt": prompt} if text else {"messages": [{"role": "user", "content": prompt}]})
+    if ban:  # servers without `ignore_eos` (llama-cpp-python): forbid the end tokens instead
+        body["logit_bias"] = {str(t): -100 for t in ban}
+    samples = await asyncio.gather(*(stream_chat(client, body, path=path) for _ in range(streams)))
     firsts = [s.first for s in samples if s.first is not None]
     lasts = [s.last for s in samples if s.last is not None]
-    decoded = sum(max(s.tokens - 1, 0) for s in samples)
+    # tokens after each stream's first: from usage when the server sends it, else one per content chunk
+    decoded = sum(max((s.tokens or len(s.itl) + (s.first is not None)) - 1, 0) for s in samples)
     span = (max(lasts) - min(firsts)) if firsts and lasts else float("nan")
     return {"streams": streams, "decode_tokens": decoded, "decode_s": span, "tok_per_s": decoded / span,
             "errors": sum(1 for s in samples if s.error or not s.done)}
@@ -387,8 +401,9 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 model, vision = await served_model(client)
                 if args.requests > 0:
                     report["load"] = await run_load(client, model, vision, args.requests, args.concurrency)
-                one = await decode_throughput(client, model, 1, args.decode_tokens)
-                eight = await decode_throughput(client, model, 8, args.decode_tokens)
+                dt = (args.decode_tokens, args.ban_tokens, args.decode_completions)
+                one = await decode_throughput(client, model, 1, *dt)
+                eight = await decode_throughput(client, model, 8, *dt)
                 report["decode"] = {"one": one, "eight": eight, "ratio": eight["tok_per_s"] / one["tok_per_s"]}
         finally:
             server.stop()
@@ -484,6 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-arg", action="append", default=[], help="extra `autoglm serve` argument (repeat)")
     p.add_argument("--max-seconds", type=float, default=900.0, help="hard limit for the whole run")
     p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--decode-completions", action="store_true", help="decode test on /v1/completions (raw prompt)")
+    p.add_argument(
+        "--ban-tokens",
+        type=lambda v: [int(t) for t in v.split(",") if t],
+        default=None,
+        help="decode test: token ids given logit_bias -100 (for --url servers without ignore_eos), e.g. 1,106",
+    )
     args = p.parse_args(argv)
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         p.error("--url must be a loopback address")
