@@ -80,7 +80,10 @@ class Engine:
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
         self.runner = ModelRunner(
-            model, num_blocks=num_blocks, block_size=config.block_size, kv_cache_dtype=config.kv_cache_dtype,
+            model,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            kv_cache_dtype=config.kv_cache_dtype,
             encoder_cache_memory=config.encoder_cache_memory,
         )
         self.requests: dict[str, Request] = {}
@@ -111,6 +114,10 @@ class Engine:
         if vocab and (bad := [t for t in prompt.token_ids if not 0 <= t < vocab]):
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
         params = params.resolve(self.model.generation_defaults)
+        if vocab and (bad := [t for t in params.logit_bias or {} if t >= vocab]):
+            raise InvalidRequest(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="logit_bias"
+            )
         n_max = self.max_model_len
         if params.max_tokens is not None and n_prompt + params.max_tokens > n_max:
             raise ContextTooLong(
@@ -141,8 +148,9 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
             detokenizer=IncrementalDetokenizer(tok, skip_special_tokens=params.skip_special_tokens),
             reasoning_detokenizer=IncrementalDetokenizer(tok, skip_special_tokens=params.skip_special_tokens),
-            reasoning=ReasoningSplitter(self._reasoning_tokens, prompt_ids=prompt.token_ids,
-                                        special_ids=tok.special_ids),
+            reasoning=ReasoningSplitter(
+                self._reasoning_tokens, prompt_ids=prompt.token_ids, special_ids=tok.special_ids
+            ),
             return_prompt_logits=return_prompt_logits,
         )
         if timeout is not None:
@@ -305,4 +313,3 @@ class Engine:
         for rid in list(self.requests):
             self.abort(rid)
         self.runner.release()
-

@@ -89,8 +89,9 @@ class ModelRunner:
             c = req.num_computed_tokens
             ids.extend(req.token_ids[c : c + n])
             positions.append(req.positions(c, c + n))
-            slots.extend(req.block_table[j // self.block_size] * self.block_size + j % self.block_size
-                         for j in range(c, c + n))
+            slots.extend(
+                req.block_table[j // self.block_size] * self.block_size + j % self.block_size for j in range(c, c + n)
+            )
             media_rows.extend(self._media_rows(req, c, c + n, start))
             if req.return_prompt_logits:
                 score_spans.append((req, start, n))
@@ -193,5 +194,5 @@ def _sampling_row(req: Request) -> SamplingRow:
         output_token_ids=req.output_token_ids,
         generator=req.generator,
         logprobs=p.logprobs,
+        logit_bias=p.logit_bias,
     )
-

@@ -40,6 +40,7 @@ class SamplingRow:
     output_token_ids: Sequence[int] = ()
     generator: torch.Generator | None = None
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
 
 
 def apply_penalties(
@@ -128,9 +129,13 @@ class Sampler:
             return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=dev)
 
         x = raw
-        if any(
-            r.presence_penalty != 0 or r.frequency_penalty != 0 or r.repetition_penalty != 1 for r in rows
-        ):
+        biased = [(i, r.logit_bias) for i, r in enumerate(rows) if r.logit_bias]
+        if biased:  # OpenAI/vLLM: added to the logits before penalties and sampling (also decides greedy picks)
+            x = raw.clone()
+            for i, bias in biased:
+                ids = torch.tensor(list(bias), dtype=torch.long, device=dev)
+                x[i].index_add_(0, ids, torch.tensor(list(bias.values()), dtype=x.dtype, device=dev))
+        if any(r.presence_penalty != 0 or r.frequency_penalty != 0 or r.repetition_penalty != 1 for r in rows):
             x = apply_penalties(
                 x,
                 [r.prompt_token_ids for r in rows],

@@ -34,6 +34,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS ids
     ignore_eos: bool = False  # keep generating through EOS/stop ids (benchmarks)
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top-k alternatives
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI: -100..100)
     skip_special_tokens: bool = True
 
     def resolve(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -63,6 +64,11 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not -2 <= value <= 2:
                 raise InvalidRequest(f"{name} must be in [-2, 2], got {value}", param=name)
+        for tok, bias in (self.logit_bias or {}).items():
+            if tok < 0 or not -100 <= bias <= 100:
+                raise InvalidRequest(
+                    f"logit_bias maps token ids >= 0 to values in [-100, 100], got {tok}: {bias}", param="logit_bias"
+                )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequest(f"top_logprobs must be in [0, 20], got {self.logprobs}", param="top_logprobs")
 

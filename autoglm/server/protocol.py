@@ -104,6 +104,7 @@ class _SamplingFields(_Lenient):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, like OpenAI) -> bias in [-100, 100]
 
     def check_n(self) -> None:
         if self.n != 1:
@@ -126,9 +127,20 @@ class _SamplingFields(_Lenient):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self._logit_bias(),
         )
         params.validate()
         return params
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): float(v) for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequest(
+                f"logit_bias keys must be token ids, got {sorted(self.logit_bias)[:3]}", param="logit_bias"
+            ) from None
 
     @property
     def include_usage(self) -> bool:

@@ -180,6 +180,30 @@ def test_logprobs_equal_transformers(client: openai.OpenAI, ref: Reference) -> N
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)  # greedy picks the top
 
 
+def test_logit_bias_forces_and_rejects(client: openai.OpenAI, ref: Reference) -> None:
+    # +100 on one ordinary token makes every greedy step pick it (the tiny model's logits are a few units wide)
+    forced = ref.tokenizer("hello", add_special_tokens=False)["input_ids"][0]
+    hi = [{"role": "user", "content": "hi"}]
+    reply = client.chat.completions.create(
+        model=SERVED_NAMES[0], messages=hi, max_tokens=3, logit_bias={str(forced): 100},
+        extra_body={**GREEDY, "ignore_eos": True},
+    )
+    assert reply.choices[0].message.content == ref.text([forced] * 3)
+    # -100 on the greedy choice: transformers' second choice instead
+    prompt = "The weather today is"
+    _, rows = ref.greedy(ref.tokenizer(prompt)["input_ids"], 1)
+    first, second = torch.topk(rows[0], 2).indices.tolist()
+    banned = client.completions.create(
+        model=SERVED_NAMES[0], prompt=prompt, max_tokens=1, logit_bias={str(first): -100},
+        extra_body={**GREEDY, "ignore_eos": True, "skip_special_tokens": False},
+    )
+    assert banned.choices[0].text == ref.tokenizer.decode([second])
+    bad = (({"5": 101}, "logit_bias"), ({"999999999": 1}, "outside the vocabulary"), ({"x": 1}, "token ids"))
+    for bias, match in bad:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.chat.completions.create(model=SERVED_NAMES[0], messages=hi, max_tokens=2, logit_bias=bias)
+
+
 def test_text_completion_equals_transformers(client: openai.OpenAI, ref: Reference) -> None:
     prompt = "The weather today is"
     ids = ref.tokenizer(prompt)["input_ids"]

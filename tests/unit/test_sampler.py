@@ -154,3 +154,20 @@ def test_logprobs_per_row(k: int) -> None:
     toks, lps = Sampler()(logits, [_row(temperature=0.0, logprobs=k), _row(temperature=0.0)])
     assert lps[1] is None and lps[0] is not None and len(lps[0].top) == k
     assert lps[0].token_id == toks[0]
+
+
+def test_logit_bias_is_added_per_row_before_sampling() -> None:
+    logits = _logits(3, seed=4)
+    best = logits.argmax(-1).tolist()
+    raw = logits.clone()
+    rows = [
+        _row(temperature=0.0, logit_bias={best[0]: -100.0}),  # banned: the runner-up wins
+        _row(temperature=0.0),  # batch mate without a bias: untouched
+        _row(temperature=0.0, logit_bias={7: 100.0}),  # forced
+    ]
+    toks, lps = Sampler()(logits, rows)
+    assert toks == [int(logits[0].topk(2).indices[1]), best[1], 7]
+    assert torch.equal(logits, raw)  # the caller's logits are not modified
+    # OpenAI reports logprobs of the model's distribution (as vLLM): the bias does not enter them
+    _, lp = Sampler()(logits[1:2], [_row(temperature=0.0, logprobs=0, logit_bias={3: 5.0})])
+    assert lp[0] is not None and lp[0].logprob == pytest.approx(float(torch.log_softmax(logits[1], -1)[best[1]]))
