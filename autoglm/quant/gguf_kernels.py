@@ -14,9 +14,10 @@ Two paths, picked per call by the number of activation rows M (measured in `benc
 Decode helpers in the same extension (`install()` hands them to `autoglm.layers.norm.set_fused_ops`): rms_norm,
 add_rms_norm (residual + post-norm + next pre-norm), norm_rope (per-head norm + rotary), attend_decode (one query per
 head over a cache span); float32 CPU only, each equal to its torch composition up to summation order.
-Packed weights (`pack_model`): Q4_0 / Q5_0 / Q8_0 modules with rows % 16 == 0 are rearranged on first use into
-16-row interleaved groups (`csrc/gemv_packed.cpp`; same bytes, so the same memory): one vpdpbusd then yields 16
-outputs, 2-2.6x faster decode matmuls at 8 rows than the row-major kernel. Packing is lazy so that loading stays
+Packed weights (`pack_model`, AVX512-VNNI only): PACKED_TYPES modules with rows % 16 == 0 are rearranged on first
+use into 16-row interleaved groups (`csrc/pack.cpp`, `csrc/gemv_packed.cpp`; same bytes, so the same memory): one
+vpdpbusd then yields 16 outputs, ~2-4.6x faster decode matmuls than the row-major kernel; prefill dequantizes slabs
+straight from the packed layout. Packing is lazy so that loading stays
 memory-honest (the file's pages are only read when a module first runs, and released as its packed copy is written).
 Memory: no float copy of the model is ever kept; transient slabs only.
 Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; others keep the reference path of `GGUFBlockFormat.matmul`.
@@ -31,7 +32,6 @@ import logging
 import os
 import platform
 import threading
-from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -196,10 +196,7 @@ def _pack_module(mod: nn.Module) -> None:
             packed[s : s + src.shape[0]] = ext.pack(src.contiguous(), int(fmt.qtype), fmt.cols)
             release_pages(src)  # the file's pages of this chunk: the packed copy replaces them
         shared[raw.data_ptr()] = packed
-    mod.weight = packed
-    mod.weight_format = replace(fmt, packed=True)
-    mod._gemv_key = int(fmt.qtype) + gguf_linear._PACKED_KEY
-    mod._pack_pending = False
+    gguf_linear.adopt_packed(mod, packed)  # type: ignore[arg-type]
 
 
 def _unpack_rows(raw: Tensor, fmt: GGUFBlockFormat, ids: Tensor) -> Tensor:

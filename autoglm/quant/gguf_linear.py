@@ -56,6 +56,20 @@ def set_packing(packer: Callable[[nn.Module], None], unpack_rows: UnpackRows) ->
     _PACKER, _UNPACK_ROWS = packer, unpack_rows
 
 
+def adopt_packed(mod: GGUFLinear | GGUFEmbedding, packed: Tensor) -> None:
+    """Make `packed` (the backend's rearrangement of `mod.weight`) the module's weight."""
+    mod.weight = packed
+    mod.weight_format = replace(mod.weight_format, packed=True)
+    if isinstance(mod, GGUFLinear):  # its direct small-M kernel is keyed by type and layout
+        mod._gemv_key = int(mod.weight_format.qtype) + _PACKED_KEY
+    mod._pack_pending = False
+
+
+def _pack_if_pending(mod: nn.Module) -> None:
+    if mod._pack_pending and _PACKER is not None:
+        _PACKER(mod)
+
+
 def register_gemv_kernel(
     qtype: GGMLQuantizationType,
     kernel: GemvKernel | None,
@@ -146,7 +160,6 @@ class GGUFLinear(nn.Module):
     """
 
     _pack_pending = False  # a kernel backend packs `weight` on first use (`set_packing`)
-    _gemv_key = -1
 
     def __init__(
         self,
@@ -201,8 +214,7 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
-        if self._pack_pending and _PACKER is not None:
-            _PACKER(self)
+        _pack_if_pending(self)
         fast = _GEMV.get(self._gemv_key)
         if (
             fast is not None
@@ -272,15 +284,13 @@ class GGUFEmbedding(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         # input_ids: [...] -> [..., dim]
-        if self._pack_pending and _PACKER is not None:
-            _PACKER(self)
+        _pack_if_pending(self)
         rows = self.weight_format.take_rows(self.weight, input_ids.reshape(-1).long(), self.dtype)
         return rows.view(*input_ids.shape, self.embedding_dim)
 
     def as_logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., dim] @ table.T -> [..., vocab] (tied lm_head), decoded a slab at a time."""
-        if self._pack_pending and _PACKER is not None:
-            _PACKER(self)
+        _pack_if_pending(self)
         return self.weight_format.matmul(hidden, self.weight)
 
     def extra_repr(self) -> str:

@@ -82,7 +82,7 @@ void store_elements(const uint8_t* u, int64_t q, uint8_t* blk) {
   }
 }
 
-// byte offset of the integer body and the per-row header fields (offset in the block, width) kept row-transposed
+// byte offset of the integer body in a packed group
 int64_t body_offset(int64_t q) {
   switch (q) {
     case Q8_0: case Q4_0: return 32;
@@ -92,19 +92,20 @@ int64_t body_offset(int64_t q) {
   }
 }
 
-// header bytes of a block that are stored transposed (byte t of row i at hdr + 16 t + i): (block offset, count)
-void header(int64_t q, int& off, int& n) {
+// The header bytes of a block (scales) that the packed group stores row-transposed: block bytes [first, last)
+// of row i; `header_pos` gives where block byte c of row i lives in the group
+void header_range(int64_t q, int& first, int& last) {
   switch (q) {
-    case Q4_K: off = 0; n = 16; return;    // d, dmin (2 + 2 bytes), 12 scale bytes
-    case Q6_K: off = 192; n = 18; return;  // 16 int8 scales then d (2 bytes) -> d first below
-    default: off = 0; n = 2; return;       // d
+    case Q4_K: first = 0; last = 16; return;    // d, dmin, 12 scale bytes
+    case Q6_K: first = 192; last = 210; return;  // 16 int8 scales, then d
+    default: first = 0; last = 2; return;       // d
   }
 }
 
-// transposed header position of block byte c
-int header_slot(int64_t q, int c) {
-  if (q == Q6_K) return c >= 208 ? c - 208 : c - 192 + 2;  // d x16 first, then the 16 scales
-  return c;
+int64_t header_pos(int64_t q, int c, int i) {
+  if (q == Q6_K) return c >= 208 ? 2 * i + (c - 208) : 32 + 16 * (c - 192) + i;  // d x16 first, then the scales
+  if (q == Q4_K && c >= 4) return 64 + 16 * (c - 4) + i;                        // after d x16 and dmin x16
+  return 32 * (c / 2) + 2 * i + c % 2;  // fp16 d (and Q4_K's dmin): 16 little-endian halves each
 }
 
 void pack_group(const uint8_t* const* blk, int64_t q, int bs, uint8_t* out) {
@@ -119,17 +120,10 @@ void pack_group(const uint8_t* const* blk, int64_t q, int bs, uint8_t* out) {
       }
     return;
   }
-  int hoff, hn;
-  header(q, hoff, hn);
-  // fp16 fields are 2-byte values per row; the rest are single bytes per row
+  int first, last;
+  header_range(q, first, last);
   for (int i = 0; i < kPackRows; ++i)
-    for (int c = hoff; c < hoff + hn; ++c) {
-      const int s = header_slot(q, c);
-      if (s < 4 && (q == Q4_K || s < 2))
-        out[32 * (s / 2) + 2 * i + s % 2] = blk[i][c];  // fp16 d (and dmin): 16 little-endian halves
-      else
-        out[32 * (q == Q4_K ? 2 : 1) + 16 * (s - (q == Q4_K ? 4 : 2)) + i] = blk[i][c];
-    }
+    for (int c = first; c < last; ++c) out[header_pos(q, c, i)] = blk[i][c];
   uint8_t u[kPackRows][256];
   for (int i = 0; i < kPackRows; ++i) elements(blk[i], q, bs, u[i]);
   uint8_t* body = out + body_offset(q);
@@ -175,15 +169,9 @@ void unpack_block(const uint8_t* grp, int64_t q, int bs, int i, uint8_t* out) {
     }
     return;
   }
-  int hoff, hn;
-  header(q, hoff, hn);
-  for (int c = hoff; c < hoff + hn; ++c) {
-    const int s = header_slot(q, c);
-    if (s < 4 && (q == Q4_K || s < 2))
-      out[c] = grp[32 * (s / 2) + 2 * i + s % 2];
-    else
-      out[c] = grp[32 * (q == Q4_K ? 2 : 1) + 16 * (s - (q == Q4_K ? 4 : 2)) + i];
-  }
+  int first, last;
+  header_range(q, first, last);
+  for (int c = first; c < last; ++c) out[c] = grp[header_pos(q, c, i)];
   uint8_t u[256];
   row_values(grp, q, bs, i, u);
   store_elements(u, q, out);
