@@ -1,34 +1,43 @@
 """Request-body limits, checked before FastAPI parses anything: size (413), UTF-8 and JSON nesting depth (400).
 
-The body is buffered up to `max_bytes` (a larger Content-Length is refused before reading it), checked off the event
-loop, then replayed to the app unchanged, so a 10 MB upload never stalls `/health` and a 10k-deep JSON document gets
-a message that says so instead of a parser's stack overflow.
+The body is buffered up to `max_bytes` (a larger Content-Length is refused before reading it), checked and parsed
+as JSON off the event loop, then replayed to the app unchanged; routes declared with `route_class=ParsedJSONRoute`
+take the parsed document instead of parsing it again on the loop. So a 10 MB upload never stalls `/health`, and a
+10k-deep JSON document gets a message that says so instead of a parser's stack overflow.
 """
 
 from __future__ import annotations
 
-import re
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 import numpy as np
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autoglm.server.errors_http import REQUEST_ID_HEADER, SafeJSONResponse, error_body
 
+_PARSED = "autoglm.parsed_json"  # scope["state"] key of the document parsed off the loop
 MAX_JSON_DEPTH = 64  # OpenAI-style bodies nest < 10 levels; json/pydantic recursion trouble starts near 1000
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_OPEN = np.zeros(256, dtype=np.int8)
-_OPEN[[ord("["), ord("{")]] = 1
-_OPEN[[ord("]"), ord("}")]] = -1
 
 
 def json_depth(body: bytes) -> int:
-    """Deepest nesting of arrays/objects in a JSON text (strings skipped); cheap enough for tens of MB."""
-    skeleton = _STRINGS.sub(b'""', body)
-    if not skeleton:
+    """Deepest nesting of arrays/objects in a JSON text, brackets inside strings ignored. Vectorized over the few
+    structural bytes only (a regex over the strings took seconds for 10 MB)."""
+    # Drop escaped backslashes, then escaped quotes: every quote left opens or closes a string.
+    skeleton = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    arr = np.frombuffer(skeleton, dtype=np.uint8)
+    quotes = np.flatnonzero(arr == ord('"'))
+    opens = (arr == ord("[")) | (arr == ord("{"))
+    brackets = np.flatnonzero(opens | (arr == ord("]")) | (arr == ord("}")))
+    if brackets.size == 0:
         return 0
-    steps = _OPEN[np.frombuffer(skeleton, dtype=np.uint8)]
-    return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+    outside = (np.searchsorted(quotes, brackets) & 1) == 0  # an even number of quotes before it
+    steps = np.where(opens[brackets], 1, -1)[outside]
+    return int(np.cumsum(steps).max(initial=0))
 
 
 def body_problem(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> str | None:
@@ -41,6 +50,36 @@ def body_problem(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> str | None:
     if depth > max_depth:
         return f"The request body's JSON nests {depth} levels deep; at most {max_depth} are accepted"
     return None
+
+
+def _check_and_parse(body: bytes, max_depth: int) -> tuple[str | None, Any]:
+    problem = body_problem(body, max_depth)
+    if problem is not None:
+        return problem, None
+    try:
+        return None, json.loads(body)
+    except ValueError:
+        return None, None  # malformed: FastAPI parses again and reports it in its own words
+
+
+class _ParsedJSONRequest(Request):
+    async def json(self) -> Any:
+        state = self.scope.get("state") or {}
+        if _PARSED in state:
+            return state[_PARSED]
+        return await super().json()
+
+
+class ParsedJSONRoute(APIRoute):
+    """An APIRoute whose JSON body is the document the middleware parsed off the event loop (if it did)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def parsed(request: Request) -> Response:
+            return await handler(_ParsedJSONRequest(request.scope, request.receive))
+
+        return parsed
 
 
 class BodyLimitMiddleware:
@@ -77,10 +116,12 @@ class BodyLimitMiddleware:
         body = b"".join(chunks)
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if body and content_type in (b"application/json", b""):
-            problem = await anyio.to_thread.run_sync(body_problem, body, self.max_depth)
+            problem, document = await anyio.to_thread.run_sync(_check_and_parse, body, self.max_depth)
             if problem is not None:
                 await self._reject(scope, receive, send, 400, problem)
                 return
+            if document is not None:
+                scope.setdefault("state", {})[_PARSED] = document
         replayed = False
 
         async def replay() -> Message:

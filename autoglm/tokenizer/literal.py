@@ -25,7 +25,9 @@ class LiteralEncoder:
 
     The literal backend is a copy of the tokenizer without its added-token table, built on first use (most servers
     never see hostile text) under a lock; the shared backend itself is never reconfigured, so concurrent requests
-    are safe.
+    are safe. `max_token_chars` (the longest vocabulary entry) bounds how few tokens a text can become, so a text
+    that cannot fit a context is refused before tokenizing it (tokenizers holds the GIL while it encodes: 10 MB took
+    ~36 s and stalled the event loop).
     """
 
     def __init__(self, backend: BackendTokenizer) -> None:
@@ -35,6 +37,12 @@ class LiteralEncoder:
         self._markup = re.compile("|".join(re.escape(c) for c in contents)) if contents else None
         self._literal: BackendTokenizer | None = None
         self._lock = threading.Lock()
+        self.max_token_chars = max((len(t) for t in backend.get_vocab(with_added_tokens=True)), default=1)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the number of tokens `text` encodes to (each token covers at most max_token_chars
+        characters: one per byte in byte-level BPE vocabularies, one per character in SentencePiece ones)."""
+        return -(-len(text) // max(1, self.max_token_chars))
 
     def has_markup(self, text: str) -> bool:
         """Whether `text` contains the text of any added (control) token."""
