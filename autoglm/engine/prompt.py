@@ -12,10 +12,11 @@ from typing import Any
 
 from torch import Tensor
 
-from autoglm.errors import InvalidRequest, MissingProjector, UnsupportedModality
+from autoglm.errors import ContextTooLong, InvalidRequest, MissingProjector, UnsupportedModality
 from autoglm.models.loaded import LoadedModel
 from autoglm.multimodal.encoder import EncoderInputs
 from autoglm.multimodal.placeholders import expand_placeholders, mrope_positions
+from autoglm.tokenizer.literal import client_texts, encode_prompt
 
 
 @dataclass
@@ -43,9 +44,21 @@ class PromptInputs:
     mrope_delta: int = 0  # generated token at sequence index i has position i + delta (M-RoPE)
 
 
+def check_fits(model: LoadedModel, text: str, param: str) -> None:
+    """ContextTooLong before tokenizing a text that cannot fit the model's context whatever its tokens are."""
+    n_min = model.tokenizer.literal.min_tokens(text)
+    if n_min >= model.max_model_len:
+        raise ContextTooLong(
+            f"This model's maximum context length is {model.max_model_len} tokens. However, your {param} "
+            f"({len(text)} characters) would be at least {n_min} tokens. Please reduce the length of the {param}.",
+            param=param,
+        )
+
+
 def build_text_prompt(model: LoadedModel, prompt: str | list[int]) -> PromptInputs:
     """A raw completion prompt: text is tokenized with the tokenizer's special tokens (BOS if it adds one)."""
     if isinstance(prompt, str):
+        check_fits(model, prompt, "prompt")
         return PromptInputs(token_ids=model.tokenizer.encode(prompt, add_special_tokens=True), text=prompt)
     ids = [int(t) for t in prompt]
     if not ids:
@@ -110,7 +123,9 @@ def build_chat_prompt(
         tok = model.tokenizer
         if tok.token_to_id("<think>") is not None and tok.token_to_id("</think>") is not None:
             text += "<think></think>"
-    ids = model.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the prefix tokens itself
+    check_fits(model, text, "messages")
+    # the template wrote the prefix tokens itself; client text is never parsed as control tokens
+    ids = encode_prompt(model.tokenizer.backend, model.tokenizer.literal, text, client_texts(messages))
     if encoder is None:
         return PromptInputs(token_ids=ids, text=text)
 

@@ -20,8 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from autoglm.server import health, openai_api, status_page
 from autoglm.server.config import ServerConfig
-from autoglm.server.errors_http import RequestIdMiddleware, install_error_handlers
+from autoglm.server.errors_http import RequestIdMiddleware, SafeJSONResponse, install_error_handlers
 from autoglm.server.health import HealthChecker
+from autoglm.server.limits import BodyLimitMiddleware
 from autoglm.server.metrics import Metrics
 from autoglm.server.state import ServerState, get_state
 
@@ -45,6 +46,7 @@ def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine
             await _stop(state)
 
     app = FastAPI(
+        default_response_class=SafeJSONResponse,
         title="autoglm",
         version=_version(),
         description="OpenAI-compatible server for AutoGLM-Phone-class (GLM-4.1V) models",
@@ -54,7 +56,8 @@ def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine
     )
     app.state.autoglm = state
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # added last = outermost: the limit's errors carry the request id
     app.include_router(openai_api.router)
     app.include_router(health.router)
     app.include_router(status_page.router)

@@ -23,6 +23,7 @@ from autoglm.engine.sampling_params import SamplingParams
 from autoglm.errors import ContextTooLong, MediaError, RequestAborted, UnsupportedModality
 from autoglm.server import responses
 from autoglm.server.errors_http import REQUEST_ID_HEADER, request_id_of, stream_error_event
+from autoglm.server.limits import ParsedJSONRoute
 from autoglm.server.metrics import RequestRecord
 from autoglm.server.protocol import ChatCompletionRequest, CompletionRequest
 from autoglm.server.reasoning_format import ReasoningFormatter, resolve_mode
@@ -35,7 +36,7 @@ def _authorized(request: Request) -> None:
     get_state(request).check_api_key(request)
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(_authorized)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(_authorized)], route_class=ParsedJSONRoute)
 
 
 @router.get("/models")
