@@ -283,3 +283,46 @@ def kaldi_fbank_batch(clips: Sequence[np.ndarray], cfg: KaldiFbankConfig | None 
     for i, f in enumerate(feats):
         out[i, : f.shape[0]] = torch.from_numpy(f)
     return out, lengths
+
+
+# --- one recipe object for a recognizer ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """Which features a CTC model takes: `kind` "nemo_mel" (with `nemo`) or "kaldi_fbank" (with `kaldi`), and
+    `normalize` "per_feature" | "none" applied to kaldi fbank (NeMo log-mel normalizes per its own config)."""
+
+    kind: str = "nemo_mel"
+    nemo: NemoMelConfig | None = None
+    kaldi: KaldiFbankConfig | None = None
+    normalize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("nemo_mel", "kaldi_fbank"):
+            raise ConfigError(f"feature kind {self.kind!r} is not 'nemo_mel' or 'kaldi_fbank'")
+        if self.normalize not in ("per_feature", "none"):
+            raise ConfigError(f"feature normalization {self.normalize!r} is not 'per_feature' or 'none'")
+
+    @property
+    def num_bins(self) -> int:
+        return (self.nemo or NemoMelConfig()).n_mels if self.kind == "nemo_mel" else self._kaldi.num_mel_bins
+
+    @property
+    def sample_rate(self) -> int:
+        return (self.nemo or NemoMelConfig()).sample_rate if self.kind == "nemo_mel" else self._kaldi.sample_rate
+
+    @property
+    def hop_samples(self) -> int:
+        return (self.nemo or NemoMelConfig()).hop_length if self.kind == "nemo_mel" else self._kaldi.window_shift
+
+    @property
+    def _kaldi(self) -> KaldiFbankConfig:
+        return self.kaldi or KaldiFbankConfig()
+
+    def __call__(self, clips: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Clips -> (features [B, T, bins] float32, valid frames [B] int64)."""
+        if self.kind == "nemo_mel":
+            return nemo_log_mel(clips, self.nemo)
+        feats, lengths = kaldi_fbank_batch(clips, self.kaldi)
+        if self.normalize == "per_feature":
+            feats = normalize_per_feature(feats, lengths)
+        return feats, lengths
