@@ -70,13 +70,17 @@ class ParakeetConfig:
                 kw[k] = config[k]
         cfg = cls(**kw)
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise ConfigError(f"{source}: hidden_size {cfg.hidden_size} not divisible by {cfg.num_attention_heads} heads")
+            raise ConfigError(
+                f"{source}: hidden_size {cfg.hidden_size} not divisible by {cfg.num_attention_heads} heads"
+            )
         if cfg.hidden_act not in _ACTS:
             raise ConfigError(f"{source}: hidden_act {cfg.hidden_act!r} not supported ({', '.join(_ACTS)})")
         if 2**cfg.num_subsampling_layers != cfg.subsampling_factor:
             raise ConfigError(f"{source}: subsampling_factor {cfg.subsampling_factor} is not a power of 2")
         if not 0 <= cfg.pad_token_id < cfg.vocab_size:
-            raise ConfigError(f"{source}: pad_token_id (the CTC blank) {cfg.pad_token_id} outside vocab {cfg.vocab_size}")
+            raise ConfigError(
+                f"{source}: pad_token_id (the CTC blank) {cfg.pad_token_id} outside vocab {cfg.vocab_size}"
+            )
         return cfg
 
 

@@ -171,7 +171,9 @@ class CTCRecognizer:
         self.max_batch = max_batch
         # windows start on encoder-frame boundaries so their frames line up with the whole clip's
         self.frame_samples = features.hop_samples * model.subsampling_factor
-        self.window = max(self.frame_samples, int(window_seconds * SAMPLE_RATE) // self.frame_samples * self.frame_samples)
+        self.window = max(
+            self.frame_samples, int(window_seconds * SAMPLE_RATE) // self.frame_samples * self.frame_samples
+        )
         half = int(overlap_seconds * SAMPLE_RATE / 2) // self.frame_samples
         self.half_overlap_frames = min(half, self.window // self.frame_samples // 4)
 
@@ -234,7 +236,9 @@ class CTCRecognizer:
         out = []
         for k in range(count):
             last = k == count - 1
-            out.append(_Window(clip, k * stride, 0 if k == 0 else h, None if last else self.window // self.frame_samples - h))
+            out.append(
+                _Window(clip, k * stride, 0 if k == 0 else h, None if last else self.window // self.frame_samples - h)
+            )
         return out
 
     def _result(self, parts: list[tuple[np.ndarray, np.ndarray, int]], n: int, timestamps: bool) -> Transcription:
