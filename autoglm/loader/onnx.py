@@ -13,7 +13,6 @@ missing input or key.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,7 @@ class OnnxCTCModel:
         if not looks_like_onnx(p):
             raise CorruptFile(f"{p}: not an ONNX model (no serialized ModelProto)")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        opts.intra_op_num_threads = threads or 0  # 0: onnxruntime picks (one per physical core)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:

@@ -125,7 +125,7 @@ def load_conformer(
         model, features, vocab, _ = load_parakeet_hf(p, dtype=_DTYPES[dtype], device=device)
         backend = TorchCTCModel(model, name=p.name, device=device)
         blank = model.blank_id
-        params = [t for t in model.parameters()]
+        params = list(model.parameters())
         n_params, n_bytes = sum(t.numel() for t in params), sum(t.numel() * t.element_size() for t in params)
         fmt, dev = "safetensors", str(device)
         rec = CTCRecognizer(backend, features, vocab, blank_id=blank, window_seconds=window_seconds,

@@ -245,8 +245,8 @@ class CTCRecognizer:
         duration = n / SAMPLE_RATE
         if not parts:
             return Transcription(text="", duration=duration)
-        best = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-        score = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=np.float32)
+        best = np.concatenate([p[0] for p in parts])  # the joined frame-level best path
+        score = np.concatenate([p[1] for p in parts])  # its per-frame log-prob (avg_logprob of a segment)
         ids, frames = collapse(best, self.blank_id)
         text = self.vocab.decode(ids)
         segments: list[Segment] = []

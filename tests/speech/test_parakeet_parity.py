@@ -128,3 +128,22 @@ def test_load_errors_name_the_cause(parakeet_dir: Path, tmp_path: Path) -> None:
         load_conformer(other)
     bf16, info = load_conformer(parakeet_dir, dtype="bfloat16")
     assert info.quantization == "bfloat16" and isinstance(bf16.transcribe(CLIPS[1]).text, str)
+
+
+def test_parity_on_espeak_speech(parakeet_dirs: list[Path]) -> None:
+    from tests.fixtures.conformer import espeak_clip
+
+    clips = [espeak_clip("open the settings and turn on wifi", "en"), espeak_clip("打开微信，给妈妈发消息", "cmn")]
+    for path in parakeet_dirs:
+        hf, fe, tok = _hf(path)
+        inputs = fe(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        with torch.no_grad():
+            ref = hf(**inputs).logits.log_softmax(-1)
+            ref_text = tok.batch_decode(hf.generate(**inputs), skip_special_tokens=True)
+        rec, _ = load_conformer(path)
+        feats, frames = rec.features(clips)
+        logp, lens = rec.model.log_probs(feats, frames)
+        for b, n in enumerate(lens.tolist()):
+            err = np.abs(logp[b, :n] - ref[b, :n].numpy()).max() / ref[b, :n].abs().max().item()
+            assert err <= 1e-4
+        assert [t.text for t in rec.transcribe_batch(clips)] == [t.strip() for t in ref_text]
