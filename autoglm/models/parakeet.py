@@ -117,12 +117,14 @@ class ParakeetEncoderSubsamplingConv2D(nn.Module):
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         x = features.unsqueeze(1)  # [B, 1, T, mels]
         for layer in self.layers:
+            if isinstance(layer, nn.ReLU):
+                x = F.relu_(x)  # in place: the first conv's output is the largest activation of the model
+                continue
             x = layer(x)
-            if isinstance(layer, nn.Conv2d):
-                if layer.stride != (1, 1):
-                    lengths = (lengths + 2 * self.padding - self.kernel_size) // self.stride + 1
-                # zero the frames past each clip so the next conv sees what a lone clip's zero padding gives
-                x = x * _time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
+            if layer.stride != (1, 1):
+                lengths = (lengths + 2 * self.padding - self.kernel_size) // self.stride + 1
+            # zero the frames past each clip so the next conv sees what a lone clip's zero padding gives
+            x = x.mul_(_time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype))
         b, c, t, f = x.shape
         return self.linear(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # [B, T', hidden]
 
@@ -195,7 +197,7 @@ class ParakeetEncoderAttention(nn.Module):
         scores = F.pad(scores, (1, 0)).reshape(b, h, -1, t)[:, :, 1:].reshape(b, h, t, p)
         return scores[..., :t]
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, masked: Tensor) -> Tensor:
         b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)  # [B, H, T, hd]
@@ -204,7 +206,7 @@ class ParakeetEncoderAttention(nn.Module):
         r = self.relative_k_proj(pos).view(1, -1, self.num_heads, self.head_dim)  # [1, 2T-1, H, hd]
         bd = (q + self.bias_v[None, :, None, :]) @ r.permute(0, 2, 3, 1)  # [B, H, T, 2T-1]
         bd = self.rel_shift(bd) * self.scaling
-        bd = bd.masked_fill(~mask, torch.finfo(bd.dtype).min)  # mask [B, 1, T, T]
+        bd = bd.masked_fill(masked, torch.finfo(bd.dtype).min)  # masked [B, 1, T, T]: True = padding
         out = F.scaled_dot_product_attention(q + self.bias_u[None, :, None, :], k, v, attn_mask=bd, scale=self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -223,9 +225,9 @@ class ParakeetEncoderBlock(nn.Module):
         self.norm_feed_forward2 = nn.LayerNorm(d)
         self.norm_out = nn.LayerNorm(d)
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, masked: Tensor, valid: Tensor) -> Tensor:
         x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))  # macaron: two half-step FFNs
-        x = x + self.self_attn(self.norm_self_att(x), pos, mask)
+        x = x + self.self_attn(self.norm_self_att(x), pos, masked)
         x = x + self.conv(self.norm_conv(x), valid)
         x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
         return self.norm_out(x)
@@ -254,9 +256,9 @@ class ParakeetEncoder(nn.Module):
         t = x.shape[1]
         pos = self.relative_positions(t, x.dtype, x.device)
         valid = _time_mask(lengths, t)  # [B, T']
-        mask = (valid[:, None, :] & valid[:, :, None]).unsqueeze(1)  # [B, 1, T', T']
+        masked = ~(valid[:, None, :] & valid[:, :, None]).unsqueeze(1)  # [B, 1, T', T'], True = padding pair
         for layer in self.layers:
-            x = layer(x, pos, mask, valid)
+            x = layer(x, pos, masked, valid)
         return x, lengths
 
 
