@@ -144,7 +144,11 @@ class OnnxCTCModel:
         if isinstance(static_bins, int) and static_bins != self.features.num_bins:
             raise ConfigError(f"{p}: input {self.feature_input} has {static_bins} bins, metadata says "
                               f"{self.features.num_bins}")  # fmt: skip
-        quant, params = _scan(p)
+        # our exports record both; otherwise the graph is scanned (loads the protobuf once more, briefly)
+        if meta.get("quantization") in ("int8", "float32") and meta.get("parameters", "").isdigit():
+            quant, params = meta["quantization"], int(meta["parameters"])
+        else:
+            quant, params = _scan(p)
         self.info = OnnxInfo(p, sig, meta, quant, p.stat().st_size, params)
         self.name, self.quantization, self.metadata = p.name, quant, meta
 

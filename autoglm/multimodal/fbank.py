@@ -76,7 +76,9 @@ def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def slaney_mel_filters(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None):
+def slaney_mel_filters(
+    n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None
+) -> Tensor:
     """[n_mels, n_freqs] float32 triangular filters on the Slaney mel scale with Slaney (area) normalization."""
     f_max = sample_rate / 2 if f_max is None else f_max
     fft_freqs = np.linspace(0.0, sample_rate // 2, n_freqs)

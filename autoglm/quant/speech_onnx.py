@@ -105,8 +105,10 @@ def export_ctc_onnx(
         "vocab_size": str(cfg.vocab_size),
         "subsampling_factor": str(cfg.subsampling_factor),
         "blank_id": str(model.blank_id),
+        "parameters": str(sum(p.numel() for p in model.parameters())),
         "vocab": vocab.to_json(),
         "producer": "autoglm",
+        "quantization": "float32",
         **feature_metadata(features),
         **(extra_metadata or {}),
     }

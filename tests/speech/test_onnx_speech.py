@@ -4,6 +4,7 @@ Kaldi fbank), `autoglm quantize` on a speech directory, and bad files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from autoglm.cli import main
 from autoglm.errors import ConfigError, CorruptFile, ModelLoadError
-from autoglm.loader.onnx import OnnxCTCModel, looks_like_onnx
+from autoglm.loader.onnx import OnnxCTCModel, _scan, looks_like_onnx
 from autoglm.speech.conformer import conformer_kind, load_conformer, load_parakeet_hf
 from tests.fixtures.conformer import tone_clip
 
@@ -74,6 +75,7 @@ def test_int8_onnx_argmax_agreement(exported: dict[str, tuple[Path, Path]]) -> N
     ref, feats, frames = _torch_log_probs(hf_dir)
     m = OnnxCTCModel(path, threads=2)
     assert m.quantization == "int8" and m.metadata["quantization"] == "int8"
+    assert _scan(path)[0] == "int8" and _scan(exported["nemo"][1])[0] == "float32"  # the graph says so too
     assert path.stat().st_size < exported["nemo"][1].stat().st_size
     logp, lens = m.log_probs(feats, frames)
     same = total = 0
@@ -88,7 +90,7 @@ def test_int8_onnx_argmax_agreement(exported: dict[str, tuple[Path, Path]]) -> N
 def test_sherpa_style_file_with_tokens_txt_and_kaldi_fbank(exported: dict, tmp_path: Path) -> None:
     _, src = exported["sherpa"]
     proto = onnx.load(str(src))
-    vocab = __import__("json").loads(next(p.value for p in proto.metadata_props if p.key == "vocab"))
+    vocab = json.loads(next(p.value for p in proto.metadata_props if p.key == "vocab"))
     keep = {"vocab_size", "subsampling_factor", "normalize_type"}  # what sherpa-onnx NeMo CTC exports carry
     kept = [(p.key, p.value) for p in proto.metadata_props if p.key in keep]
     del proto.metadata_props[:]
@@ -99,6 +101,7 @@ def test_sherpa_style_file_with_tokens_txt_and_kaldi_fbank(exported: dict, tmp_p
     onnx.save(proto, str(d / "model.onnx"))
     (d / "tokens.txt").write_text("".join(f"{t} {i}\n" for i, t in enumerate(vocab)), encoding="utf-8")
     rec, info = load_conformer(d / "model.onnx")
+    assert info.quantization == "float32" and info.parameters > 0  # scanned from the graph (no metadata)
     assert rec.features.kind == "kaldi_fbank" and rec.features.normalize == "per_feature"
     assert rec.features.num_bins == 64  # from the input's static dim (config 1 has 64 mel bins)
     assert rec.blank_id == len(vocab) - 1  # no blank_id / <blk>: NeMo's last id
