@@ -108,6 +108,19 @@ class ParakeetEncoderSubsamplingConv2D(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.linear = nn.Linear(c * (cfg.num_mel_bins // s**cfg.num_subsampling_layers), cfg.hidden_size)
 
+    def _first_conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """The 1-channel input conv as patches @ weight: oneDNN's direct conv is ~20x slower with C_in = 1.
+
+        x [B, 1, T, F] -> [B, C, T', F'] (a channels-last view; later convs accept it)."""
+        k, s, p = self.kernel_size, self.stride, self.padding
+        xp = F.pad(x[:, 0], (p, p, p, p))  # [B, T + 2p, F + 2p]
+        last = xp[:, k - 1 :: s, k - 1 :: s]  # the shortest tap fixes the output size
+        t, f = last.shape[1], last.shape[2]
+        taps = [xp[:, i::s, j::s][:, :t, :f] for i in range(k) for j in range(k)]
+        patches = torch.stack(taps, dim=-1)  # [B, T', F', k*k], taps in the weight's (kh, kw) order
+        out = F.linear(patches, conv.weight.reshape(conv.out_channels, k * k), conv.bias)  # [B, T', F', C]
+        return out.permute(0, 3, 1, 2)
+
     def output_lengths(self, lengths: Tensor) -> Tensor:
         for layer in self.layers:
             if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
@@ -116,11 +129,12 @@ class ParakeetEncoderSubsamplingConv2D(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         x = features.unsqueeze(1)  # [B, 1, T, mels]
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if isinstance(layer, nn.ReLU):
                 x = F.relu_(x)  # in place: the first conv's output is the largest activation of the model
                 continue
-            x = layer(x)
+            # onnxruntime's own Conv is fast at C_in = 1; the patch graph would only slow it down
+            x = self._first_conv(layer, x) if i == 0 and not torch.onnx.is_in_onnx_export() else layer(x)
             if layer.stride != (1, 1):
                 lengths = (lengths + 2 * self.padding - self.kernel_size) // self.stride + 1
             # zero the frames past each clip so the next conv sees what a lone clip's zero padding gives
