@@ -20,7 +20,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from autoglm.engine.engine import Engine, RequestOutput
+from autoglm.engine.engine import Engine
+from autoglm.engine.output import RequestOutput
 from autoglm.engine.prompt import PromptInputs
 from autoglm.engine.request import Request
 from autoglm.engine.sampling_params import SamplingParams
