@@ -53,7 +53,7 @@ def is_vision_param(name: str) -> bool:
 class Glm4vForConditionalGeneration(nn.Module):
     """Implements autoglm.models.base.DecoderModel (positions [3, T], uses_mrope=True) by delegating to
     `language_model`; `visual` (None when built with no_vision) turns images into embeddings for the runner to merge
-    at the image-token positions (`merge_image_embeddings`)."""
+    at the image-token positions."""
 
     uses_mrope = True
     position_rows = 3
@@ -124,16 +124,6 @@ class Glm4vForConditionalGeneration(nn.Module):
         return mrope_positions(num_tokens, spans)
 
     # --- vision -----------------------------------------------------------------------------------------------
-    def merge_image_embeddings(self, input_ids: Tensor, image_embeds: Tensor) -> Tensor:
-        """input_ids [T] with image-token slots, image_embeds [n_slots_total, D] in slot order -> inputs_embeds."""
-        embeds = self.embed_tokens(input_ids)  # [T, D]
-        mask = input_ids == self.image_token_id
-        n = int(mask.sum())
-        if n != image_embeds.shape[0]:
-            raise ValueError(f"{n} image-token slots in the prompt but {image_embeds.shape[0]} image embeddings")
-        embeds[mask] = image_embeds.to(embeds.dtype)
-        return embeds
-
     def vision_encoder(self, image_processor: ImageProcessorConfig | None = None) -> VisionEncoder | None:
         """The image encoder over `visual`, or None when the model was built without vision."""
         if self.visual is None:
