@@ -10,12 +10,13 @@ import argparse
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from autoglm.errors import ConfigError
 
-# Server-wide defaults for how reasoning reaches the client (API_NOTES §2). Requests may override per call.
+# Server-wide defaults for how reasoning reaches the client (the table in reasoning_format.py). Requests may
+# override per call.
 REASONING_FORMATS = ("merged", "separate", "inline", "hidden")
 
 
@@ -83,13 +84,6 @@ class ServerConfig:
             elif opt.env in environ and environ[opt.env] != "":
                 values[opt.dest] = _coerce(opt, environ[opt.env], source=opt.env)
         return cls(**values)
-
-    def to_public_dict(self) -> dict[str, Any]:
-        """For the status page: everything but the API key."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
-        out["api_key"] = "set" if self.api_key else None
-        out["served_model_name"] = list(self.served_model_name)
-        return out
 
 
 @dataclass(frozen=True)

@@ -226,17 +226,6 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.base_sampling(self.requested_max_tokens(), logprobs)
 
-    def media_counts(self) -> dict[str, int]:
-        counts = {"image": 0, "audio": 0}
-        for message in self.messages:
-            if isinstance(message.content, list):
-                for part in message.content:
-                    if isinstance(part, ImageURLPart):
-                        counts["image"] += 1
-                    elif isinstance(part, InputAudioPart):
-                        counts["audio"] += 1
-        return counts
-
 
 class CompletionRequest(_SamplingFields):
     prompt: (
