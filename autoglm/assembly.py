@@ -227,7 +227,7 @@ def _join(f: AssetFile, target: Path, *, label: str, search_path: Sequence[str] 
     done = 0
     try:
         with tmp.open("wb") as out:
-            for i, (chunk, src) in enumerate(zip(f.chunks, sources), 1):
+            for i, (chunk, src) in enumerate(zip(f.chunks, sources, strict=True), 1):
                 with src.open("rb") as fh:
                     while block := fh.read(_BLOCK):
                         out.write(block)

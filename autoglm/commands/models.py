@@ -38,8 +38,9 @@ def format_table(items: list[dict[str, Any]]) -> str:
         )
         for r in items
     ]
-    widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in (header, *body)]
+    table = (header, *body)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    lines = ["  ".join(row[i].ljust(w) for i, w in enumerate(widths)) + "  " + row[-1] for row in table]
     lines.append("")
     lines.append("Upstream models:")
     for r in items:

@@ -133,6 +133,8 @@ class Engine:
                 param="messages",
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else n_max - n_prompt
+        if params.max_tokens is None and self.config.default_max_tokens:  # bounded default (EngineConfig says why)
+            max_tokens = min(max_tokens, self.config.default_max_tokens)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         timeout = timeout if timeout is not None else self.config.request_timeout

@@ -127,6 +127,7 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> Any:
             "max_waiting": getattr(config, "max_waiting", None),
             "request_timeout": getattr(config, "request_timeout", None),
             "enable_prefix_caching": False if getattr(config, "no_prefix_caching", False) else None,
+            "default_max_tokens": getattr(config, "default_max_tokens", None),
         },
         model_values={"max_model_len": model.max_model_len},
         defaults={"enable_prefix_caching": True},  # agents resend the same prefix every step (EngineConfig says why)
