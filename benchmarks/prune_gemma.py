@@ -61,9 +61,9 @@ def main() -> int:
     torch.set_grad_enabled(False)
     model = args.model
     if model is None:
-        from autoglm.default_model import default_model_path
+        from autoglm.builtins import builtin_path
 
-        model = str(default_model_path())
+        model = str(builtin_path("gemma-3-270m"))
     calib, evals = _texts(args.eval_chars)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="prune-gemma-") as tmp:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from autoglm.default_model import default_model_path
+from autoglm.builtins import builtin_path
 from autoglm.llm import LLM
 from autoglm.loader.gguf_export import export_hf
 
@@ -28,7 +28,7 @@ def main() -> int:
     args = ap.parse_args()
     prompts = json.loads((ROOT / "tests/data/goldens/gemma3_top1.json").read_text())["prompts"]
     with tempfile.TemporaryDirectory() as tmp:
-        hf = export_hf(default_model_path(), Path(tmp) / "gemma-f32")
+        hf = export_hf(builtin_path("gemma-3-270m"), Path(tmp) / "gemma-f32")
         results: dict[str, dict[str, object]] = {}
         ref_top1: list[torch.Tensor] = []
         for mode in ("float32", "int8", "int4"):

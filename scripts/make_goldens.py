@@ -62,13 +62,13 @@ def sha256(path: Path) -> str:
 def main() -> None:
     import llama_cpp
 
-    from autoglm.default_model import default_model_path
+    from autoglm.builtins import builtin_path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests/data/goldens")
-    ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: the built-in default model)")
+    ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: the built-in gemma-3-270m)")
     args = ap.parse_args()
-    path = args.model or default_model_path()
+    path = args.model or builtin_path("gemma-3-270m")
     args.out.mkdir(parents=True, exist_ok=True)
     source = {"file": path.name, "sha256": sha256(path), "llama_cpp_python": llama_cpp.__version__}
 

@@ -105,9 +105,13 @@ class Engine:
             )
 
     def _max_tokens(self, n_prompt: int, params: SamplingParams) -> int:
-        """params.max_tokens, or the rest of the context; ContextTooLong when the two do not fit."""
+        """params.max_tokens, or the rest of the context bounded by `default_max_tokens` (EngineConfig says why);
+        ContextTooLong when the prompt and params.max_tokens do not fit."""
         check_context(n_prompt, params.max_tokens, self.max_model_len)
-        return params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
+        if params.max_tokens is not None:
+            return params.max_tokens
+        rest = self.max_model_len - n_prompt
+        return min(rest, self.config.default_max_tokens) if self.config.default_max_tokens else rest
 
     def _timeout(self, timeout: float | None) -> float | None:
         timeout = timeout if timeout is not None else self.config.request_timeout

@@ -2,7 +2,8 @@
 
 - a directory with config.json      -> autoglm.loader.hf.load_hf
 - a file starting with b"GGUF"      -> autoglm.loader.gguf.load_gguf (with an optional mmproj GGUF)
-- None                              -> the built-in default model (autoglm.default_model)
+- None, or a built-in name           -> that built-in model, assembled on first use (autoglm.builtins;
+                                       `autoglm models` lists them); a path on disk wins over a built-in name
 """
 
 from __future__ import annotations
@@ -74,10 +75,7 @@ def _load(
 ) -> LoadedModel:
     if quantization not in (None, "none", "int8", "int4"):
         raise ModelLoadError(f"unknown quantization {quantization!r}; choose int8, int4 or none")
-    if path is None:
-        from autoglm.default_model import default_model_path
-
-        path = default_model_path()
+    path = _builtin_or_path(path)
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -102,4 +100,22 @@ def _load(
         from autoglm.loader.gguf import load_gguf
 
         return load_gguf(p, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision)
-    raise ModelLoadError(f"{p}: no such file or directory")
+    from autoglm.builtins import builtin_names
+
+    raise ModelLoadError(f"{p}: no such file or directory (nor a built-in model: {', '.join(builtin_names())})")
+
+
+def _builtin_or_path(path: str | Path | None) -> str | Path:
+    """None -> the default built-in text model; a name that is not on disk but is a built-in -> its file."""
+    from autoglm.builtins import TEXT_GGUF, builtin_path, default_builtin, find_builtin
+
+    if path is None:
+        return builtin_path(default_builtin(TEXT_GGUF))
+    if Path(path).expanduser().exists():
+        return path
+    asset = find_builtin(str(path))
+    if asset is None:
+        return path
+    if asset.kind != TEXT_GGUF:
+        raise ModelLoadError(f"{path} is a built-in {asset.kind} module, not a text model (see `autoglm models`)")
+    return builtin_path(asset)

@@ -129,6 +129,7 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> EngineClient:
             "max_waiting": config.max_waiting,
             "request_timeout": config.request_timeout,
             "enable_prefix_caching": False if config.no_prefix_caching else None,
+            "default_max_tokens": config.default_max_tokens,
         },
         model_values={"max_model_len": model.max_model_len},
         defaults={"enable_prefix_caching": True},  # agents resend the same prefix every step (EngineConfig says why)

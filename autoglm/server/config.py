@@ -18,6 +18,13 @@ from autoglm.errors import ConfigError
 # Server-wide defaults for how reasoning reaches the client (the table in reasoning_format.py). Requests may
 # override per call.
 REASONING_FORMATS = ("merged", "separate", "inline", "hidden")
+# The article's model name. Without --served-model-name the server also answers to it (README: Model names), so the
+# article's and phone_agent's client code works unchanged; /v1/models and each response name the model that answers.
+ARTICLE_MODEL_NAME = "autoglm-phone-9b"
+# A chat request without max_tokens stops at EOS or after this many tokens (and never past the context).
+# llama-server (n_predict -1) and Ollama (num_predict -1) and vLLM (the rest of the context) do not bound it; a base
+# model or a looping one would then run to the context length (32k for the built-ins, minutes on a phone CPU).
+DEFAULT_MAX_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: tuple[str, ...] = ()  # first = the name /v1/models reports; the rest are aliases
+    strict_model_name: bool = False  # True: only served names are accepted (vLLM); else ARTICLE_MODEL_NAME too
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that omit max_tokens; 0: the rest of the context
     api_key: str | None = None
     max_model_len: int | None = None
     reasoning_format: str = "merged"
@@ -64,6 +73,8 @@ class ServerConfig:
             raise ConfigError(f"--limit-mm-per-prompt must be >= 0, got {self.limit_mm_per_prompt}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.default_max_tokens < 0:
+            raise ConfigError(f"--default-max-tokens must be >= 0 (0: no bound), got {self.default_max_tokens}")
         if self.max_request_body_bytes < 1024:
             raise ConfigError(f"--max-request-body-bytes must be >= 1024, got {self.max_request_body_bytes}")
         if self.drain_grace < 0:
@@ -114,6 +125,12 @@ _OPTIONS: tuple[_Option, ...] = (
         ("--served-model-name",), "served_model_name", list, "name clients send as `model`; repeat for aliases",
         metavar="NAME",
     ),
+    _Option(("--strict-model-name",), "strict_model_name", bool,
+            f"accept only the served names (vLLM's 404 otherwise); default: also '{ARTICLE_MODEL_NAME}' when no "
+            "--served-model-name is given"),
+    _Option(("--default-max-tokens",), "default_max_tokens", int,
+            f"tokens a request without max_tokens may generate (default {DEFAULT_MAX_TOKENS}; 0: up to the "
+            "context)"),
     _Option(("--api-key",), "api_key", str, "require `Authorization: Bearer KEY` on /v1 (default: off)"),
     _Option(("--max-model-len",), "max_model_len", int, "context window in tokens (default: the model's)"),
     _Option(

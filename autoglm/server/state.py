@@ -11,7 +11,7 @@ from fastapi import Request
 
 from autoglm.errors import AuthenticationError, ModelNotFound, ServiceUnavailable
 from autoglm.multimodal.media import MediaPolicy
-from autoglm.server.config import ServerConfig
+from autoglm.server.config import ARTICLE_MODEL_NAME, ServerConfig
 from autoglm.server.engine_client import EngineClient
 from autoglm.server.health import HealthChecker
 from autoglm.server.metrics import Metrics
@@ -43,9 +43,14 @@ class ServerState:
 
     @property
     def served_names(self) -> list[str]:
+        """The names clients may send, first = the model's own. Without --served-model-name the article's name is
+        an alias (unless --strict-model-name): /v1/models lists it with `parent` = the model that answers."""
         if self.config.served_model_name:
             return list(self.config.served_model_name)
-        return [self.model.name if self.model is not None else "model"]
+        names = [self.model.name if self.model is not None else "model"]
+        if not self.config.strict_model_name and ARTICLE_MODEL_NAME not in names:
+            names.append(ARTICLE_MODEL_NAME)
+        return names
 
     @property
     def max_model_len(self) -> int:
@@ -66,12 +71,16 @@ class ServerState:
         return self.engine
 
     def resolve_model_name(self, requested: str | None) -> str:
-        """The name to echo back; 404 for a name we do not serve (an empty or missing name means the default)."""
+        """The name responses carry; 404 for a name we do not serve (an empty or missing name means the default).
+        A --served-model-name is echoed as sent (vLLM); the implicit article alias is answered with the real name,
+        so a response never claims to come from a model that is not there."""
         names = self.served_names
         if not requested:
             return names[0]
-        if requested in names:
+        if requested in self.config.served_model_name:
             return requested
+        if requested in names:
+            return names[0]
         raise ModelNotFound(f"The model `{requested}` does not exist.")
 
     def check_api_key(self, request: Request) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoglm.default_model import default_model_path
+from autoglm.builtins import builtin_path
 from autoglm.layers.attention import AttentionContext
 from autoglm.loader.gguf import load_gguf
 from autoglm.models.loaded import LoadedModel
@@ -28,7 +28,7 @@ def _golden(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def gemma_path() -> Path:
-    return default_model_path()
+    return builtin_path("gemma-3-270m")
 
 
 @pytest.fixture(scope="module")

