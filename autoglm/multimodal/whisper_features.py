@@ -2,7 +2,8 @@
 
 16 kHz samples -> STFT (n_fft 400, hop 160, periodic Hann, centred with reflection) -> power -> Slaney mel
 filterbank (80 or 128 bins, 0-8 kHz, Slaney norm) -> log10 -> floor at (max - 8) -> (x + 4) / 4. A clip is padded
-with 30 s of zeros so every 30 s window (3000 frames) is full; long files are featurised once and sliced per window.
+with 30 s of zeros (`WhisperFeatureExtractor`'s recipe, the default), or featurised as-is (padding=160, what
+faster-whisper transcribes from) and sliced into 3000-frame windows zero-padded in the feature domain.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def log_mel_spectrogram(samples: np.ndarray | Tensor, n_mels: int = 80, *, paddi
     return (log_spec + 4.0) / 4.0
 
 
-def window_features(features: Tensor, start_frame: int) -> Tensor:
-    """features [n_mels, T] -> [n_mels, 3000]: the 30 s window from `start_frame`, zero-padded past the end."""
-    chunk = features[:, start_frame : start_frame + N_FRAMES]
+def window_features(features: Tensor, start_frame: int, n_frames: int = N_FRAMES) -> Tensor:
+    """features [n_mels, T] -> [n_mels, 3000]: `n_frames` (<= 3000) frames from `start_frame`, zero-padded in the
+    feature domain to a full window (what openai-whisper and faster-whisper feed the encoder)."""
+    chunk = features[:, start_frame : start_frame + min(n_frames, N_FRAMES)]
     if chunk.shape[1] < N_FRAMES:
         chunk = torch.nn.functional.pad(chunk, (0, N_FRAMES - chunk.shape[1]))
     return chunk

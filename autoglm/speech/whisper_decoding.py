@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from autoglm.errors import InvalidRequest
 from autoglm.models.whisper import DecoderCache, WhisperForConditionalGeneration
 from autoglm.speech.whisper_tokenizer import WhisperTokenizer
 
@@ -24,7 +25,7 @@ class DecodeOptions:
     beam_size: int = 1
     temperature: float = 0.0
     timestamps: bool = False
-    max_new_tokens: int = 224  # openai-whisper's sample_len: half the decoder context
+    max_new_tokens: int = 448  # capped by the decoder positions; faster-whisper (CTranslate2) decodes this far too
     suppress_tokens: list[int] = field(default_factory=list)
     suppress_begin: list[int] = field(default_factory=list)  # blank and EOT on the first step
     max_initial_timestamp: float = 1.0  # seconds
@@ -103,6 +104,7 @@ def _prefill(
     return cache, logits[:, -1].clone(), no_speech_prob
 
 
+@torch.inference_mode()
 def decode_window(
     model: WhisperForConditionalGeneration,
     tok: WhisperTokenizer,
@@ -112,8 +114,11 @@ def decode_window(
 ) -> DecodeResult:
     """Decode one window. states: encoder output [1, S, D]; prompt: [<|startofprev|> ...] sot_sequence [...]."""
     vocab = model.config.vocab_size
-    max_len = min(model.config.max_target_positions, len(prompt) + opts.max_new_tokens + 1)
-    steps = max_len - len(prompt)
+    steps = min(opts.max_new_tokens, model.config.max_target_positions - len(prompt))
+    if steps <= 0:
+        raise InvalidRequest(f"the prompt fills the decoder ({len(prompt)} of {model.config.max_target_positions} "
+                             "positions)", param="prompt")
+    max_len = len(prompt) + steps
     rules = LogitRules(tok, opts, vocab)
     sot_index = prompt.index(tok.sot)
     if opts.beam_size > 1 and opts.temperature == 0.0:
@@ -198,6 +203,7 @@ def _beam_search(
     return DecodeResult(list(best), best_score, best_score / (len(best) + 1), no_speech_prob)
 
 
+@torch.inference_mode()
 def detect_language(
     model: WhisperForConditionalGeneration, tok: WhisperTokenizer, states: Tensor
 ) -> tuple[str, dict[str, float]]:

@@ -17,6 +17,7 @@ from autoglm.errors import InvalidRequest
 from autoglm.models.whisper import WhisperForConditionalGeneration
 from autoglm.multimodal.whisper_features import (
     FRAMES_PER_SECOND,
+    HOP_LENGTH,
     N_FRAMES,
     log_mel_spectrogram,
     window_features,
@@ -85,8 +86,10 @@ class WhisperRecognizer:
     ) -> Transcription:
         tok = self.tokenizer
         duration = samples.shape[0] / SAMPLE_RATE
-        features = log_mel_spectrogram(samples, self.model.config.num_mel_bins)  # [n_mels, content + 3000]
-        content = features.shape[1] - N_FRAMES
+        # Featurised once, padded by one hop (not 30 s): windows are zero-padded in the feature domain as
+        # openai-whisper / faster-whisper do, so our greedy text matches theirs.
+        features = log_mel_spectrogram(samples, self.model.config.num_mel_bins, padding=HOP_LENGTH)
+        content = features.shape[1] - 1  # [n_mels, content + 1]
         generator = torch.Generator().manual_seed(seed) if seed is not None and temperature > 0 else None
         opts = DecodeOptions(beam_size=beam_size, temperature=temperature, timestamps=timestamps,
                              suppress_tokens=self.suppress_tokens, suppress_begin=self.suppress_begin,
@@ -98,11 +101,12 @@ class WhisperRecognizer:
         n_tokens = 0
         seek = 0
         while seek < content:
-            window = window_features(features, seek)[None]  # [1, n_mels, 3000]
             seg_frames = min(N_FRAMES, content - seek)
-            states = self.model.encode(window)
             if language is None:
-                language, _ = detect_language(self.model, tok, states)
+                first = self.model.encode(window_features(features, 0)[None])
+                language, _ = detect_language(self.model, tok, first)
+            window = window_features(features, seek, seg_frames)[None]  # [1, n_mels, 3000]
+            states = self.model.encode(window)
             head = [tok.sot_prev, *previous[-(self.model.config.max_target_positions // 2 - 1) :]] if previous else []
             sot_seq = tok.sot_sequence(language, task)
             prompt_ids = head + sot_seq + ([] if timestamps else [tok.no_timestamps])
