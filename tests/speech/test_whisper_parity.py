@@ -9,12 +9,26 @@ import torch
 
 from autoglm.speech.load import load_speech_model
 from autoglm.speech.whisper_decoding import DecodeOptions, decode_window
+from autoglm.speech.whisper_recognizer import WhisperRecognizer
 
 transformers = pytest.importorskip("transformers")
 
 
+_CACHE: dict[tuple[str, Path], object] = {}
+
+
 def _hf(path: Path) -> torch.nn.Module:
-    return transformers.WhisperForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32).eval()
+    key = ("hf", path)
+    if key not in _CACHE:
+        _CACHE[key] = transformers.WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return _CACHE[key]  # type: ignore[return-value]
+
+
+def _ours(path: Path) -> WhisperRecognizer:
+    key = ("ours", path)
+    if key not in _CACHE:
+        _CACHE[key] = load_speech_model(path).recognizer
+    return _CACHE[key]  # type: ignore[return-value]
 
 
 def _features(n_mels: int, seed: int = 1) -> torch.Tensor:
@@ -27,7 +41,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_logits_match_transformers(tiny_whisper_dir: Path) -> None:
-    ours = load_speech_model(tiny_whisper_dir).recognizer
+    ours = _ours(tiny_whisper_dir)
     hf = _hf(tiny_whisper_dir)
     n_mels = ours.model.config.num_mel_bins
     feats = torch.cat([_features(n_mels, 1), _features(n_mels, 2)])  # batch of 2 clips
@@ -44,7 +58,7 @@ def test_logits_match_transformers(tiny_whisper_dir: Path) -> None:
 
 
 def test_kv_cache_steps_equal_full_forward(tiny_whisper_dir: Path) -> None:
-    model = load_speech_model(tiny_whisper_dir).recognizer.model
+    model = _ours(tiny_whisper_dir).model
     feats = _features(model.config.num_mel_bins)
     ids = torch.tensor([[50258, 50259, 50359, 50363, 440, 1702, 6292, 21026, 13]])
     full = model(feats, ids)  # [1, T, V]
@@ -57,22 +71,22 @@ def test_kv_cache_steps_equal_full_forward(tiny_whisper_dir: Path) -> None:
     assert _rel(torch.cat(steps, dim=1), full) < 1e-5
 
 
-def _generate_kwargs(rec: object) -> dict[str, object]:
-    tok = rec.tokenizer  # type: ignore[attr-defined]
-    vocab = rec.model.config.vocab_size  # type: ignore[attr-defined]
+def _generate_kwargs(rec: WhisperRecognizer) -> dict[str, object]:
+    tok = rec.tokenizer
+    vocab = rec.model.config.vocab_size
     # no-timestamp mode: our rules also mask every timestamp id, so transformers gets them as suppressed too
-    suppress = sorted(set(rec.suppress_tokens) | set(range(tok.timestamp_begin, vocab)))  # type: ignore[attr-defined]
-    return dict(suppress_tokens=suppress, begin_suppress_tokens=rec.suppress_begin)  # type: ignore[attr-defined]
+    suppress = sorted(set(rec.suppress_tokens) | set(range(tok.timestamp_begin, vocab)))
+    return dict(suppress_tokens=suppress, begin_suppress_tokens=rec.suppress_begin)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 def test_greedy_tokens_equal_transformers_generate(tiny_whisper_dir: Path, seed: int) -> None:
-    rec = load_speech_model(tiny_whisper_dir).recognizer
+    rec = _ours(tiny_whisper_dir)
     hf = _hf(tiny_whisper_dir)
     tok = rec.tokenizer
     feats = _features(rec.model.config.num_mel_bins, seed)
     prompt = [tok.sot, tok.languages["en"], tok.transcribe, tok.no_timestamps]
-    n_new = 24
+    n_new = 16
     opts = DecodeOptions(max_new_tokens=n_new, suppress_tokens=rec.suppress_tokens, suppress_begin=rec.suppress_begin)
     ours = decode_window(rec.model, tok, rec.model.encode(feats), prompt, opts)
     # the generic seq2seq generate (Whisper's override adds its own long-form logic)
@@ -86,7 +100,7 @@ def test_greedy_tokens_equal_transformers_generate(tiny_whisper_dir: Path, seed:
 
 def test_beam_search_scores_at_least_greedy(tiny_whisper_dir: Path) -> None:
     """Beam search finds a sequence whose length-normalised log-prob is >= greedy's, and beam 1 == greedy."""
-    rec = load_speech_model(tiny_whisper_dir).recognizer
+    rec = _ours(tiny_whisper_dir)
     tok = rec.tokenizer
     states = rec.model.encode(_features(rec.model.config.num_mel_bins, 4))
     prompt = [tok.sot, tok.languages["en"], tok.transcribe, tok.no_timestamps]
@@ -99,7 +113,7 @@ def test_beam_search_scores_at_least_greedy(tiny_whisper_dir: Path) -> None:
 
 def test_beam_search_matches_transformers_when_no_early_finish(tiny_whisper_dir: Path) -> None:
     """With EOT suppressed no beam finishes early: both searches keep the top-k sum log-prob sequences."""
-    rec = load_speech_model(tiny_whisper_dir).recognizer
+    rec = _ours(tiny_whisper_dir)
     hf = _hf(tiny_whisper_dir)
     tok = rec.tokenizer
     feats = _features(rec.model.config.num_mel_bins, 5)
