@@ -37,8 +37,10 @@ class ModuleHealth:
 
 
 class HealthChecker:
-    def __init__(self, model: LoadedModel, engine: Any, ttl: float = 10.0, timeout: float = 120.0) -> None:
+    def __init__(self, model: LoadedModel, engine: Any, ttl: float = 10.0, timeout: float = 120.0,
+                 speech: Any = None) -> None:
         self.model = model
+        self.speech = speech  # autoglm.server.speech_service.SpeechService or None
         self.engine = engine
         self.ttl = ttl
         self.timeout = timeout
@@ -58,6 +60,8 @@ class HealthChecker:
             results = [await self._probe_decoder()]
             for modality, encoder in self.model.encoders.items():
                 results.append(await self._probe_encoder(modality, encoder))
+            if self.speech is not None:
+                results.append(await self._probe_speech())
             self._last = results
             self._last_time = time.monotonic()
             return list(results)
@@ -114,6 +118,15 @@ class HealthChecker:
         except Exception as exc:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         return ModuleHealth(name, ok, detail, (time.monotonic() - start) * 1000, time.time())
+
+
+    async def _probe_speech(self) -> ModuleHealth:
+        start = time.monotonic()
+        try:
+            ok, detail = True, await self.speech.probe(self.timeout)
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        return ModuleHealth("speech", ok, detail, (time.monotonic() - start) * 1000, time.time())
 
 
 def _sample_media(modality: str) -> Any:

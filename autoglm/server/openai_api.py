@@ -20,13 +20,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from autoglm.engine.sampling_params import SamplingParams
-from autoglm.errors import ContextTooLong, MediaError, RequestAborted, UnsupportedModality
+from autoglm.errors import ContextTooLong, MediaError, RequestAborted
 from autoglm.server import responses
 from autoglm.server.errors_http import REQUEST_ID_HEADER, request_id_of, stream_error_event
 from autoglm.server.limits import ParsedJSONRoute
 from autoglm.server.metrics import RequestRecord
 from autoglm.server.protocol import ChatCompletionRequest, CompletionRequest
 from autoglm.server.reasoning_format import ReasoningFormatter, resolve_mode
+from autoglm.server.speech_chat import capabilities, transcribe_audio_parts
 from autoglm.server.state import ServerState, get_state
 
 log = logging.getLogger("autoglm.server")
@@ -46,7 +47,8 @@ async def list_models(request: Request) -> dict[str, Any]:
     created = int(state.started)
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "autoglm", "root": root,
-         "parent": None if i == 0 else state.served_names[0], "max_model_len": state.max_model_len}
+         "parent": None if i == 0 else state.served_names[0], "max_model_len": state.max_model_len,
+         "capabilities": capabilities(state)}
         for i, name in enumerate(state.served_names)
     ]
     return {"object": "list", "data": data}
@@ -70,6 +72,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
 
     kwargs = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"}
     messages = [m.to_engine() for m in body.messages]
+    messages = await transcribe_audio_parts(messages, state)  # input_audio -> text (speech module)
     prompt = await asyncio.to_thread(
         build_chat_prompt, model, messages, enable_thinking=thinking, chat_template_kwargs=kwargs,
         content_format="string", image_loader=state.media.load,
@@ -107,14 +110,7 @@ def _check_media(state: ServerState, body: ChatCompletionRequest) -> None:
     limit = state.config.limit_mm_per_prompt
     if counts["image"] > limit:
         raise MediaError(f"At most {limit} image(s) may be provided in one prompt.", param="messages")
-    if counts["audio"]:
-        model = state.model
-        if model is None or "audio" not in model.encoders:
-            raise UnsupportedModality(
-                "input_audio parts need a speech module, and this server has none loaded; "
-                "send text (or transcribe the audio first)",
-                param="messages",
-            )
+    # input_audio parts: transcribe_audio_parts (speech module) takes them, or refuses naming why
 
 
 class _Call:

@@ -2,8 +2,8 @@
 
 - a directory with model.bin (CTranslate2 binary) + config.json, spec WhisperSpec   -> Whisper from CTranslate2
 - a directory whose config.json names WhisperForConditionalGeneration / model_type whisper -> Whisper from safetensors
-- an ONNX file, or an HF dir of a Parakeet/FastConformer CTC model                   -> the Conformer loaders
-  (autoglm.loader.onnx / autoglm.models.parakeet; plugged in at `_conformer` below)
+- an ONNX file, or an HF dir of a Parakeet/FastConformer CTC model                   -> `load_conformer`
+  (autoglm.speech.conformer: onnxruntime or our PyTorch FastConformer)
 """
 
 from __future__ import annotations
@@ -103,10 +103,10 @@ def _is_onnx(path: Path) -> bool:
 
 
 def _conformer(path: Path) -> LoadedSpeechModel:
-    # --- Conformer/CTC plug-in point: autoglm.loader.onnx (ONNX) and autoglm.models.parakeet (HF) go here. ---
-    raise UnsupportedArchitecture(
-        f"{path}: CTC Conformer speech modules (ONNX / Parakeet) are not wired into load_speech_model yet"
-    )
+    from autoglm.speech.conformer import load_conformer
+
+    recognizer, info = load_conformer(path)
+    return LoadedSpeechModel(recognizer, info)
 
 
 def _module_info(model: torch.nn.Module, path: Path, fmt: str, quantization: str, device: torch.device,
