@@ -83,7 +83,7 @@ def test_sdk_transcription_each_format(client: openai.OpenAI, oracle: Any, fmt: 
                                              response_format=fmt)  # type: ignore[call-overload]
     if fmt == "json":
         assert out.text == want.text
-        assert (out.model_extra or {}).get("usage") == {"type": "duration", "seconds": 3}
+        assert out.usage is not None and out.usage.type == "duration" and out.usage.seconds == 3
     elif fmt == "verbose_json":
         assert out.text == want.text and abs(out.duration - 3.0) < 1e-3
         assert [s.text for s in out.segments] == [s.text for s in want.segments]
