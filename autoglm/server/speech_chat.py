@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from autoglm.errors import UnsupportedModality
+from autoglm.errors import MediaError, UnsupportedModality
 from autoglm.multimodal.audio import input_audio_bytes
 from autoglm.server.speech_service import SpeechService
 from autoglm.server.state import ServerState
@@ -39,6 +39,9 @@ async def transcribe_audio_parts(messages: list[dict[str, Any]], state: ServerSt
     if service is None:
         reason = state.speech_unavailable or "no speech module is loaded"
         raise UnsupportedModality(f"input_audio parts need a speech module: {reason}", param="messages")
+    cap = state.config.limit_mm_per_prompt
+    if len(where) > cap:  # each clip is a transcription: the same per-prompt media cap as images
+        raise MediaError(f"At most {cap} audio clip(s) may be provided in one prompt.", param="messages")
     limits = service.chat_limits
 
     def decode(m: int, p: int) -> Any:
@@ -46,7 +49,12 @@ async def transcribe_audio_parts(messages: list[dict[str, Any]], state: ServerSt
                              param="messages")
 
     clips = [await asyncio.to_thread(decode, m, p) for m, p in where]  # one at a time: bounded CPU per request
-    texts = await asyncio.gather(*(service.transcribe(c) for c in clips))
+    tasks = [asyncio.ensure_future(service.transcribe(c)) for c in clips]
+    try:
+        texts = await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:  # one clip failed (or the client left): the others' queued work is dropped
+            t.cancel()
     out = [dict(message) for message in messages]
     for (m, p), result in zip(where, texts, strict=True):
         content = list(out[m]["content"]) if out[m]["content"] is messages[m]["content"] else out[m]["content"]

@@ -226,6 +226,8 @@ def test_input_audio_is_transcribed_into_the_prompt(client: openai.OpenAI, oracl
 def test_input_audio_over_the_clip_limit(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match=r"Maximum clip duration \(15s\) exceeded"):
         _prompt_tokens(client, [_audio_part(_wav(16.0))])
+    with pytest.raises(openai.BadRequestError, match=r"At most 8 audio clip\(s\)"):  # --limit-mm-per-prompt
+        _prompt_tokens(client, [_audio_part(_wav(0.2))] * 9)
     with pytest.raises(openai.BadRequestError, match="not valid base64"):
         _prompt_tokens(client, [{"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}])
 
