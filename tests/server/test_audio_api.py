@@ -100,6 +100,9 @@ def test_sdk_model_names(client: openai.OpenAI) -> None:
     assert client.audio.transcriptions.create(model="whisper-1", file=("a.wav", data)).text is not None
     with pytest.raises(openai.NotFoundError):
         client.audio.transcriptions.create(model="no-such-model", file=("a.wav", data))
+    out = client.audio.transcriptions.create(model=NAME, file=("a.wav", data), response_format="verbose_json",
+                                             timestamp_granularities=["segment"], language="en", prompt="Hi.")
+    assert out.segments is not None and out.duration == 1.0
 
 
 def test_long_file_is_windowed_by_the_recognizer(client: openai.OpenAI, oracle: Any) -> None:

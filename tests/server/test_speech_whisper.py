@@ -55,7 +55,8 @@ def test_sdk_transcribes_english_speech(client: openai.OpenAI) -> None:
     spoken = _words(EN_TEXT)
     assert len(_words(out.text) & spoken) >= len(spoken) * 0.7, out.text  # the words espeak-ng said
     assert out.language == "english" and out.segments
-    srt = client.audio.transcriptions.create(model=NAME, file=("en.wav", wav), response_format="srt")
+    srt = client.audio.transcriptions.create(model=NAME, file=("en.wav", wav), response_format="srt", language="en",
+                                             prompt="Settings and flashlight.")
     assert srt.startswith("1\n00:00:") and "-->" in srt
 
 
