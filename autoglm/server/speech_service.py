@@ -14,6 +14,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -79,6 +80,8 @@ class SpeechService:
         self._worker.start()
         self.completed = 0  # transcriptions finished (status page / tests)
         self.batches = 0  # forward passes that served more than one job
+        self._running = 0  # jobs the worker holds now
+        self._progress = time.monotonic()  # when the worker last took or finished a job
 
     @property
     def name(self) -> str:
@@ -107,7 +110,14 @@ class SpeechService:
             raise RequestTimeout(f"the transcription did not finish within {self.timeout:g} s") from None
 
     async def probe(self, timeout: float) -> str:
-        """Readiness: transcribe 1 s of a 440 Hz tone through the queue (proves the worker alive)."""
+        """Readiness: transcribe 1 s of a 440 Hz tone through the queue (proves the worker alive).
+
+        A worker busy with requests that made progress within `timeout` is ready without a probe: queueing one
+        behind them would turn load into a failed readiness check.
+        """
+        if self._running or self._queue.qsize():
+            if time.monotonic() - self._progress < timeout:
+                return f"busy: {self._running} running, {self._queue.qsize()} queued"
         t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
         tone = (0.1 * np.sin(2 * math.pi * 440.0 * t)).astype(np.float32)
         result = await asyncio.wait_for(self.transcribe(tone), timeout)
@@ -146,11 +156,13 @@ class SpeechService:
                     break
                 jobs.append(nxt)
             live = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # skip jobs whose caller left
+            self._running, self._progress = len(live), time.monotonic()
             groups: dict[tuple[str, bool], list[_Job]] = {}
             for j in live:
                 groups.setdefault(j.request.batch_key, []).append(j)
             for group in groups.values():
                 self._serve(group)
+            self._running = 0
             if stop:
                 return
 
@@ -178,6 +190,7 @@ class SpeechService:
 
     def _done(self, job: _Job, result: Transcription | None, exc: BaseException | None) -> None:
         self.completed += 1
+        self._progress = time.monotonic()
         if exc is not None:
             job.future.set_exception(exc)
         else:

@@ -116,3 +116,21 @@ def test_request_options_reach_the_recognizer(recognizer: Any) -> None:
     finally:
         service.close()
     assert out.segments and out.text == recognizer[0].transcribe(tone_clip(2.0, seed=3)).text
+
+
+def test_probe_transcribes_when_idle_and_is_ready_when_busy(recognizer: Any) -> None:
+    service, gated = _service(recognizer)
+
+    async def main() -> tuple[str, str]:
+        job = asyncio.ensure_future(service.transcribe(tone_clip(0.5)))
+        await asyncio.to_thread(gated.entered.wait, 30)
+        busy = await service.probe(30.0)  # the worker holds a request: no probe queued behind it
+        gated.gate.set()
+        await job
+        return busy, await service.probe(30.0)
+
+    try:
+        busy, idle = asyncio.run(main())
+    finally:
+        service.close()
+    assert busy.startswith("busy: 1 running") and idle.startswith("transcribed 1 s of test tone")
