@@ -162,7 +162,6 @@ class SpeechService:
                 groups.setdefault(j.request.batch_key, []).append(j)
             for group in groups.values():
                 self._serve(group)
-            self._running = 0
             if stop:
                 return
 
@@ -190,6 +189,7 @@ class SpeechService:
 
     def _done(self, job: _Job, result: Transcription | None, exc: BaseException | None) -> None:
         self.completed += 1
+        self._running -= 1  # before the caller wakes: an idle worker reads as idle at once
         self._progress = time.monotonic()
         if exc is not None:
             job.future.set_exception(exc)
