@@ -66,6 +66,12 @@ class MediaError(InvalidRequest):
     """An image/audio part cannot be fetched, decoded or is over a limit."""
 
 
+class MediaTooLarge(MediaError):
+    """An uploaded media file is over the server's size cap."""
+
+    status = 413
+
+
 class MissingProjector(InvalidRequest):
     """An image request reached a model loaded without its vision projector (GGUF without --mmproj)."""
 

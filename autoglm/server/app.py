@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from autoglm.server import health_api, openai_api, status_page
+from autoglm.server import audio_api, health_api, openai_api, status_page
 from autoglm.server.config import ServerConfig
 from autoglm.server.engine_client import EngineClient
 from autoglm.server.errors_http import RequestIdMiddleware, SafeJSONResponse, install_error_handlers
@@ -64,6 +64,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(health_api.router)
     app.include_router(status_page.router)
+    app.include_router(audio_api.router)  # speech (issue 12)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
@@ -93,7 +94,10 @@ async def _start(state: ServerState, model: LoadedModel | None, engine: EngineCl
     state.model = model
     state.engine = engine
     state.metrics.set_stats_source(engine.stats)
-    state.health = HealthChecker(model, engine)
+    from autoglm.server.speech_startup import start_speech  # speech module (issue 12)
+
+    await start_speech(state, module_line)
+    state.health = HealthChecker(model, engine, speech=state.speech)
     log.info("Server listening on http://%s:%d", config.host, config.port)
     log.info("Serving %s as %s (context %d tokens)", model.path or model.name, ", ".join(state.served_names),
              state.max_model_len)
@@ -111,6 +115,9 @@ def _prepare_weights(model: LoadedModel) -> None:
 
 
 async def _stop(state: ServerState) -> None:
+    from autoglm.server.speech_startup import stop_speech
+
+    stop_speech(state)
     if state.engine is not None:
         state.engine.shutdown()
 

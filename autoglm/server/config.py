@@ -61,6 +61,13 @@ class ServerConfig:
     request_timeout: float | None = None
     no_prefix_caching: bool = False
     drain_grace: float = 10.0
+    # speech (issue 12): the module behind /v1/audio/* and chat input_audio parts
+    speech_model: str | None = None  # None: the built-in Whisper base (CTranslate2)
+    no_speech: bool = False
+    max_audio_seconds: float = 15.0  # chat input_audio clips (the article's limit)
+    max_audio_file_seconds: float = 600.0  # /v1/audio/* files (windowed by the recognizer)
+    max_audio_bytes: int = 25 * 1024 * 1024  # OpenAI's upload limit
+    max_speech_queue: int = 32
 
     def __post_init__(self) -> None:
         if self.reasoning_format not in REASONING_FORMATS:
@@ -79,6 +86,11 @@ class ServerConfig:
             raise ConfigError(f"--max-request-body-bytes must be >= 1024, got {self.max_request_body_bytes}")
         if self.drain_grace < 0:
             raise ConfigError(f"--drain-grace must be >= 0, got {self.drain_grace}")
+        for flag, value in (("--max-audio-seconds", self.max_audio_seconds),
+                            ("--max-audio-file-seconds", self.max_audio_file_seconds),
+                            ("--max-audio-bytes", self.max_audio_bytes), ("--max-speech-queue", self.max_speech_queue)):
+            if not value > 0:
+                raise ConfigError(f"{flag} must be > 0, got {value}")
 
     @classmethod
     def from_sources(
@@ -166,6 +178,16 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--no-prefix-caching",), "no_prefix_caching", bool, "do not share KV blocks of repeated prompt prefixes"),
     _Option(("--drain-grace",), "drain_grace", float,
             "on SIGTERM: seconds running requests get to finish before they end with an error (default 10)"),
+    # speech module (issue 12)
+    _Option(("--speech-model",), "speech_model", str,
+            "speech module: HF dir, .onnx file or CTranslate2 dir, by content (default: built-in Whisper base)"),
+    _Option(("--no-speech",), "no_speech", bool, "load no speech module (input_audio and /v1/audio/* get 400)"),
+    _Option(("--max-audio-seconds",), "max_audio_seconds", float, "longest chat input_audio clip (default 15)"),
+    _Option(("--max-audio-file-seconds",), "max_audio_file_seconds", float,
+            "longest /v1/audio/* file, transcribed in windows (default 600)"),
+    _Option(("--max-audio-bytes",), "max_audio_bytes", int, "largest audio file accepted, else 413 (default 25 MiB)"),
+    _Option(("--max-speech-queue",), "max_speech_queue", int,
+            "transcriptions queued beyond which new ones get 429 (default 32)"),
     # `autoglm --log-level` (the CLI frame's) is a different option with a different default: keep them apart.
     _Option(("--log-level",), "log_level", str, "debug, info, warning, error (default info)",
             arg_dest="serve_log_level"),

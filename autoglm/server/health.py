@@ -31,8 +31,10 @@ class ModuleHealth:
 
 
 class HealthChecker:
-    def __init__(self, model: LoadedModel, engine: EngineClient, ttl: float = 10.0, timeout: float = 120.0) -> None:
+    def __init__(self, model: LoadedModel, engine: EngineClient, ttl: float = 10.0, timeout: float = 120.0,
+                 speech: Any = None) -> None:
         self.model = model
+        self.speech = speech  # autoglm.server.speech_service.SpeechService or None
         self.engine = engine
         self.ttl = ttl
         self.timeout = timeout
@@ -52,6 +54,8 @@ class HealthChecker:
             results = [await self._probe_decoder()]
             for encoder in self.model.encoders.values():
                 results.append(await self._probe_encoder(encoder))
+            if self.speech is not None:
+                results.append(await self._probe_speech())
             self._last = results
             self._last_time = time.monotonic()
             return list(results)
@@ -95,6 +99,14 @@ class HealthChecker:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         return ModuleHealth(name, ok, detail, (time.monotonic() - start) * 1000, time.time())
 
+
+    async def _probe_speech(self) -> ModuleHealth:
+        start = time.monotonic()
+        try:
+            ok, detail = True, await self.speech.probe(self.timeout)
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        return ModuleHealth("speech", ok, detail, (time.monotonic() - start) * 1000, time.time())
 
 def health_payload(results: list[ModuleHealth]) -> list[dict[str, Any]]:
     return [asdict(r) for r in results]

@@ -28,6 +28,7 @@ from autoglm.server.generation import Admitted, Delta, Failed, Finished, Generat
 from autoglm.server.limits import ParsedJSONRoute
 from autoglm.server.protocol import ChatCompletionRequest, CompletionRequest
 from autoglm.server.reasoning_format import resolve_mode
+from autoglm.server.speech_chat import capabilities, transcribe_audio_parts
 from autoglm.server.state import get_state
 
 log = logging.getLogger("autoglm.server")
@@ -47,7 +48,8 @@ async def list_models(request: Request) -> dict[str, Any]:
     created = int(state.started)
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "autoglm", "root": root,
-         "parent": None if i == 0 else state.served_names[0], "max_model_len": state.max_model_len}
+         "parent": None if i == 0 else state.served_names[0], "max_model_len": state.max_model_len,
+         "capabilities": capabilities(state)}
         for i, name in enumerate(state.served_names)
     ]
     return {"object": "list", "data": data}
@@ -67,6 +69,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     model = state.ready_model()
     kwargs = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"}
     messages = [m.to_engine() for m in body.messages]
+    messages = await transcribe_audio_parts(messages, state)  # input_audio -> text (speech module)
     prompt = await asyncio.to_thread(
         build_chat_prompt, model, messages, enable_thinking=thinking, chat_template_kwargs=kwargs,
         content_format="string", media_policy=state.media, max_media=state.config.limit_mm_per_prompt,
