@@ -18,6 +18,7 @@ from autoglm.server.metrics import Metrics
 
 if TYPE_CHECKING:
     from autoglm.models.loaded import LoadedModel
+    from autoglm.server.speech_service import SpeechService
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ServerState:
     engine: EngineClient | None = None  # autoglm.engine.async_engine.AsyncEngine, or a test's stand-in
     health: HealthChecker | None = None
     load_error: str | None = None
-    speech: Any = None  # autoglm.server.speech_service.SpeechService when a speech module is loaded
+    speech: SpeechService | None = None  # when a speech module is loaded
     speech_unavailable: str | None = None  # why there is none (named in input_audio / /v1/audio/* refusals)
     started: float = field(default_factory=time.time)
 
