@@ -52,6 +52,7 @@ class ServerConfig:
     request_timeout: float | None = None
     no_prefix_caching: bool = False
     drain_grace: float = 10.0
+    sse_keepalive: float = 5.0  # seconds between `: keep-alive` SSE comments while a stream waits; 0 = off
 
     def __post_init__(self) -> None:
         if self.reasoning_format not in REASONING_FORMATS:
@@ -62,6 +63,8 @@ class ServerConfig:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.limit_mm_per_prompt < 0:
             raise ConfigError(f"--limit-mm-per-prompt must be >= 0, got {self.limit_mm_per_prompt}")
+        if not 0 <= self.sse_keepalive < float("inf"):
+            raise ConfigError(f"--sse-keepalive must be a finite number of seconds >= 0, got {self.sse_keepalive}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
         if self.max_request_body_bytes < 1024:
@@ -149,6 +152,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--no-prefix-caching",), "no_prefix_caching", bool, "do not share KV blocks of repeated prompt prefixes"),
     _Option(("--drain-grace",), "drain_grace", float,
             "on SIGTERM: seconds running requests get to finish before they end with an error (default 10)"),
+    _Option(("--sse-keepalive",), "sse_keepalive", float,
+            "seconds between `: keep-alive` comments while a stream waits (prefill, queue); 0 = off (default 5)"),
     # `autoglm --log-level` (the CLI frame's) is a different option with a different default: keep them apart.
     _Option(("--log-level",), "log_level", str, "debug, info, warning, error (default info)",
             arg_dest="serve_log_level"),
