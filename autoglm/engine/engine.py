@@ -51,6 +51,8 @@ class Engine:
         # A sequence can never outgrow the whole cache: that bounds the context too.
         self.max_model_len = min(config.max_model_len or model.max_model_len, self.kv.capacity_tokens)
         self.kv_cache_bytes = plan.bytes
+        self.kv_cache_rule = plan.rule
+        log.info("KV cache: %s; context %d tokens", plan.rule, self.max_model_len)
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
