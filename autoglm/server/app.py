@@ -25,6 +25,7 @@ from autoglm.server.errors_http import RequestIdMiddleware, SafeJSONResponse, in
 from autoglm.server.health import HealthChecker
 from autoglm.server.limits import BodyLimitMiddleware
 from autoglm.server.metrics import Metrics
+from autoglm.server.openapi_doc import install_openapi
 from autoglm.server.state import ServerState, get_state
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(health_api.router)
     app.include_router(status_page.router)
+    install_openapi(app)  # the document says what the routes answer (no 422, error schema, SSE)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
