@@ -132,7 +132,7 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> EngineClient:
             "request_timeout": config.request_timeout,
             "enable_prefix_caching": False if config.no_prefix_caching else None,
         },
-        model_values={"max_model_len": model.max_model_len},
+        # no model_values max_model_len: an unset context lets the KV default rule size it (engine/memory.py)
         defaults={"enable_prefix_caching": True},  # agents resend the same prefix every step (EngineConfig says why)
     )
     return AsyncEngine(Engine(model, engine_config))
