@@ -118,7 +118,8 @@ _OPTIONS: tuple[_Option, ...] = (
         metavar="NAME",
     ),
     _Option(("--api-key",), "api_key", str, "require `Authorization: Bearer KEY` on /v1 (default: off)"),
-    _Option(("--max-model-len",), "max_model_len", int, "context window in tokens (default: the model's, cut to the default KV pool; README)"),
+    _Option(("--max-model-len",), "max_model_len", int,
+            "context window in tokens (default: the model's, cut to the default KV pool; README)"),
     _Option(
         ("--reasoning-format",),
         "reasoning_format",
