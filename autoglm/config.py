@@ -26,8 +26,11 @@ class EngineConfig:
     max_num_seqs: int = 16  # requests in one batch
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decode tokens)
     block_size: int = 16  # tokens per KV cache block
-    kv_cache_memory: int | None = None  # bytes for the KV cache; None: kv_cache_fraction of available RAM
-    kv_cache_fraction: float = 0.25
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None: the default rule of engine/memory.py
+    kv_cache_fraction: float = 0.25  # default rule: at most this share of the available RAM
+    # default rule: a pool of this many tokens shared by all sequences (llama.cpp's n_ctx), unless the context
+    # (max_model_len, when given) needs more
+    kv_cache_tokens: int = 16384
     num_kv_blocks: int | None = None  # exact block count (tests, benchmarks); overrides the memory budget
     kv_cache_dtype: str = "auto"  # "auto" = the decoder's dtype
     max_waiting: int = 1024  # waiting-queue bound; beyond it add_request raises Overloaded (HTTP 429)
@@ -43,7 +46,7 @@ class EngineConfig:
     default_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "kv_cache_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}", param=name)
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -114,6 +114,13 @@ class RequestAborted(AutoGLMError):
     error_type = "request_aborted"
 
 
+class RequestFailed(AutoGLMError):
+    """The model step failed for this request alone (the engine isolated it; the rest of its batch continued)."""
+
+    status = 500
+    error_type = "internal_error"
+
+
 class RequestTimeout(AutoGLMError):
     """A request ran past its time limit (`request_timeout`); it was ended and its KV blocks freed."""
 

@@ -261,6 +261,8 @@ class LLM:
                                 self._buffer[out.request_id].append(out)
                         continue
                 for rid, out in mine:
+                    if out.error is not None:  # ended by the engine (timeout, a failed step): raise it here
+                        raise out.error
                     if out.finished:
                         pending.discard(rid)
                     yield rids[rid], out

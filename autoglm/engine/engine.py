@@ -5,10 +5,16 @@ A step: expire requests past their deadline -> the scheduler picks tokens -> the
 each sampled token goes through its request's `OutputStream` (`output.py`: detokenizer, reasoning split, stop
 strings; stop ids are never emitted) -> finished requests free their KV blocks. KV sizing is `memory.py`'s; a
 request's positions are its decoder's (`prompt_positions`), computed once when the request is made.
+
+Isolation: when the runner raises, the step is re-run on halves of the batch (recursively) until the request(s)
+that make it fail are alone; only those end (their output carries the error), the others continue with the tokens
+they would have had alone. Re-running is safe: a retried token writes the same K/V to the same slots, and each
+request's random generator and score logits are restored to their state before the failed attempt.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Any
@@ -24,12 +30,16 @@ from autoglm.engine.request import Request, RequestStatus
 from autoglm.engine.runner import ModelRunner
 from autoglm.engine.sampler import TokenLogprob
 from autoglm.engine.sampling_params import SamplingParams
-from autoglm.engine.scheduler import Scheduler
-from autoglm.errors import ContextTooLong, InvalidRequest, Overloaded, RequestTimeout
+from autoglm.engine.scheduler import ScheduledBatch, Scheduler
+from autoglm.errors import AutoGLMError, ContextTooLong, InvalidRequest, Overloaded, RequestFailed, RequestTimeout
 from autoglm.models.loaded import LoadedModel
 from autoglm.tokenizer.reasoning import ReasoningTokens
 
 __all__ = ["Engine", "RequestOutput"]
+
+log = logging.getLogger("autoglm.engine")
+
+Sampled = list[tuple[Request, int, TokenLogprob | None]]
 
 
 class Engine:
@@ -41,6 +51,8 @@ class Engine:
         # A sequence can never outgrow the whole cache: that bounds the context too.
         self.max_model_len = min(config.max_model_len or model.max_model_len, self.kv.capacity_tokens)
         self.kv_cache_bytes = plan.bytes
+        self.kv_cache_rule = plan.rule
+        log.info("KV cache: %s; context %d tokens", plan.rule, self.max_model_len)
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
@@ -48,6 +60,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_timeouts = 0
+        self.num_failed = 0  # requests ended alone because their step raised
+        self.num_isolation_retries = 0  # failed step attempts that were split to find the failing request
         self._has_deadlines = False  # skip the per-step deadline scan until some request has one
         self.num_steps = 0
         self._eos = frozenset(model.eos_token_ids)
@@ -169,13 +183,53 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return outputs
-        sampled = self.runner.run(batch)
+        sampled, failed = self._run_isolated(batch.requests, batch.num_new_tokens)
         self.num_steps += 1
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
-            self._advance(req, n)
+            if req.request_id not in failed:
+                self._advance(req, n)
+        for req, exc in failed.values():
+            outputs.append(self._fail(req, exc))
         now = time.monotonic()
         outputs.extend(self._process_token(req, token, logprob, now) for req, token, logprob in sampled)
         return outputs
+
+    def _run_isolated(
+        self, reqs: list[Request], ns: list[int]
+    ) -> tuple[Sampled, dict[str, tuple[Request, Exception]]]:
+        """runner.run on these rows; on an exception, bisect until each failing request is alone.
+        -> (sampled tokens of the rows that ran, {request id: (request, its error)})."""
+        # What a failed attempt may have consumed or appended, restored before the retry (K/V writes are idempotent).
+        saved = [(r.generator.get_state(), len(r.prompt_logits)) for r in reqs]
+        try:
+            return self.runner.run(ScheduledBatch(list(reqs), list(ns))), {}
+        except Exception as exc:  # noqa: BLE001 - any model/sampler error: isolate it to its request
+            for r, (state, n_logits) in zip(reqs, saved, strict=True):
+                r.generator.set_state(state)
+                del r.prompt_logits[n_logits:]
+            if len(reqs) == 1:
+                return [], {reqs[0].request_id: (reqs[0], exc)}
+            self.num_isolation_retries += 1
+            mid = len(reqs) // 2
+            sampled_a, failed_a = self._run_isolated(reqs[:mid], ns[:mid])
+            sampled_b, failed_b = self._run_isolated(reqs[mid:], ns[mid:])
+            return sampled_a + sampled_b, failed_a | failed_b
+
+    def _fail(self, req: Request, exc: Exception) -> RequestOutput:
+        """End one request whose step raised (blocks freed); its output carries the error, naming the cause."""
+        self.num_failed += 1
+        log.error("request %s failed in the model step; ending it alone (%d other request(s) continue)",
+                  req.request_id, len(self.requests) - 1, exc_info=exc)
+        final = self.abort(req.request_id)
+        assert final is not None
+        if isinstance(exc, AutoGLMError):
+            final.error = exc
+        else:
+            final.error = RequestFailed(
+                f"request {req.request_id} failed in the model step ({type(exc).__name__}: {exc}); "
+                "only this request was ended", code="engine_step_failed",
+            )
+        return final
 
     def _advance(self, req: Request, n: int) -> None:
         """`n` more of the request's tokens are in the KV cache."""
@@ -256,6 +310,8 @@ class Engine:
             "encoder_cache_items": len(enc),
             "encoder_cache_bytes": enc.bytes,
             "timeouts": self.num_timeouts,
+            "requests_failed": self.num_failed,
+            "isolation_retries": self.num_isolation_retries,
             "steps": self.num_steps,
             "max_model_len": self.max_model_len,
         }

@@ -25,6 +25,7 @@ from autoglm.server.errors_http import RequestIdMiddleware, SafeJSONResponse, in
 from autoglm.server.health import HealthChecker
 from autoglm.server.limits import BodyLimitMiddleware
 from autoglm.server.metrics import Metrics
+from autoglm.server.openapi_doc import install_openapi
 from autoglm.server.state import ServerState, get_state
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ def create_app(
     app.include_router(health_api.router)
     app.include_router(status_page.router)
     app.include_router(audio_api.router)  # speech (issue 12)
+    install_openapi(app)  # the document says what the routes answer (no 422, error schema, SSE)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
@@ -138,7 +140,7 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> EngineClient:
             "enable_prefix_caching": False if config.no_prefix_caching else None,
             "default_max_tokens": config.default_max_tokens,
         },
-        model_values={"max_model_len": model.max_model_len},
+        # no model_values max_model_len: an unset context lets the KV default rule size it (engine/memory.py)
         defaults={"enable_prefix_caching": True},  # agents resend the same prefix every step (EngineConfig says why)
     )
     return AsyncEngine(Engine(model, engine_config))

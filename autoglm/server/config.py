@@ -68,6 +68,7 @@ class ServerConfig:
     max_audio_file_seconds: float = 600.0  # /v1/audio/* files (windowed by the recognizer)
     max_audio_bytes: int = 25 * 1024 * 1024  # OpenAI's upload limit
     max_speech_queue: int = 32
+    sse_keepalive: float = 5.0  # seconds between `: keep-alive` SSE comments while a stream waits; 0 = off
 
     def __post_init__(self) -> None:
         if self.reasoning_format not in REASONING_FORMATS:
@@ -78,6 +79,8 @@ class ServerConfig:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.limit_mm_per_prompt < 0:
             raise ConfigError(f"--limit-mm-per-prompt must be >= 0, got {self.limit_mm_per_prompt}")
+        if not 0 <= self.sse_keepalive < float("inf"):
+            raise ConfigError(f"--sse-keepalive must be a finite number of seconds >= 0, got {self.sse_keepalive}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
         if self.default_max_tokens < 0:
@@ -144,7 +147,8 @@ _OPTIONS: tuple[_Option, ...] = (
             f"tokens a request without max_tokens may generate (default {DEFAULT_MAX_TOKENS}; 0: up to the "
             "context)"),
     _Option(("--api-key",), "api_key", str, "require `Authorization: Bearer KEY` on /v1 (default: off)"),
-    _Option(("--max-model-len",), "max_model_len", int, "context window in tokens (default: the model's)"),
+    _Option(("--max-model-len",), "max_model_len", int,
+            "context window in tokens (default: the model's, cut to the default KV pool; README)"),
     _Option(
         ("--reasoning-format",),
         "reasoning_format",
@@ -188,6 +192,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--max-audio-bytes",), "max_audio_bytes", int, "largest audio file accepted, else 413 (default 25 MiB)"),
     _Option(("--max-speech-queue",), "max_speech_queue", int,
             "transcriptions queued beyond which new ones get 429 (default 32)"),
+    _Option(("--sse-keepalive",), "sse_keepalive", float,
+            "seconds between `: keep-alive` comments while a stream waits (prefill, queue); 0 = off (default 5)"),
     # `autoglm --log-level` (the CLI frame's) is a different option with a different default: keep them apart.
     _Option(("--log-level",), "log_level", str, "debug, info, warning, error (default info)",
             arg_dest="serve_log_level"),

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 class EngineClient(Protocol):
     """generate: the request's outputs (deltas; the last has `finished=True`); validation and admission errors
     (InvalidRequest, ContextTooLong, Overloaded, ServiceUnavailable while draining) are raised by the first
-    `__anext__`; closing the iterator early aborts the request and frees its KV blocks.
+    `__anext__`, synchronously in its first step (before its first await: a stream starts once that step passed);
+    closing the iterator early aborts the request and frees its KV blocks.
     abort: thread-safe, a no-op for unknown ids. stats: a flat dict of counters and gauges (metrics, status page).
     max_model_len: the context window the engine enforces. draining: True once `begin_drain` was called (SIGTERM:
     no new requests; open ones get the grace period). shutdown: stop, ending open requests."""

@@ -8,14 +8,17 @@ Contract for a protocol formatter:
 1. `gen = Generation(state, request, rid=..., endpoint=..., model_name=..., stream=..., mode=..., arrival=...)`.
    `mode` is a reasoning mode of `reasoning_format.py` ("merged", "separate", "inline", "hidden"): the layer
    applies it, so a `Delta.reasoning` is non-empty only when that mode sends reasoning apart from the content.
-2. `await gen.start(prompt, params)`: validates the context, admits the request and waits for its first engine
-   output. Every rejection (4xx/5xx error from `autoglm.errors`; RequestAborted when the client left) is raised
-   here, before the formatter has sent a byte; metrics are recorded and the engine request is gone.
+2. `await gen.start(prompt, params)`: validates the context and admits the request. Every rejection (4xx/5xx error
+   from `autoglm.errors`; RequestAborted when the client left) is raised here, before the formatter has sent a
+   byte; metrics are recorded and the engine request is gone. Non-streaming, it also waits for the first engine
+   output; streaming, it returns as soon as the engine has validated and queued the request (synchronously, in
+   the first step of `EngineClient.generate`), so headers and the first chunk go out before a long prefill.
 3. Streaming: `async with contextlib.aclosing(gen.events()) as events: async for event in events: ...`
    (aclosing, so that a response cancelled between two events still aborts at once): `Admitted` once, then
    `Delta`s, then exactly one of `Finished` (reason + usage) or `Failed` (the error, for an in-band error chunk;
-   already logged). Leaving early (client gone: the ASGI server cancels the response) aborts the request and
-   records status 499.
+   already logged). With `keepalive=S`, a `KeepAlive` comes whenever S seconds pass without an engine output
+   (queueing, prefill), so proxies and SDK read timeouts see bytes. Leaving early (client gone: the ASGI server
+   cancels the response) aborts the request and records status 499.
    Non-streaming: `await gen.collect()` -> `Completion` (the deltas joined), under disconnect watching; errors
    are raised (errors_http maps them), never in-band.
 """
@@ -87,7 +90,12 @@ class Failed:
     status: int
 
 
-Event = Admitted | Delta | Finished | Failed
+@dataclass(frozen=True)
+class KeepAlive:
+    """No engine output for `keepalive` seconds (long prefill, queueing): send the protocol's idle marker."""
+
+
+Event = Admitted | Delta | Finished | Failed | KeepAlive
 
 
 @dataclass
@@ -106,13 +114,14 @@ class Generation:
     """One completion request in flight (see the module docstring for the contract)."""
 
     def __init__(self, state: ServerState, request: Request, *, rid: str, endpoint: str, model_name: str,
-                 stream: bool, mode: str, arrival: float) -> None:
+                 stream: bool, mode: str, arrival: float, keepalive: float | None = None) -> None:
         self.state = state
         self.request = request
         self.rid = rid
         self.endpoint = endpoint
         self.model_name = model_name
         self.stream = stream
+        self.keepalive = keepalive if keepalive and stream else None  # seconds; None: no KeepAlive events
         self.formatter = ReasoningFormatter(mode)
         self.arrival = arrival
         self.started_wall = time.time() - (time.monotonic() - arrival)
@@ -124,6 +133,7 @@ class Generation:
         self.finish_reason: str | None = None
         self._outputs: AsyncGenerator[RequestOutput, None] | None = None
         self._first: RequestOutput | None = None
+        self._pending: asyncio.Future[RequestOutput | None] | None = None  # the next engine output, being awaited
 
     @property
     def emits_reasoning(self) -> bool:
@@ -143,10 +153,20 @@ class Generation:
         self._outputs = engine.generate(self.rid, prompt, params)
         self.state.metrics.in_flight.inc()
         try:
-            # Engine-side rejections surface here, before any byte is sent; a client that leaves while the request
-            # waits for its first token aborts it too.
-            self._first = await self._until_disconnect(_first_or_none(self._outputs))
+            if self.stream:
+                # generate() validates and queues synchronously in its first step (before its first await): one
+                # loop turn runs it, so an admission error is raised here while waiting for a token is not.
+                self._pending = asyncio.ensure_future(_first_or_none(self._outputs))
+                await asyncio.sleep(0)
+                if self._pending.done():
+                    pending, self._pending = self._pending, None
+                    self._first = pending.result()
+            else:
+                # Engine-side rejections surface here, before any byte is sent; a client that leaves while the
+                # request waits for its first token aborts it too.
+                self._first = await self._until_disconnect(_first_or_none(self._outputs))
         except BaseException as exc:
+            await self._cancel_pending()
             self.state.metrics.in_flight.dec()
             await self._close()
             self._record(getattr(exc, "status", 500))
@@ -159,6 +179,9 @@ class Generation:
         try:
             yield Admitted(self.prompt_tokens)
             async for out in self._engine_outputs():
+                if isinstance(out, KeepAlive):
+                    yield out
+                    continue
                 self._observe(out)
                 text = self.formatter.feed(out.reasoning_delta or "", out.content_delta or "")
                 if out.finished:
@@ -181,6 +204,7 @@ class Generation:
             yield Failed(exc, status)
         finally:
             with anyio.CancelScope(shield=True):
+                await self._cancel_pending()
                 await self._close()
             self.state.metrics.in_flight.dec()
             self._record(status)
@@ -208,14 +232,38 @@ class Generation:
         )
 
     # --- internals ------------------------------------------------------------------------------------------------
-    async def _engine_outputs(self) -> AsyncIterator[RequestOutput]:
-        assert self._outputs is not None
+    async def _engine_outputs(self) -> AsyncIterator[RequestOutput | KeepAlive]:
+        outputs = self._outputs
+        assert outputs is not None
         if self._first is not None:
             yield self._first
             if self._first.finished:
                 return
-        async for out in self._outputs:
+        if self._pending is None and self.keepalive is None:
+            async for out in outputs:
+                yield out
+            return
+        while True:
+            nxt = self._pending = self._pending or asyncio.ensure_future(_first_or_none(outputs))
+            while not nxt.done():
+                await asyncio.wait({nxt}, timeout=self.keepalive)
+                if not nxt.done():
+                    yield KeepAlive()
+            self._pending = None
+            out = nxt.result()
+            if out is None:
+                return
             yield out
+            if out.finished:
+                return
+
+    async def _cancel_pending(self) -> None:
+        """Cancel an engine read still in flight (that aborts the request in the engine's iterator)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
 
     def _observe(self, out: RequestOutput) -> None:
         now = time.monotonic()

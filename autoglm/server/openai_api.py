@@ -2,8 +2,9 @@
 
 A request flows: validate (protocol.py) -> resolve model name and reasoning mode -> build the prompt (chat template,
 media routed to its encoder, off the event loop) -> `generation.Generation` (context check, admission, the engine,
-disconnects, metrics) -> its typed events formatted here as SSE chunks or one JSON body. The first engine output is
-awaited before the response starts, so a request the engine rejects is still a clean 4xx; after that, errors travel
+disconnects, metrics) -> its typed events formatted here as SSE chunks or one JSON body. Admission is synchronous,
+so a request the engine rejects is still a clean 4xx; a stream then starts at once (headers and the role chunk),
+sends `: keep-alive` comments every `--sse-keepalive` seconds while it waits (prefill, queue), and errors travel
 in-band (`data: {"error": ...}` then `data: [DONE]`).
 """
 
@@ -24,7 +25,7 @@ from autoglm.engine.prompt import build_chat_prompt, build_text_prompt
 from autoglm.engine.sampler import TokenLogprob
 from autoglm.server import responses
 from autoglm.server.errors_http import REQUEST_ID_HEADER, request_id_of, stream_error_event
-from autoglm.server.generation import Admitted, Delta, Failed, Finished, Generation, Usage
+from autoglm.server.generation import Admitted, Delta, Failed, Finished, Generation, KeepAlive, Usage
 from autoglm.server.limits import ParsedJSONRoute
 from autoglm.server.protocol import ChatCompletionRequest, CompletionRequest
 from autoglm.server.reasoning_format import resolve_mode
@@ -75,7 +76,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         content_format="string", media_policy=state.media, max_media=state.config.limit_mm_per_prompt,
     )
     gen = Generation(state, request, rid=rid, endpoint="chat", model_name=name, stream=body.stream, mode=mode,
-                     arrival=arrival)
+                     arrival=arrival, keepalive=state.config.sse_keepalive)
     await gen.start(prompt, params)
     fmt = _OpenAIFormat(gen, chat=True, include_usage=body.include_usage)
     return fmt.stream() if body.stream else await fmt.json()
@@ -92,7 +93,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     model = state.ready_model()
     prompt = await asyncio.to_thread(build_text_prompt, model, body.single_prompt())
     gen = Generation(state, request, rid=rid, endpoint="completions", model_name=name, stream=body.stream,
-                     mode="merged", arrival=arrival)
+                     mode="merged", arrival=arrival, keepalive=state.config.sse_keepalive)
     await gen.start(prompt, params)
     fmt = _OpenAIFormat(gen, chat=False, include_usage=body.include_usage)
     return fmt.stream() if body.stream else await fmt.json()
@@ -146,6 +147,8 @@ class _OpenAIFormat:
                     if self.chat:
                         yield _event(responses.chat_chunk(self.cid, self.created, name,
                                                           {"role": "assistant", "content": ""}))
+                elif isinstance(event, KeepAlive):
+                    yield ": keep-alive\n\n"  # an SSE comment: clients ignore it, read timeouts see bytes
                 elif isinstance(event, Delta):
                     yield _event(self._chunk(event.content, event.reasoning, event.logprobs, None))
                 elif isinstance(event, Finished):

@@ -232,7 +232,7 @@ class CompletionRequest(_SamplingFields):
         Annotated[str, Field(min_length=1)]
         | Annotated[list[StrictInt], Field(min_length=1)]
         | Annotated[list[str], Field(min_length=1)]
-        | Annotated[list[list[StrictInt]], Field(min_length=1)]
+        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
     )
     max_tokens: int | None = 16  # OpenAI's default for /v1/completions
     logprobs: int | None = None  # legacy API: number of top alternatives
