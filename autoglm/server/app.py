@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from autoglm.server import health, openai_api, status_page
+from autoglm.server import health, ollama_api, openai_api, status_page
 from autoglm.server.config import ServerConfig
 from autoglm.server.errors_http import RequestIdMiddleware, install_error_handlers
 from autoglm.server.health import HealthChecker
@@ -56,6 +56,7 @@ def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     app.include_router(health.router)
     app.include_router(status_page.router)
 

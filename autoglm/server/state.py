@@ -67,6 +67,10 @@ class ServerState:
             return names[0]
         if requested in names:
             return requested
+        from autoglm.server.ollama_models import v1_name  # `autoglm create` models are served by name too
+
+        if v1_name(self, requested) is not None:
+            return requested
         raise ModelNotFound(f"The model `{requested}` does not exist.")
 
     def check_api_key(self, request: Request) -> None:

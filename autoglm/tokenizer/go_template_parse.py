@@ -467,7 +467,7 @@ class _Parser:
                 self.expect_right("else")
                 else_body, end2 = self.item_list()
                 if end2 != "end":
-                    raise self.error(f"expected end; found {{{{else}}}}", tok)
+                    raise self.error("expected end; found {{else}}", tok)
         del self.vars[mark:]
         return Branch(kind, pipe, body, else_body)
 
