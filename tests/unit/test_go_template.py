@@ -127,7 +127,8 @@ def test_go_semantics() -> None:
         "{{ and 1 0 }} {{ or 0 \"\" \"z\" }} {{ not .S }} {{ and .L .S }}": "0 z false héllo",
         "{{ with .M }}{{ .k }}{{ end }}{{ with .E }}no{{ else with .S }}{{ . }}{{ end }}": "v<héllo",
         "{{ $x := 1 }}{{ if true }}{{ $x = 2 }}{{ end }}{{ $x }}": "2",
-        "{{ if eq .S \"a\" \"héllo\" }}any{{ end }} {{ ne 1 2 }} {{ lt 1 2 }} {{ ge \"b\" \"a\" }}": "any true true true",
+        "{{ if eq .S \"a\" \"héllo\" }}any{{ end }} {{ ne 1 2 }} {{ lt 1 2 }} {{ ge \"b\" \"a\" }}":
+            "any true true true",
         "a  {{- /* gone */ -}}  b {{- \" c\" }}": "ab c",
         "{{ range $i, $_ := .L }}{{ if eq (len (slice $.L $i)) 1 }}last{{ end }}{{ end }}": "last",
         "{{ define \"t\" }}[{{ . }}]{{ end }}{{ template \"t\" .S }}": "[héllo]",
