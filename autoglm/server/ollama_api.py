@@ -303,6 +303,13 @@ def _prompt(state: ServerState, served: ServedModel, messages: list[dict[str, An
                              content_format="string", image_loader=state.media.load, max_images=limit)
 
 
+def _no_template(state: ServerState, served: ServedModel) -> bool:
+    """A model without a chat template of its own (a base model) continues /api/generate prompts as written,
+    like Ollama's default template `{{ .Prompt }}` (chat requests get the ChatML fallback)."""
+    template = state.ready_model().chat_template
+    return served.template is None and (template is None or template.name == "chatml (fallback)")
+
+
 def _check_context(state: ServerState, n_prompt: int, params: SamplingParams, num_ctx: int | None) -> SamplingParams:
     limit = min(state.max_model_len, num_ctx) if num_ctx and num_ctx > 0 else state.max_model_len
     if n_prompt >= limit:
@@ -354,7 +361,7 @@ async def _complete(request: Request, body: dict[str, Any], *, chat: bool) -> Re
             served.template = OllamaTemplate(str(body["template"]))
         messages = [{"role": "user", "content": prompt_text, "images": body.get("images") or []}]
         served.messages = []  # Ollama's generate uses the Modelfile's SYSTEM but not its MESSAGE history
-    raw = prompt_text if not chat and body.get("raw") else None
+    raw = prompt_text if not chat and (body.get("raw") or _no_template(state, served)) else None
     prompt = await asyncio.to_thread(_prompt, state, served, list(messages or []), enable_thinking=enable_thinking,
                                      tools=body.get("tools"), raw_text=raw, suffix=body.get("suffix"))
     params = _check_context(state, len(prompt.token_ids), params, num_ctx)
@@ -452,12 +459,16 @@ class _Stream:
             async for out in outputs():
                 content, thinking = self._take(out)
                 if content or thinking:
-                    yield json.dumps(self._object(content, thinking), ensure_ascii=False) + "\n"
-            yield json.dumps(self._final(), ensure_ascii=False) + "\n"
+                    yield _line(self._object(content, thinking))
+            yield _line(self._final())
         except Exception as e:
             message = e.message if isinstance(e, AutoGLMError) else "internal error; the details are in the server log"
             if not isinstance(e, AutoGLMError):
                 log.exception("/api stream failed")
-            yield json.dumps({"error": message}) + "\n"
+            yield _line({"error": message})
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
+
+
+def _line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"  # compact NDJSON, as Ollama writes
