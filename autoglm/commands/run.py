@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from autoglm.llm import LLM
     from autoglm.store.options import sampling_kwargs
     from autoglm.store.store import ModelStore
-    from autoglm.tokenizer.go_template import OllamaTemplate
+    from autoglm.tokenizer.ollama_template import OllamaTemplate
 
     store = ModelStore()
     template = None

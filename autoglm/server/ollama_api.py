@@ -356,7 +356,7 @@ async def _complete(request: Request, body: dict[str, Any], *, chat: bool) -> Re
         if body.get("system") is not None:
             served.system = str(body["system"])
         if body.get("template"):
-            from autoglm.tokenizer.go_template import OllamaTemplate
+            from autoglm.tokenizer.ollama_template import OllamaTemplate
 
             served.template = OllamaTemplate(str(body["template"]))
         messages = [{"role": "user", "content": prompt_text, "images": body.get("images") or []}]

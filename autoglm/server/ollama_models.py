@@ -18,7 +18,7 @@ from autoglm.store.store import DEFAULT_TAG, Manifest, ModelStore, full_name
 
 if TYPE_CHECKING:
     from autoglm.models.loaded import LoadedModel
-    from autoglm.tokenizer.go_template import OllamaTemplate
+    from autoglm.tokenizer.ollama_template import OllamaTemplate
 
 
 class ServerState(Protocol):
@@ -95,7 +95,7 @@ def resolve(state: ServerState, requested: str | None, store: ModelStore | None 
             f"model '{manifest.name}' is FROM {manifest.source.path}, but this server has {model.path or model.name} "
             f"loaded (one model per server process): start another server with `autoglm serve "
             f"{manifest.source.path}`", param="model")
-    from autoglm.tokenizer.go_template import OllamaTemplate
+    from autoglm.tokenizer.ollama_template import OllamaTemplate
 
     template = OllamaTemplate(manifest.template) if manifest.template is not None else None
     return ServedModel(name=manifest.name, manifest=manifest, template=template, system=manifest.system,

@@ -345,8 +345,8 @@ def _typed_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_template(text: str, *, line: int = 0) -> None:
-    from autoglm.tokenizer.go_template import OllamaTemplate
-    from autoglm.tokenizer.go_template_parse import GoTemplateError
+    from autoglm.tokenizer.go_template_ast import GoTemplateError
+    from autoglm.tokenizer.ollama_template import OllamaTemplate
 
     try:
         OllamaTemplate(text)

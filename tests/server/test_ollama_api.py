@@ -8,6 +8,8 @@ kernels are off here (AUTOGLM_GGUF_KERNELS=0; their tests are elsewhere): this f
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 import subprocess
 import sys
@@ -26,6 +28,14 @@ GREEDY = {"temperature": 0, "num_predict": 6}
 # The article's TEMPLATE for one user turn, rendered by Go's rules: no .System, so the `if` drops out, and Ollama
 # appends {{ .Response }} (empty for the turn being generated)
 ARTICLE_PROMPT = "<|user|> Open Chrome<|end|> <|assistant|> "
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class Env:
@@ -172,6 +182,13 @@ def test_errors(client: ollama.Client, env: Env) -> None:
     assert status == 400 and "format" in message
     r = httpx.post(f"{env.server.base_url}/api/chat", json={"messages": []})
     assert r.status_code == 400 and r.json() == {"error": "model is required"}
+    png = base64.b64encode(_png()).decode()
+    status, message = error(lambda: client.chat(model=SERVED, messages=[{"role": "user", "content": "x",
+                                                                          "images": [png]}]))
+    assert status == 400 and "mmproj" in message  # a GGUF loaded without its projector says how to add one
+    status, message = error(lambda: client.chat(model="autoglm-phone-9b", messages=[{"role": "user", "content": "x",
+                                                                                     "images": [png]}]))
+    assert status == 400 and "TEMPLATE has no image placeholder" in message
     # a store model over another file: one model per server process
     (env.root / "other.gguf").write_bytes(b"GGUF" + b"\0" * 64)
     client.create("elsewhere", from_=str(env.root / "other.gguf"))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from autoglm.tokenizer.go_template import GoTemplate, GoTemplateError, OllamaTemplate
+from autoglm.tokenizer.go_template import GoTemplate, GoTemplateError
+from autoglm.tokenizer.ollama_template import OllamaTemplate
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ollama_templates"
 
