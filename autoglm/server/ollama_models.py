@@ -69,7 +69,7 @@ def same_model(manifest: Manifest, model: LoadedModel) -> bool:
         return True
     if loaded.is_file() and manifest.source.kind == "gguf" and loaded.stat().st_size == manifest.source.size:
         # an uploaded blob (or a copy) of the same file: same bytes
-        return ModelStore()._file_digest(loaded.resolve()) == manifest.source.digest
+        return ModelStore().file_digest(loaded.resolve()) == manifest.source.digest
     return False
 
 

@@ -292,7 +292,7 @@ class ModelStore:
 
             if not is_gguf(p):
                 raise ModelfileError(f"FROM {from_}: {p.resolve()} is not a GGUF file", line=line)
-            return Source("gguf", str(p.resolve()), self._file_digest(p.resolve()), p.stat().st_size)
+            return Source("gguf", str(p.resolve()), self.file_digest(p.resolve()), p.stat().st_size)
         if p.is_dir():
             if not (p / "config.json").is_file():
                 raise ModelfileError(f"FROM {from_}: {p.resolve()} has no config.json (not a Hugging Face model "
@@ -300,11 +300,12 @@ class ModelStore:
             files = sorted(f for f in p.resolve().rglob("*") if f.is_file() and not f.name.startswith("."))
             h = hashlib.sha256()
             for f in files:
-                h.update(f"{f.relative_to(p.resolve())}\0{self._file_digest(f)}\n".encode())
+                h.update(f"{f.relative_to(p.resolve())}\0{self.file_digest(f)}\n".encode())
             return Source("hf", str(p.resolve()), "sha256:" + h.hexdigest(), sum(f.stat().st_size for f in files))
         return None
 
-    def _file_digest(self, path: Path) -> str:
+    def file_digest(self, path: Path) -> str:
+        """sha256 of a file, cached by (path, size, mtime) in digests.json so multi-GB files are hashed once."""
         cache_path = self.root / "digests.json"
         st = path.stat()
         key = f"{path}|{st.st_size}|{st.st_mtime_ns}"

@@ -70,6 +70,22 @@ def test_from_store_model_inherits(workdir: Path) -> None:
     assert child.parameters == {"temperature": 0.0, "num_ctx": 2048} and child.system == "Be brief."
 
 
+def test_from_hf_directory(tmp_path: Path) -> None:
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "glm4v"}')
+    (model / "model.safetensors").write_bytes(b"\0" * 1000)
+    store = ModelStore(tmp_path / "store")
+    m = store.create_from_modelfile("glm", "FROM ./hf\nPARAMETER num_ctx 4096\n", base_dir=tmp_path)
+    assert m.source.kind == "hf" and m.source.path == str(model.resolve())
+    assert m.source.size == 1000 + (model / "config.json").stat().st_size
+    (model / "model.safetensors").write_bytes(b"\1" * 1000)  # other bytes, other digest
+    assert store.create("glm2", from_=str(model)).source.digest != m.source.digest
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelfileError, match="has no config.json"):
+        store.create("x", from_=str(tmp_path / "empty"))
+
+
 def test_copy_delete_list(workdir: Path) -> None:
     store = ModelStore(workdir / "store")
     store.create_from_modelfile("glm", MODELFILE, base_dir=workdir)
