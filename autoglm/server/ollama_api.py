@@ -132,6 +132,9 @@ async def create(request: Request) -> Response:
             from_ = next(iter(files.values()))
         if not from_:
             raise InvalidRequest("neither 'from' nor 'files' was specified", param="from")
+        state = get_state(request)
+        if not store.exists(str(from_)) and ollama_models.builtin_name(state, str(from_)):
+            from_ = state.ready_model().path  # FROM the name this server serves its own model under
         license_ = body.get("license")
         manifest = await asyncio.to_thread(
             store.create, name, from_=str(from_), template=body.get("template"), system=body.get("system"),

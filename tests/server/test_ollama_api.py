@@ -150,6 +150,10 @@ def test_create_show_copy_delete(client: ollama.Client, env: Env, tokenizer) -> 
     again = client.generate(model="agent", prompt="hi", stream=True)
     assert "".join(c.response for c in again) == r.response
 
+    client.create("alias", from_=SERVED, system="Be brief.")  # FROM the server's own model name
+    assert client.chat(model="alias", messages=[{"role": "user", "content": "hi"}], options=GREEDY).done
+    client.delete("alias")
+
     client.copy("agent", "agent:v2")
     names = [m.model for m in client.list().models]
     assert "agent:latest" in names and "agent:v2" in names
