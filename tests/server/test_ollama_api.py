@@ -265,3 +265,8 @@ def test_cli_list_show_ps_run(env: Env) -> None:
     ran = env.cli("run", "autoglm-phone-9b", "Open", "Chrome", "--max-tokens", "3", timeout=600)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.endswith("\n")
+    chat = subprocess.run([sys.executable, "-m", "autoglm.cli", "run", "autoglm-phone-9b", "--max-tokens", "2"],
+                          input="hi\nand again\n/bye\nnot read\n", env=env.env, cwd=env.root, capture_output=True,
+                          text=True, timeout=600)  # the chat loop: one reply line per input line, /bye ends it
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("\n") >= 2
