@@ -13,17 +13,15 @@ from typing import Any
 import torch
 
 from autoglm.config import EngineConfig
-from autoglm.engine.engine import Engine, RequestOutput
-from autoglm.engine.prompt import (
-    MediaItem,
-    PromptInputs,
-    build_chat_prompt,
-    build_text_prompt,
-)
+from autoglm.engine.engine import Engine
+from autoglm.engine.output import RequestOutput
+from autoglm.engine.prompt import PromptInputs, assemble_prompt, build_chat_prompt, build_text_prompt
 from autoglm.engine.sampler import TokenLogprob
 from autoglm.engine.sampling_params import SamplingParams
-from autoglm.errors import MissingProjector, UnsupportedModality
+from autoglm.errors import InvalidRequest, MissingProjector, UnsupportedModality
 from autoglm.models.loaded import LoadedModel
+from autoglm.multimodal.encoder import Encoder
+from autoglm.multimodal.media import MediaPolicy
 
 Messages = Sequence[Mapping[str, Any]]
 
@@ -65,13 +63,8 @@ def _usage(out: RequestOutput) -> dict[str, int]:
     }
 
 
-def _local_image_loader(source: Any) -> Any:
-    # The Python API runs with the caller's own permissions: local paths anywhere, no network.
-    from autoglm.multimodal.media import load_image
-
-    if isinstance(source, Path):
-        source = str(source)
-    return load_image(source, allowed_local_media_path="/", allow_remote=False)
+# The Python API runs with the caller's own permissions: local paths anywhere, no network.
+LOCAL_MEDIA = MediaPolicy(allowed_local_media_path="/", allow_remote=False)
 
 
 class LLM:
@@ -163,13 +156,22 @@ class LLM:
                 usage=_usage(out) if out.finished else None,
             )
 
-    def score(self, prompt: str | Sequence[int], images: Sequence[Any] | None = None) -> torch.Tensor:
-        """Logits [positions, vocab] float32 for every prompt position (a text is tokenized without special tokens;
-        with `images`, each `<|image|>` placeholder in it is expanded to that image's slots)."""
+    def score(
+        self, prompt: str | Sequence[int], images: Sequence[Any] | None = None, *, media: Sequence[Any] | None = None
+    ) -> torch.Tensor:
+        """Logits [positions, vocab] float32 for every prompt position (a text is tokenized without special tokens).
+
+        media (`images` is the same argument): decoded items (e.g. PIL images) in prompt order, each filling one
+        placeholder token of the prompt (e.g. `<|image|>`), expanded to that item's slots."""
         ids = (
             self.model.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         )
-        inputs = self._with_images(ids, list(images or []))
+        items = list(media or images or [])
+        inputs = PromptInputs(ids)
+        if items:
+            enc = self._encoder_for(ids)
+            kind = enc.part_types[0]  # a raw item is read as a part of the encoder's first type
+            inputs = assemble_prompt(ids, [(enc, enc.load({"type": kind, kind: m}, LOCAL_MEDIA)) for m in items])
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         final = None
         for out in self._run([inputs], params, return_prompt_logits=True):
@@ -187,29 +189,22 @@ class LLM:
             enable_thinking=enable_thinking,
             chat_template_kwargs=kwargs,
             content_format=content_format,
-            image_loader=_local_image_loader,
+            media_policy=LOCAL_MEDIA,
         )
 
-    def _with_images(self, ids: list[int], images: list[Any]) -> PromptInputs:
-        if not images:
-            return PromptInputs(token_ids=ids)
-        from autoglm.engine.prompt import _merge_size
-        from autoglm.multimodal.placeholders import expand_placeholders, mrope_positions
-
-        encoder = self.model.encoders.get("image")
-        if encoder is None:
+    def _encoder_for(self, ids: Sequence[int]) -> Encoder:
+        """The encoder whose placeholder the prompt holds (raw media items carry no part type to route by)."""
+        present = set(ids)
+        found = [e for e in self.model.encoders.values() if e.placeholder_id in present]
+        if len(found) == 1:
+            return found[0]
+        if not self.model.encoders:
             if self.model.missing_projector:
                 raise MissingProjector(self.model.missing_projector)
-            raise UnsupportedModality(f"model {self.model.name!r} has no vision encoder loaded")
-        inputs = [encoder.preprocess(_local_image_loader(im)) for im in images]
-        ids, spans = expand_placeholders(ids, encoder.placeholder_id, [i.n_slots for i in inputs],
-                                         [i.grid for i in inputs])
-        prompt = PromptInputs(
-            token_ids=ids, media=[MediaItem(i, s.offset) for i, s in zip(inputs, spans, strict=True)]
-        )
-        if getattr(self.model.decoder, "uses_mrope", False):
-            prompt.positions, prompt.mrope_delta = mrope_positions(len(ids), spans, _merge_size(inputs[0]))
-        return prompt
+            raise UnsupportedModality(f"model {self.model.name!r} has no media encoder loaded")
+        names = ", ".join(e.placeholder for e in self.model.encoders.values())
+        raise InvalidRequest(f"score(media=...) needs the prompt to hold the placeholder of exactly one encoder "
+                             f"({names}); it holds {len(found)}")
 
     def _run_all(self, prompts: list[PromptInputs], params: SamplingParams) -> list[Result]:
         text: dict[int, list[str]] = {i: [] for i in range(len(prompts))}

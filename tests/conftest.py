@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.gguf",
     "tests.fixtures.server",
+    "tests.fixtures.conformer",
 ]

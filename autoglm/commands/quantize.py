@@ -8,6 +8,8 @@
   channel) or INT4 (group-wise, --group-size) linear layers of the text decoder, recorded in config.json's
   `quantization_config`; `autoglm serve OUT` / `autoglm.LLM(OUT)` load it quantized, with peak memory about the
   quantized weights. The vision tower and a tied lm_head stay in their dtype; with int4 the lm_head is int8.
+- IN is an HF speech directory (config.json architectures: ParakeetForCTC) and TYPE is int8: export the CTC
+  Conformer to ONNX (NeMo signature + metadata) as OUT.onnx and its INT8 dynamic quantization as OUT.int8.onnx.
 """
 
 from __future__ import annotations
@@ -191,9 +193,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
+def _is_speech(path: str) -> bool:
+    from autoglm.speech.conformer import conformer_kind
+
+    return conformer_kind(path) == "hf"
+
+
+def _run_speech(args: argparse.Namespace) -> int:
+    """Speech HF dir -> OUT.onnx (fp32) + OUT.int8.onnx (autoglm.quant.speech_onnx)."""
+    from autoglm.quant.speech_onnx import export_speech_dir
+
+    if args.type != "int8":
+        raise UnsupportedQuantType(f"{args.input} is a speech (CTC Conformer) directory: TYPE must be int8 "
+                                   f"(ONNX dynamic quantization), not {args.type!r}", param="type")  # fmt: skip
+    for path, size in export_speech_dir(args.input, args.output).items():
+        print(f"{path}: {size / 2**20:.1f} MiB")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         kind = input_kind(args.input)
+        if kind == "hf" and _is_speech(args.input):
+            return _run_speech(args)
         if kind == "hf":
             if args.type not in HF_TYPES:
                 raise UnsupportedQuantType(

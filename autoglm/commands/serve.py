@@ -109,8 +109,9 @@ def _drain_on_exit(server: Any, app: Any, grace: float) -> Any:
     plain = server.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:
-        begin = getattr(getattr(app.state.autoglm, "engine", None), "begin_drain", None)
-        if begin is not None:
+        engine = app.state.autoglm.engine  # ServerState.engine: an EngineClient once the model is loaded
+        if engine is not None:
+            begin = engine.begin_drain
             try:  # run it on the event loop, not inside the signal handler (it takes locks)
                 import asyncio
 

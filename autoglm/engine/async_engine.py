@@ -20,11 +20,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from autoglm.engine.engine import Engine, RequestOutput
+from autoglm.engine.engine import Engine
+from autoglm.engine.output import RequestOutput
 from autoglm.engine.prompt import PromptInputs
 from autoglm.engine.request import Request
 from autoglm.engine.sampling_params import SamplingParams
 from autoglm.errors import AutoGLMError, InvalidRequest, Overloaded, RequestAborted, ServiceUnavailable
+from autoglm.models.loaded import LoadedModel
 
 log = logging.getLogger("autoglm.engine")
 
@@ -74,6 +76,8 @@ class RequestStream:
 
 
 class AsyncEngine:
+    """The engine as the server sees it (implements `autoglm.server.engine_client.EngineClient`)."""
+
     def __init__(self, engine: Engine, *, start: bool = True) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
@@ -94,7 +98,7 @@ class AsyncEngine:
             self._thread.start()
 
     @property
-    def model(self) -> Any:
+    def model(self) -> LoadedModel:
         return self.engine.model
 
     @property

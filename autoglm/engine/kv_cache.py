@@ -135,21 +135,7 @@ class KVCacheManager:
                 block.hash = h
                 self.hash_to_block.setdefault(h, block_id)
 
-    def slot(self, block_table: Sequence[int], position: int) -> int:
-        """Flat cache slot of the sequence's token number `position`."""
-        return block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-
-def plan_num_blocks(
-    *,
-    block_size: int,
-    bytes_per_block: int,
-    max_model_len: int,
-    max_num_seqs: int,
-    budget_bytes: int,
-) -> int:
-    """Blocks that fit `budget_bytes`, capped by what `max_num_seqs` full-length sequences could use, and at least
-    enough for one full-length sequence (so any admissible request can always finish, with preemption)."""
-    per_seq = (max_model_len + block_size - 1) // block_size
-    fit = budget_bytes // max(bytes_per_block, 1)
-    return int(max(per_seq, min(fit, per_seq * max_num_seqs)))
+def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of the sequence's tokens [start, end): token j lives in block `block_table[j // size]`."""
+    return [block_table[j // block_size] * block_size + j % block_size for j in range(start, end)]

@@ -1,4 +1,4 @@
-"""Per-request state: prompt and media, positions, sampling settings, output so far, text streams, timings.
+"""Per-request state: prompt and media, positions, sampling settings, output so far, its output stream, timings.
 
 Token bookkeeping (vLLM v1 style): `token_ids` = prompt + generated tokens; `num_computed_tokens` of them have K/V in
 the cache. Every step the scheduler runs `token_ids[num_computed_tokens : num_computed_tokens + n]`; when that
@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from autoglm.engine.kv_cache import block_hash
+from autoglm.engine.output import OutputStream
 from autoglm.engine.sampler import TokenLogprob
 from autoglm.engine.sampling_params import SamplingParams
-from autoglm.tokenizer.detokenizer import IncrementalDetokenizer
-from autoglm.tokenizer.reasoning import ReasoningSplitter
+from autoglm.models.positions import PromptPositions
 
 if TYPE_CHECKING:
     from autoglm.engine.prompt import PromptInputs
@@ -38,55 +38,7 @@ class RequestStatus(enum.Enum):
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
-class StopStringStream:
-    """One text channel (content or reasoning) with stop-string hold-back.
-
-    Text that could still turn into a stop string is held back until it cannot; on a match the text is cut right
-    before the stop string and the channel is done. The detokenizer upstream never yields half a UTF-8 character,
-    so stop strings containing multi-byte characters match exactly too.
-    """
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.text = ""  # everything received
-        self.emitted = 0  # chars of `text` already handed out
-        self.stopped = False
-
-    def push(self, segment: str) -> str:
-        """Add decoded text; return what can be emitted now (sets `stopped` on a stop-string match)."""
-        if self.stopped or not segment:
-            return ""
-        self.text += segment
-        if not self.stops:
-            return self._emit(len(self.text))
-        longest = max(len(s) for s in self.stops)
-        search_from = max(0, self.emitted - longest + 1)  # a match can only end in new text
-        hits = [i for s in self.stops if (i := self.text.find(s, search_from)) >= 0]
-        if hits:
-            self.stopped = True
-            return self._emit(min(hits))
-        return self._emit(len(self.text) - self._held())
-
-    def flush(self) -> str:
-        """End of generation: release held-back text (it never became a stop string)."""
-        return "" if self.stopped else self._emit(len(self.text))
-
-    def _held(self) -> int:
-        # longest suffix of `text` that is a proper prefix of some stop string
-        for n in range(min(len(self.text), max(len(s) for s in self.stops) - 1), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0
-
-    def _emit(self, end: int) -> str:
-        end = max(end, self.emitted)
-        out = self.text[self.emitted : end]
-        self.emitted = end
-        return out
-
-
-@dataclass
+@dataclass(slots=True)  # declared state only: an undeclared attribute is an AttributeError
 class Request:
     request_id: str
     prompt: PromptInputs
@@ -94,15 +46,13 @@ class Request:
     max_tokens: int  # resolved: params.max_tokens or the rest of the context
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) + params.stop_token_ids
     generator: torch.Generator
-    detokenizer: IncrementalDetokenizer  # content channel
-    reasoning_detokenizer: IncrementalDetokenizer
-    reasoning: ReasoningSplitter  # token id -> "reasoning" | "content" | None (a tag, dropped)
+    output: OutputStream  # emitted ids -> content / reasoning text, stop strings
+    positions: PromptPositions  # the decoder's positions of the prompt (`span(start, end)` for any tokens)
     return_prompt_logits: bool = False  # LLM.score: logits for every prompt position
 
-    token_ids: list[int] = field(init=False)
+    token_ids: list[int] = field(init=False)  # prompt + emitted tokens
     output_token_ids: list[int] = field(default_factory=list)  # emitted tokens (never the stop token)
     num_generated: int = 0  # sampled tokens, incl. a final stop token (usage counts it, as vLLM)
-    num_reasoning_tokens: int = 0
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -120,8 +70,6 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt.token_ids)
-        self.content = StopStringStream(self.params.stop)
-        self.reasoning_text = StopStringStream(self.params.stop)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -136,26 +84,16 @@ class Request:
         return self.num_generated
 
     @property
+    def num_reasoning_tokens(self) -> int:
+        return self.output.num_reasoning_tokens
+
+    @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
 
     @property
     def is_prefilling(self) -> bool:
         return self.num_computed_tokens < self.num_prompt_tokens
-
-    def positions(self, start: int, end: int) -> Tensor:
-        """Positions of tokens [start, end): [n] for 1-D rotary, [3, n] for M-RoPE prompts."""
-        mrope = self.prompt.positions
-        if mrope is None:
-            return torch.arange(start, end)
-        n_prompt = mrope.shape[1]
-        parts = []
-        if start < n_prompt:
-            parts.append(mrope[:, start : min(end, n_prompt)])
-        if end > n_prompt:
-            lo = max(start, n_prompt)
-            parts.append((torch.arange(lo, end) + self.prompt.mrope_delta).expand(3, end - lo))
-        return torch.cat(parts, 1)
 
     def full_block_hashes(self, num_tokens: int, block_size: int) -> list[bytes]:
         """Hashes of the full blocks among the first `num_tokens` tokens (computed once, extended as it grows)."""

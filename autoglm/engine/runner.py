@@ -10,55 +10,24 @@ import torch
 from torch import Tensor
 
 from autoglm.engine.encoder_cache import EncoderCache
+from autoglm.engine.kv_cache import slot_mapping
+from autoglm.engine.memory import KVCachePlan, attention_layers
+from autoglm.engine.prompt import MediaItem
 from autoglm.engine.request import Request
 from autoglm.engine.sampler import Sampler, SamplingRow, TokenLogprob
 from autoglm.engine.scheduler import ScheduledBatch
-from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.errors import UnsupportedModality
+from autoglm.layers.attention import AttentionContext
 from autoglm.models.loaded import LoadedModel
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def attention_layers(model: LoadedModel) -> list[Attention]:
-    return [m for m in model.decoder.modules() if isinstance(m, Attention)]
-
-
-def decoder_dtype_device(model: LoadedModel) -> tuple[torch.dtype, torch.device]:
-    """dtype/device of the decoder's hidden states (quantized weights may be uint8, so ask the embedding)."""
-    with torch.inference_mode():
-        probe = model.decoder.embed_tokens(torch.zeros(1, dtype=torch.long, device=_first_device(model)))
-    return probe.dtype, probe.device
-
-
-def _first_device(model: LoadedModel) -> torch.device:
-    for p in model.decoder.parameters():
-        return p.device
-    for b in model.decoder.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def kv_bytes_per_block(model: LoadedModel, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block across all layers (K and V)."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return sum(2 * block_size * a.num_kv_heads * a.head_dim * itemsize for a in attention_layers(model))
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: LoadedModel,
-        *,
-        num_blocks: int,
-        block_size: int,
-        kv_cache_dtype: str = "auto",
-        encoder_cache_memory: int = 0,
-    ) -> None:
+    def __init__(self, model: LoadedModel, plan: KVCachePlan, *, encoder_cache_memory: int = 0) -> None:
         self.model = model
         self.decoder = model.decoder
-        self.block_size = block_size
-        self.dtype, self.device = decoder_dtype_device(model)
-        cache_dtype = self.dtype if kv_cache_dtype == "auto" else _DTYPES[kv_cache_dtype]
+        self.block_size = block_size = plan.block_size
+        self.dtype, self.device = plan.dtype, plan.device
+        num_blocks, cache_dtype = plan.num_blocks, plan.cache_dtype
         self.layers = attention_layers(model)
         for attn in self.layers:
             dev = self.device  # the decoder lives on one device (encoders may be elsewhere)
@@ -88,10 +57,8 @@ class ModelRunner:
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
             c = req.num_computed_tokens
             ids.extend(req.token_ids[c : c + n])
-            positions.append(req.positions(c, c + n))
-            slots.extend(
-                req.block_table[j // self.block_size] * self.block_size + j % self.block_size for j in range(c, c + n)
-            )
+            positions.append(req.positions.span(c, c + n))
+            slots.extend(slot_mapping(req.block_table, c, c + n, self.block_size))
             media_rows.extend(self._media_rows(req, c, c + n, start))
             if req.return_prompt_logits:
                 score_spans.append((req, start, n))
@@ -129,11 +96,11 @@ class ModelRunner:
         return list(zip(samplers, tokens, logprobs, strict=True))
 
     def _pack_positions(self, positions: list[Tensor]) -> Tensor:
-        if getattr(self.decoder, "uses_mrope", False):
-            # text-only prompts carry 1-D positions; M-RoPE wants the same value on all 3 rows
-            positions = [p if p.dim() == 2 else p.expand(3, -1) for p in positions]
-            return torch.cat(positions, 1).to(self.device)  # [3, T]
-        return torch.cat(positions).to(self.device)  # [T]
+        if all(p.dim() == 1 for p in positions):
+            return torch.cat(positions).to(self.device)  # [T]
+        # a multi-row (M-RoPE) decoder: a text-only request's 1-D positions go on every row
+        rows = self.decoder.position_rows
+        return torch.cat([p if p.dim() == 2 else p.expand(rows, -1) for p in positions], 1).to(self.device)  # [R, T]
 
     def _media_rows(self, req: Request, lo: int, hi: int, packed_start: int) -> list[tuple[int, Tensor]]:
         """Embedding rows of the request's media items that overlap tokens [lo, hi), encoding each item once.
@@ -152,10 +119,7 @@ class ModelRunner:
             out.append((packed_start + s - lo, emb[s - a : e - a]))
         return out
 
-    def _cached_encode(self, item: object) -> Tensor:
-        from autoglm.engine.prompt import MediaItem
-
-        assert isinstance(item, MediaItem)
+    def _cached_encode(self, item: MediaItem) -> Tensor:
         if self.encoder_cache.max_bytes <= 0:
             return self._encode(item)
         emb = self.encoder_cache.get(item.modality, item.inputs.content_hash)
@@ -164,14 +128,9 @@ class ModelRunner:
             self.encoder_cache.put(item.modality, item.inputs.content_hash, emb)
         return emb
 
-    def _encode(self, item: object) -> Tensor:
-        from autoglm.engine.prompt import MediaItem
-
-        assert isinstance(item, MediaItem)
+    def _encode(self, item: MediaItem) -> Tensor:
         encoder = self.model.encoders.get(item.modality)
         if encoder is None:  # prompt building checks this; a direct PromptInputs may not have
-            from autoglm.errors import UnsupportedModality
-
             raise UnsupportedModality(f"no {item.modality} encoder is loaded for this model")
         emb = encoder.encode(item.inputs)
         self.num_encoder_runs += 1

@@ -3,10 +3,17 @@ applies, then the built-in default (see `resolve`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from autoglm.errors import InvalidRequest
+
+MAX_INT32 = 2**31  # ids, counts and top-k are int32 in the sampler and kernels
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+_INTS = ("max_tokens", "top_k", "seed", "logprobs")
 
 _BUILTIN: dict[str, Any] = {
     "temperature": 1.0,
@@ -48,6 +55,9 @@ class SamplingParams:
         return out
 
     def validate(self) -> None:
+        """Every field in the range the sampler and kernels take (400 naming the field otherwise): floats finite,
+        integers bounded, so one request can never fail a batch it shares with others."""
+        self._check_types()
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens")
         if self.temperature is not None and self.temperature < 0:
@@ -71,6 +81,37 @@ class SamplingParams:
                 )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequest(f"top_logprobs must be in [0, 20], got {self.logprobs}", param="top_logprobs")
+        if self.top_k is not None and self.top_k < -1:
+            raise InvalidRequest(f"top_k must be -1 (off), 0 (off) or a positive count, got {self.top_k}",
+                                 param="top_k")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidRequest(f"seed must fit in 64 bits, got {self.seed}", param="seed")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequest(
+                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters", param="stop"
+            )
+        if any(not 0 <= t < MAX_INT32 for t in self.stop_token_ids):
+            raise InvalidRequest("stop_token_ids must be token ids (0 <= id < 2**31)", param="stop_token_ids")
+
+    def _check_types(self) -> None:
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value!r}", param=name)
+        for name in _INTS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidRequest(f"{name} must be an integer, got {value!r}", param=name)
+            if name != "seed" and not -MAX_INT32 <= value < MAX_INT32:
+                raise InvalidRequest(f"{name} must be below 2**31, got {value}", param=name)
+        for tok, bias in (self.logit_bias or {}).items():
+            if not isinstance(bias, int | float) or not math.isfinite(bias):
+                raise InvalidRequest(f"logit_bias values must be finite numbers, got {tok}: {bias!r}",
+                                     param="logit_bias")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SamplingParams:

@@ -57,15 +57,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def find(self, request_id: str) -> Request | None:
-        for r in self.running:
-            if r.request_id == request_id:
-                return r
-        for r in self.waiting:
-            if r.request_id == request_id:
-                return r
-        return None
-
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens

@@ -9,6 +9,7 @@ sqrt(hidden); GELU-tanh gated MLP; lm_head tied to the embeddings.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,6 +22,7 @@ from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
 from autoglm.layers.norm import GemmaRMSNorm, add_norm
 from autoglm.layers.rotary import RopeTables, apply_rope, rope_tables
+from autoglm.models.positions import MediaSpan, PromptPositions, rope_positions
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -218,6 +220,7 @@ class Gemma3ForCausalLM(nn.Module):
     """
 
     uses_mrope = False
+    position_rows = 1
 
     def __init__(self, config: Gemma3Config | Any) -> None:
         super().__init__()
@@ -257,6 +260,9 @@ class Gemma3ForCausalLM(nn.Module):
                 rope = ropes[attn.layer_type] = attn.rotary.tables(positions, h.dtype)
             h = layer(h, rope, ctx)
         return self.model.norm(h)
+
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
+        return rope_positions(num_tokens, spans)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [N, D] -> [N, V] float32

@@ -9,6 +9,8 @@ Differences from LLaMA: sandwich norms (post_self_attn / post_mlp), partial rota
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError
@@ -18,6 +20,7 @@ from autoglm.layers.linear import Linear
 from autoglm.layers.norm import RMSNorm, add_norm
 from autoglm.layers.rotary import RopeTables, RotaryEmbedding, apply_rope
 from autoglm.models.config import TextConfig
+from autoglm.models.positions import MediaSpan, PromptPositions, mrope_positions, rope_positions
 
 
 class Glm4MLP(nn.Module):
@@ -137,6 +140,7 @@ class Glm4ForCausalLM(nn.Module):
         self.model = Glm4vTextModel(config) if config.uses_mrope else Glm4Model(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.uses_mrope = config.uses_mrope
+        self.position_rows = 3 if config.uses_mrope else 1
         self.vocab_size = config.vocab_size
         self.hidden_size = config.hidden_size
         self.max_position_embeddings = config.max_position_embeddings
@@ -158,6 +162,9 @@ class Glm4ForCausalLM(nn.Module):
         self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext, inputs_embeds: Tensor | None = None
     ) -> Tensor:
         return self.model(input_ids, positions, ctx, inputs_embeds)
+
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
+        return mrope_positions(num_tokens, spans) if self.uses_mrope else rope_positions(num_tokens, spans)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [N, D] -> [N, vocab] float32 (sampling wants full precision)

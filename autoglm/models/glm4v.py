@@ -13,23 +13,21 @@ Parameter names (ours) and the checkpoint names that fill them (`checkpoint_to_p
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-from autoglm.errors import ConfigError, MediaError
+from autoglm.errors import ConfigError
 from autoglm.layers.attention import AttentionContext
 from autoglm.layers.linear import Linear
 from autoglm.models.config import TextConfig, VisionConfig
 from autoglm.models.glm4 import Glm4vTextModel
 from autoglm.models.glm4v_vision import Glm4vVisionModel
+from autoglm.models.positions import MediaSpan, PromptPositions, mrope_positions
 from autoglm.multimodal.encoder import EncoderInputs
-from autoglm.multimodal.image import ImageProcessorConfig, preprocess_image
+from autoglm.multimodal.image import ImageEncoderBase, ImageProcessorConfig
 
 IMAGE_PLACEHOLDER = "<|image|>"
 
@@ -55,9 +53,10 @@ def is_vision_param(name: str) -> bool:
 class Glm4vForConditionalGeneration(nn.Module):
     """Implements autoglm.models.base.DecoderModel (positions [3, T], uses_mrope=True) by delegating to
     `language_model`; `visual` (None when built with no_vision) turns images into embeddings for the runner to merge
-    at the image-token positions (`merge_image_embeddings`)."""
+    at the image-token positions."""
 
     uses_mrope = True
+    position_rows = 3
 
     def __init__(
         self,
@@ -121,17 +120,10 @@ class Glm4vForConditionalGeneration(nn.Module):
         # hidden: [N, D] -> [N, vocab] float32
         return self.lm_head(hidden).float()
 
-    # --- vision -----------------------------------------------------------------------------------------------
-    def merge_image_embeddings(self, input_ids: Tensor, image_embeds: Tensor) -> Tensor:
-        """input_ids [T] with image-token slots, image_embeds [n_slots_total, D] in slot order -> inputs_embeds."""
-        embeds = self.embed_tokens(input_ids)  # [T, D]
-        mask = input_ids == self.image_token_id
-        n = int(mask.sum())
-        if n != image_embeds.shape[0]:
-            raise ValueError(f"{n} image-token slots in the prompt but {image_embeds.shape[0]} image embeddings")
-        embeds[mask] = image_embeds.to(embeds.dtype)
-        return embeds
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
+        return mrope_positions(num_tokens, spans)
 
+    # --- vision -----------------------------------------------------------------------------------------------
     def vision_encoder(self, image_processor: ImageProcessorConfig | None = None) -> VisionEncoder | None:
         """The image encoder over `visual`, or None when the model was built without vision."""
         if self.visual is None:
@@ -139,12 +131,11 @@ class Glm4vForConditionalGeneration(nn.Module):
         return VisionEncoder(self, image_processor or self.image_processor)
 
 
-class VisionEncoder:
+class VisionEncoder(ImageEncoderBase):
     """autoglm.multimodal.encoder.Encoder for images: PIL image -> patches (CPU) -> `visual` -> [n_slots, D].
 
     `encode` runs on the tower's device and returns the decoder's dtype on that device."""
 
-    modality = "image"
     placeholder = IMAGE_PLACEHOLDER
 
     def __init__(self, model: Glm4vForConditionalGeneration, image_processor: ImageProcessorConfig) -> None:
@@ -171,30 +162,6 @@ class VisionEncoder:
     @property
     def out_dtype(self) -> torch.dtype:
         return self._model.language_model.embed_tokens.weight.dtype
-
-    def n_slots(self, inputs: EncoderInputs) -> int:
-        return inputs.n_slots
-
-    def preprocess(self, media: Any) -> EncoderInputs:
-        """PIL image (or encoded image bytes) -> patches + grid; MediaError when it is not a usable image."""
-        if isinstance(media, (bytes, bytearray)):
-            try:
-                media = Image.open(io.BytesIO(bytes(media)))
-            except (OSError, ValueError) as e:
-                raise MediaError(f"cannot decode image bytes: {e}") from e
-        pixels, grid = preprocess_image(media, self.image_processor)
-        t, h, w = grid
-        digest = hashlib.sha256()
-        digest.update(f"{media.mode}:{media.width}x{media.height}:".encode())
-        digest.update(media.tobytes())
-        return EncoderInputs(
-            modality="image",
-            data={"pixel_values": pixels},
-            grid=grid,
-            n_slots=t * h * w // (self.merge_size**2),
-            content_hash=digest.hexdigest(),
-            meta={"width": media.width, "height": media.height},
-        )
 
     def encode(self, inputs: EncoderInputs) -> Tensor:
         """-> [inputs.n_slots, decoder hidden], decoder dtype, on `self.device`."""

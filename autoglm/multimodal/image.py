@@ -7,8 +7,11 @@ Values come from `preprocessor_config.json` (both `size.{shortest,longest}_edge`
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ import torch
 from PIL import Image
 
 from autoglm.errors import ConfigError, MediaError
+from autoglm.multimodal.encoder import EncoderInputs
+from autoglm.multimodal.media import MediaPolicy
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -159,20 +164,13 @@ def resized_size(width: int, height: int, cfg: ImageProcessorConfig | None = Non
     return w, h
 
 
-def image_grid(width: int, height: int, cfg: ImageProcessorConfig | None = None) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of an image of this size."""
-    cfg = cfg or ImageProcessorConfig()
-    w, h = resized_size(width, height, cfg)
-    if h % cfg.factor or w % cfg.factor:
-        raise MediaError(f"image size {w}x{h} is not a multiple of {cfg.factor} (resize disabled)")
-    return 1, h // cfg.patch_size, w // cfg.patch_size
-
-
-def image_tokens(width: int, height: int, cfg: ImageProcessorConfig | None = None) -> int:
-    """Number of decoder tokens (embedding slots) an image of this size costs."""
-    cfg = cfg or ImageProcessorConfig()
-    t, h, w = image_grid(width, height, cfg)
-    return t * h * w // (cfg.merge_size**2)
+def slot_grid(grid: tuple[int, int, int], cfg: ImageProcessorConfig) -> tuple[int, int, int]:
+    """(t, h, w) patch grid -> the (t, h, w) grid of decoder slots after the spatial merge."""
+    t, h, w = grid
+    m = cfg.merge_size
+    if h % m or w % m:
+        raise MediaError(f"patch grid {grid} is not divisible by the merge size {m}")
+    return t, h // m, w // m
 
 
 def patchify(pixels: np.ndarray, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -217,3 +215,66 @@ def preprocess_image(
         x = (x - mean) / std
     patches, grid = patchify(x, cfg)
     return torch.from_numpy(patches), grid
+
+
+# OpenAI chat (`image_url`), Responses API (`input_image`), HF processors (`image`) and in-process PIL parts.
+IMAGE_PART_TYPES = ("image_url", "image", "input_image", "image_pil")
+
+
+def image_inputs(media: Any, cfg: ImageProcessorConfig) -> EncoderInputs:
+    """PIL image (or encoded image bytes) -> `EncoderInputs` (patches, patch grid, slot count and slot grid after
+    the spatial merge, content hash); MediaError when it is not a usable image."""
+    if isinstance(media, (bytes, bytearray)):
+        try:
+            media = Image.open(io.BytesIO(bytes(media)))
+        except (OSError, ValueError) as e:
+            raise MediaError(f"cannot decode image bytes: {e}") from e
+    pixels, grid = preprocess_image(media, cfg)
+    slots = slot_grid(grid, cfg)
+    digest = hashlib.sha256()
+    digest.update(f"{media.mode}:{media.width}x{media.height}:".encode())
+    digest.update(media.tobytes())
+    return EncoderInputs(
+        modality="image",
+        data={"pixel_values": pixels},
+        grid=grid,
+        n_slots=math.prod(slots),
+        content_hash=digest.hexdigest(),
+        meta={"width": media.width, "height": media.height},
+        slot_grid=slots,
+    )
+
+
+def image_part_source(part: Mapping[str, Any]) -> Any:
+    """The image a content part refers to: `{"type": "image_url", "image_url": {"url": ...}}`, `{"type":
+    "input_image", "image_url": "..."}`, `{"type": "image", "image": <PIL | bytes | path>}`; None when absent."""
+    kind = part.get("type")
+    src = part.get(kind) if isinstance(kind, str) and kind in part else part.get("image_url", part.get("image"))
+    if isinstance(src, Mapping):
+        src = src.get("url")
+    return src
+
+
+class ImageEncoderBase:
+    """The image half of `autoglm.multimodal.encoder.Encoder`; a vision model's encoder adds `placeholder`,
+    `placeholder_id`, `device`, `image_processor` (its ImageProcessorConfig) and `encode`."""
+
+    modality = "image"
+    module_name = "vision"
+    part_types: tuple[str, ...] = IMAGE_PART_TYPES
+    image_processor: ImageProcessorConfig
+
+    def load(self, part: Mapping[str, Any], policy: MediaPolicy | None) -> Any:
+        src = image_part_source(part)
+        if src is None:
+            return None
+        if isinstance(src, Path):
+            src = str(src)
+        return (policy or MediaPolicy()).load(src)
+
+    def preprocess(self, media: Any) -> EncoderInputs:
+        return image_inputs(media, self.image_processor)
+
+    def sample(self) -> Image.Image:
+        # the smallest image that survives GLM-4.1V's resize (factor 28) without upscaling artifacts mattering
+        return Image.new("RGB", (56, 56), (127, 127, 127))

@@ -12,16 +12,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from autoglm.server import health, ollama_api, openai_api, status_page
+from autoglm.server import health_api, ollama_api, openai_api, status_page
 from autoglm.server.config import ServerConfig
-from autoglm.server.errors_http import RequestIdMiddleware, install_error_handlers
+from autoglm.server.engine_client import EngineClient
+from autoglm.server.errors_http import RequestIdMiddleware, SafeJSONResponse, install_error_handlers
 from autoglm.server.health import HealthChecker
+from autoglm.server.limits import BodyLimitMiddleware
 from autoglm.server.metrics import Metrics
 from autoglm.server.state import ServerState, get_state
 
@@ -31,7 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("autoglm.server")
 
 
-def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine: Any = None) -> FastAPI:
+def create_app(
+    config: ServerConfig, *, model: LoadedModel | None = None, engine: EngineClient | None = None
+) -> FastAPI:
     """`model`/`engine` may be given (tests, embedding); otherwise the lifespan loads `config.model` and builds the
     engine from it."""
     state = ServerState(config=config, metrics=Metrics())
@@ -45,6 +49,7 @@ def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine
             await _stop(state)
 
     app = FastAPI(
+        default_response_class=SafeJSONResponse,
         title="autoglm",
         version=_version(),
         description="OpenAI-compatible server for AutoGLM-Phone-class (GLM-4.1V) models",
@@ -54,10 +59,11 @@ def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine
     )
     app.state.autoglm = state
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # added last = outermost: the limit's errors carry the request id
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
-    app.include_router(health.router)
+    app.include_router(health_api.router)
     app.include_router(status_page.router)
 
     @app.get("/metrics", include_in_schema=False)
@@ -67,7 +73,7 @@ def create_app(config: ServerConfig, *, model: LoadedModel | None = None, engine
     return app
 
 
-async def _start(state: ServerState, model: LoadedModel | None, engine: Any) -> None:
+async def _start(state: ServerState, model: LoadedModel | None, engine: EngineClient | None) -> None:
     config = state.config
     if model is None:
         from autoglm.loader import load_model
@@ -87,7 +93,7 @@ async def _start(state: ServerState, model: LoadedModel | None, engine: Any) -> 
         engine = await asyncio.to_thread(build_engine, model, config)
     state.model = model
     state.engine = engine
-    state.metrics.set_stats_source(getattr(engine, "stats", None))
+    state.metrics.set_stats_source(engine.stats)
     state.health = HealthChecker(model, engine)
     log.info("Server listening on http://%s:%d", config.host, config.port)
     log.info("Serving %s as %s (context %d tokens)", model.path or model.name, ", ".join(state.served_names),
@@ -106,15 +112,11 @@ def _prepare_weights(model: LoadedModel) -> None:
 
 
 async def _stop(state: ServerState) -> None:
-    engine = state.engine
-    shutdown = getattr(engine, "shutdown", None)
-    if shutdown is not None:
-        result = shutdown()
-        if asyncio.iscoroutine(result):
-            await result
+    if state.engine is not None:
+        state.engine.shutdown()
 
 
-def build_engine(model: LoadedModel, config: ServerConfig) -> Any:
+def build_engine(model: LoadedModel, config: ServerConfig) -> EngineClient:
     from autoglm.config import EngineConfig
     from autoglm.engine.async_engine import AsyncEngine
     from autoglm.engine.engine import Engine
@@ -124,10 +126,10 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> Any:
             "max_model_len": config.max_model_len,
             "max_num_seqs": config.max_num_seqs,
             "kv_cache_memory": config.kv_cache_memory,
-            "max_num_batched_tokens": getattr(config, "max_num_batched_tokens", None),
-            "max_waiting": getattr(config, "max_waiting", None),
-            "request_timeout": getattr(config, "request_timeout", None),
-            "enable_prefix_caching": False if getattr(config, "no_prefix_caching", False) else None,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "max_waiting": config.max_waiting,
+            "request_timeout": config.request_timeout,
+            "enable_prefix_caching": False if config.no_prefix_caching else None,
         },
         model_values={"max_model_len": model.max_model_len},
         defaults={"enable_prefix_caching": True},  # agents resend the same prefix every step (EngineConfig says why)

@@ -10,12 +10,13 @@ import argparse
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from autoglm.errors import ConfigError
 
-# Server-wide defaults for how reasoning reaches the client (API_NOTES §2). Requests may override per call.
+# Server-wide defaults for how reasoning reaches the client (the table in reasoning_format.py). Requests may
+# override per call.
 REASONING_FORMATS = ("merged", "separate", "inline", "hidden")
 
 
@@ -34,6 +35,8 @@ class ServerConfig:
     limit_mm_per_prompt: int = 8
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 24_000_000
+    # 8 phone screenshots (1080x2400 PNG, ~4 MB each) base64-encoded plus text: 48 MiB
+    max_request_body_bytes: int = 48 * 1024 * 1024
     remote_media_timeout: float = 5.0
     dtype: str = "auto"
     device: str = "cpu"
@@ -61,6 +64,8 @@ class ServerConfig:
             raise ConfigError(f"--limit-mm-per-prompt must be >= 0, got {self.limit_mm_per_prompt}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.max_request_body_bytes < 1024:
+            raise ConfigError(f"--max-request-body-bytes must be >= 1024, got {self.max_request_body_bytes}")
         if self.drain_grace < 0:
             raise ConfigError(f"--drain-grace must be >= 0, got {self.drain_grace}")
 
@@ -79,13 +84,6 @@ class ServerConfig:
             elif opt.env in environ and environ[opt.env] != "":
                 values[opt.dest] = _coerce(opt, environ[opt.env], source=opt.env)
         return cls(**values)
-
-    def to_public_dict(self) -> dict[str, Any]:
-        """For the status page: everything but the API key."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
-        out["api_key"] = "set" if self.api_key else None
-        out["served_model_name"] = list(self.served_model_name)
-        return out
 
 
 @dataclass(frozen=True)
@@ -133,6 +131,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--limit-mm-per-prompt",), "limit_mm_per_prompt", int, "most images in one prompt (default 8)"),
     _Option(("--max-image-bytes",), "max_image_bytes", int, "largest encoded image accepted (default 20 MiB)"),
     _Option(("--max-image-pixels",), "max_image_pixels", int, "largest width*height accepted (default 24M)"),
+    _Option(("--max-request-body-bytes",), "max_request_body_bytes", int,
+            "largest request body accepted, else 413 (default 48 MiB: 8 base64 phone screenshots)"),
     _Option(("--remote-media-timeout",), "remote_media_timeout", float, "seconds for fetching a remote image"),
     _Option(("--dtype",), "dtype", str, "weight dtype: auto, float32, bfloat16, float16"),
     _Option(("--device",), "device", str, "device for the model: cpu, cuda, cuda:1, ..."),

@@ -27,6 +27,15 @@ log = logging.getLogger("autoglm.server")
 REQUEST_ID_HEADER = "x-request-id"
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that always encodes: a lone surrogate anywhere (echoed client text) becomes a `\\udXXX` escape."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace"
+        )
+
+
 def new_request_id() -> str:
     return secrets.token_hex(12)
 
@@ -47,7 +56,7 @@ def error_response(exc: AutoGLMError, request_id: str | None = None) -> JSONResp
     headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
     if exc.status == 429:
         headers["retry-after"] = "1"
-    return JSONResponse(exc.to_openai(), status_code=exc.status, headers=headers)
+    return SafeJSONResponse(exc.to_openai(), status_code=exc.status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -65,7 +74,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     for err in errors[:5]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         # Drop pydantic's union-member tags (e.g. "list[...]", "TextPart") from the location.
-        loc = [x for x in loc if not (x[:1].isupper() or "[" in x or x in ("str", "int", "list"))]
+        loc = [x for x in loc if not (x[:1].isupper() or "[" in x or "-" in x or x in ("str", "int", "list"))]
         where = ".".join(loc) or "body"
         first_param = first_param or (where if where != "body" else None)
         parts.append(f"{where}: {err.get('msg', 'invalid value')}")
@@ -113,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
         record_rejection(request.app, request.scope, 400)
         message, param = _validation_message(exc)
         log.info("request %s rejected (400): %s", rid, message)
-        return JSONResponse(error_body(message, "invalid_request_error", param=param), status_code=400,
+        return SafeJSONResponse(error_body(message, "invalid_request_error", param=param), status_code=400,
                             headers={REQUEST_ID_HEADER: rid})
 
     @app.exception_handler(StarletteHTTPException)
@@ -128,7 +137,7 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Not found: {request.method} {request.url.path}"
         headers = dict(exc.headers or {})
         headers[REQUEST_ID_HEADER] = rid
-        return JSONResponse(error_body(message, error_type, code=exc.status_code), status_code=exc.status_code,
+        return SafeJSONResponse(error_body(message, error_type, code=exc.status_code), status_code=exc.status_code,
                             headers=headers)
 
 
@@ -168,7 +177,7 @@ class RequestIdMiddleware:
                 f"Internal server error (request id {rid}); the details are in the server log.", "internal_error",
                 code=500,
             )
-            await JSONResponse(body, status_code=500, headers={REQUEST_ID_HEADER: rid})(scope, receive, send)
+            await SafeJSONResponse(body, status_code=500, headers={REQUEST_ID_HEADER: rid})(scope, receive, send)
 
 
 def stream_error_event(exc: BaseException, request_id: str) -> dict[str, Any]:

@@ -3,16 +3,20 @@ delete, blobs; embed / pull / push answer why they cannot).
 
 Errors use Ollama's shape `{"error": "..."}` with the status of the autoglm error (404 `model 'x' not found`,
 400 for a bad request); after an NDJSON stream has started, an error is one `{"error": ...}` line.
-`_generate` is the one function that drives the engine.
+The engine is driven by the generation layer (`generation.py`); this module only formats its events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -24,8 +28,8 @@ from autoglm.engine.sampling_params import SamplingParams
 from autoglm.errors import AutoGLMError, ContextTooLong, InvalidRequest
 from autoglm.server import ollama_models
 from autoglm.server.errors_http import request_id_of
+from autoglm.server.generation import Completion, Delta, Failed, Finished, Generation, Usage
 from autoglm.server.ollama_models import ServedModel
-from autoglm.server.reasoning_format import ReasoningFormatter
 from autoglm.server.state import ServerState, get_state
 from autoglm.store.options import merge_options, sampling_kwargs
 from autoglm.store.store import ModelStore
@@ -189,13 +193,21 @@ async def blob_exists(digest: str) -> Response:
 
 @router.post("/blobs/{digest}")
 async def blob_upload(digest: str, request: Request) -> Response:
+    """A file for `files` in /api/create (what `ollama create` uploads), streamed to disk and checked by digest."""
     store = ModelStore()
     path = store.blob_path(digest)
-    chunks: list[bytes] = []
-    async for chunk in request.stream():  # spooled to memory-sized chunks, written in one thread hop
-        chunks.append(chunk)
-    if not path.is_file():
-        await asyncio.to_thread(store.add_blob, digest, iter(chunks))
+    if path.is_file():
+        return Response(status_code=201)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=".upload.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.stream():
+                await asyncio.to_thread(f.write, chunk)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    await asyncio.to_thread(store.adopt_blob, digest, Path(name))
     return Response(status_code=201)
 
 
@@ -231,20 +243,6 @@ def sampling_from_options(options: Mapping[str, Any], defaults: Mapping[str, Any
     """Modelfile PARAMETERs overlaid by the request's `options` -> (SamplingParams, num_ctx or None)."""
     merged = merge_options(defaults, options)
     return SamplingParams(**sampling_kwargs(merged)), merged.get("num_ctx")
-
-
-async def _generate(state: ServerState, rid: str, prompt: Any, params: SamplingParams) -> AsyncIterator[Any]:
-    """The engine, driven: yields RequestOutput deltas; closing this iterator aborts the request.
-    (The one piece to swap for the shared generation layer.)"""
-    model = state.ready_model()
-    gen = state.engine.generate(rid, prompt, params.resolve(model.generation_defaults))
-    state.metrics.in_flight.inc()
-    try:
-        async for out in gen:
-            yield out
-    finally:
-        await gen.aclose()
-        state.metrics.in_flight.dec()
 
 
 def _think_mode(served: ServedModel, state: ServerState, think: Any) -> tuple[bool | None, str]:
@@ -303,7 +301,7 @@ def _prompt(state: ServerState, served: ServedModel, messages: list[dict[str, An
         raise InvalidRequest(f"{served.name} does not support tools", param="tools")
     limit = state.config.limit_mm_per_prompt
     return build_chat_prompt(model, _engine_messages(history), enable_thinking=enable_thinking,
-                             content_format="string", image_loader=state.media.load, max_images=limit)
+                             content_format="string", media_policy=state.media, max_media=limit)
 
 
 def _no_template(state: ServerState, served: ServedModel) -> bool:
@@ -368,44 +366,22 @@ async def _complete(request: Request, body: dict[str, Any], *, chat: bool) -> Re
     prompt = await asyncio.to_thread(_prompt, state, served, list(messages or []), enable_thinking=enable_thinking,
                                      tools=body.get("tools"), raw_text=raw, suffix=body.get("suffix"))
     params = _check_context(state, len(prompt.token_ids), params, num_ctx)
-    gen = _generate(state, rid, prompt, params)
-    stream = _Stream(served.name, chat, ReasoningFormatter(mode), arrival)
-    try:
-        first = await gen.__anext__()  # engine rejections become a clean error status before any byte
-    except StopAsyncIteration:
-        first = None
-    except BaseException:
-        await gen.aclose()
-        raise
-    if body.get("stream", True) is False:
-        return JSONResponse(await stream.collect(first, gen))
-    return StreamingResponse(stream.lines(first, gen), media_type=NDJSON)
+    gen = Generation(state, request, rid=rid, endpoint="chat" if chat else "completions", model_name=served.name,
+                     stream=body.get("stream", True) is not False, mode=mode, arrival=arrival)
+    await gen.start(prompt, params)  # every rejection is a clean error status here, before any byte
+    fmt = _OllamaFormat(gen, served.name, chat)
+    if not gen.stream:
+        return JSONResponse(fmt.whole(await gen.collect()))
+    return StreamingResponse(fmt.lines(), media_type=NDJSON)
 
 
-class _Stream:
-    """Formats engine outputs as Ollama chat / generate objects and keeps the counts and timings."""
+class _OllamaFormat:
+    """The generation layer's events as Ollama chat / generate objects (NDJSON lines or one object)."""
 
-    def __init__(self, model: str, chat: bool, formatter: ReasoningFormatter, arrival: float) -> None:
+    def __init__(self, gen: Generation, model: str, chat: bool) -> None:
+        self.gen = gen
         self.model = model
         self.chat = chat
-        self.formatter = formatter
-        self.arrival = arrival
-        self.first_token: float | None = None
-        self.prompt_tokens = 0
-        self.output_tokens = 0
-        self.finish: str | None = None
-
-    def _take(self, out: Any) -> tuple[str, str]:
-        if out.new_token_ids and self.first_token is None:
-            self.first_token = time.monotonic()
-        self.prompt_tokens = out.num_prompt_tokens or self.prompt_tokens
-        self.output_tokens = out.num_output_tokens
-        delta = self.formatter.feed(out.reasoning_delta or "", out.content_delta or "")
-        content, thinking = delta.content, delta.reasoning or ""
-        if out.finished:
-            self.finish = out.finish_reason
-            content += self.formatter.finish().content
-        return content, thinking
 
     def _object(self, content: str, thinking: str) -> dict[str, Any]:
         obj: dict[str, Any] = {"model": self.model, "created_at": _now_iso()}
@@ -421,56 +397,33 @@ class _Stream:
         obj["done"] = False
         return obj
 
-    def _final(self, content: str = "", thinking: str = "") -> dict[str, Any]:
+    def _final(self, reason: str | None, usage: Usage, content: str = "", thinking: str = "") -> dict[str, Any]:
         now = time.monotonic()
-        first = self.first_token or now
+        arrival = self.gen.arrival
+        first = self.gen.first_token or now
         obj = self._object(content, thinking)
-        obj.update(done=True, done_reason="length" if self.finish == "length" else "stop",
-                   total_duration=int((now - self.arrival) * 1e9), load_duration=0,
-                   prompt_eval_count=self.prompt_tokens, prompt_eval_duration=int((first - self.arrival) * 1e9),
-                   eval_count=self.output_tokens, eval_duration=int((now - first) * 1e9))
+        obj.update(done=True, done_reason="length" if reason == "length" else "stop",
+                   total_duration=int((now - arrival) * 1e9), load_duration=0,
+                   prompt_eval_count=usage.prompt_tokens, prompt_eval_duration=int((first - arrival) * 1e9),
+                   eval_count=usage.completion_tokens, eval_duration=int((now - first) * 1e9))
         return obj
 
-    async def collect(self, first: Any, gen: AsyncIterator[Any]) -> dict[str, Any]:
-        content: list[str] = []
-        thinking: list[str] = []
-        try:
-            outs = [first] if first is not None else []
-            for out in outs:
-                c, t = self._take(out)
-                content.append(c)
-                thinking.append(t)
-            if first is None or not first.finished:
-                async for out in gen:
-                    c, t = self._take(out)
-                    content.append(c)
-                    thinking.append(t)
-        finally:
-            await gen.aclose()  # type: ignore[attr-defined]
-        return self._final("".join(content), "".join(thinking))
+    def whole(self, c: Completion) -> dict[str, Any]:
+        thinking = c.reasoning if isinstance(c.reasoning, str) else ""
+        return self._final(c.finish_reason, c.usage, c.content, thinking)
 
-    async def lines(self, first: Any, gen: AsyncIterator[Any]) -> AsyncIterator[str]:
-        try:
-            async def outputs() -> AsyncIterator[Any]:
-                if first is not None:
-                    yield first
-                    if first.finished:
-                        return
-                async for out in gen:
-                    yield out
-
-            async for out in outputs():
-                content, thinking = self._take(out)
-                if content or thinking:
-                    yield _line(self._object(content, thinking))
-            yield _line(self._final())
-        except Exception as e:
-            message = e.message if isinstance(e, AutoGLMError) else "internal error; the details are in the server log"
-            if not isinstance(e, AutoGLMError):
-                log.exception("/api stream failed")
-            yield _line({"error": message})
-        finally:
-            await gen.aclose()  # type: ignore[attr-defined]
+    async def lines(self) -> AsyncIterator[str]:
+        async with contextlib.aclosing(self.gen.events()) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    yield _line(self._object(event.content, event.reasoning))
+                elif isinstance(event, Finished):
+                    yield _line(self._final(event.reason, event.usage))
+                elif isinstance(event, Failed):
+                    error = event.error
+                    message = error.message if isinstance(error, AutoGLMError) else \
+                        "internal error; the details are in the server log"
+                    yield _line({"error": message})
 
 
 def _line(obj: dict[str, Any]) -> str:

@@ -1,32 +1,34 @@
-"""`/v1/*` routes: chat and text completions (SSE or JSON) and the model list.
+"""`/v1/*` routes: chat and text completions (SSE or JSON) and the model list — OpenAI wire formatting only.
 
-A request flows: validate (protocol.py) -> resolve model name, reasoning mode, media caps -> build the prompt (chat
-template + image decoding, off the event loop) -> context-length check -> `AsyncEngine.generate` -> wire chunks.
-The first engine output is awaited before the response starts, so a request the engine rejects is still a clean
-4xx; after that, errors travel in-band (`data: {"error": ...}` then `data: [DONE]`).
+A request flows: validate (protocol.py) -> resolve model name and reasoning mode -> build the prompt (chat template,
+media routed to its encoder, off the event loop) -> `generation.Generation` (context check, admission, the engine,
+disconnects, metrics) -> its typed events formatted here as SSE chunks or one JSON body. The first engine output is
+awaited before the response starts, so a request the engine rejects is still a clean 4xx; after that, errors travel
+in-band (`data: {"error": ...}` then `data: [DONE]`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from autoglm.engine.sampling_params import SamplingParams
-from autoglm.errors import ContextTooLong, MediaError, RequestAborted, UnsupportedModality
+from autoglm.engine.prompt import build_chat_prompt, build_text_prompt
+from autoglm.engine.sampler import TokenLogprob
 from autoglm.server import responses
 from autoglm.server.errors_http import REQUEST_ID_HEADER, request_id_of, stream_error_event
-from autoglm.server.metrics import RequestRecord
+from autoglm.server.generation import Admitted, Delta, Failed, Finished, Generation, Usage
+from autoglm.server.limits import ParsedJSONRoute
 from autoglm.server.protocol import ChatCompletionRequest, CompletionRequest
-from autoglm.server.reasoning_format import ReasoningFormatter, resolve_mode
-from autoglm.server.state import ServerState, get_state
+from autoglm.server.reasoning_format import resolve_mode
+from autoglm.server.state import get_state
 
 log = logging.getLogger("autoglm.server")
 
@@ -35,7 +37,7 @@ def _authorized(request: Request) -> None:
     get_state(request).check_api_key(request)
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(_authorized)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(_authorized)], route_class=ParsedJSONRoute)
 
 
 @router.get("/models")
@@ -53,7 +55,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-    arrival = time.monotonic()  # TTFT counts prompt building and image decoding too
+    arrival = time.monotonic()  # TTFT counts prompt building and media decoding too
     state = get_state(request)
     rid = request_id_of(request)
     name = state.resolve_model_name(body.model)
@@ -63,18 +65,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     mode = resolve_mode(state.config.reasoning_format, reasoning_format=body.reasoning_format,
                         return_reasoning=body.return_reasoning, enable_thinking=thinking)
     model = state.ready_model()
-    _check_media(state, body)
-
-    from autoglm.engine.prompt import build_chat_prompt  # engine import kept out of app start-up
-
     kwargs = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"}
     messages = [m.to_engine() for m in body.messages]
     prompt = await asyncio.to_thread(
         build_chat_prompt, model, messages, enable_thinking=thinking, chat_template_kwargs=kwargs,
-        content_format="string", image_loader=state.media.load,
+        content_format="string", media_policy=state.media, max_media=state.config.limit_mm_per_prompt,
     )
-    call = _Call(state, request, rid, "chat", name, body.stream, body.include_usage, mode, arrival)
-    return await call.run(prompt, params, chat=True)
+    gen = Generation(state, request, rid=rid, endpoint="chat", model_name=name, stream=body.stream, mode=mode,
+                     arrival=arrival)
+    await gen.start(prompt, params)
+    fmt = _OpenAIFormat(gen, chat=True, include_usage=body.include_usage)
+    return fmt.stream() if body.stream else await fmt.json()
 
 
 @router.post("/completions", response_model=None)
@@ -86,13 +87,12 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     _log_unknown(rid, body)
     params = body.sampling_params()
     model = state.ready_model()
-    prompt_in = body.single_prompt()
-
-    from autoglm.engine.prompt import build_text_prompt
-
-    prompt = await asyncio.to_thread(build_text_prompt, model, prompt_in)
-    call = _Call(state, request, rid, "completions", name, body.stream, body.include_usage, "merged", arrival)
-    return await call.run(prompt, params, chat=False)
+    prompt = await asyncio.to_thread(build_text_prompt, model, body.single_prompt())
+    gen = Generation(state, request, rid=rid, endpoint="completions", model_name=name, stream=body.stream,
+                     mode="merged", arrival=arrival)
+    await gen.start(prompt, params)
+    fmt = _OpenAIFormat(gen, chat=False, include_usage=body.include_usage)
+    return fmt.stream() if body.stream else await fmt.json()
 
 
 def _log_unknown(rid: str, body: Any) -> None:
@@ -101,210 +101,63 @@ def _log_unknown(rid: str, body: Any) -> None:
         log.info("request %s: ignoring unknown field(s) %s", rid, ", ".join(unknown))
 
 
-def _check_media(state: ServerState, body: ChatCompletionRequest) -> None:
-    counts = body.media_counts()
-    limit = state.config.limit_mm_per_prompt
-    if counts["image"] > limit:
-        raise MediaError(f"At most {limit} image(s) may be provided in one prompt.", param="messages")
-    if counts["audio"]:
-        model = state.model
-        if model is None or "audio" not in model.encoders:
-            raise UnsupportedModality(
-                "input_audio parts need a speech module, and this server has none loaded; "
-                "send text (or transcribe the audio first)",
-                param="messages",
-            )
+class _OpenAIFormat:
+    """Generation events -> OpenAI chat / text-completion chunks (SSE) or one JSON body."""
 
-
-class _Call:
-    """One completion request in flight: drives the engine, formats chunks, records metrics."""
-
-    def __init__(self, state: ServerState, request: Request, rid: str, endpoint: str, model_name: str,
-                 stream: bool, include_usage: bool, mode: str, arrival: float) -> None:
-        self.state = state
-        self.request = request
-        self.rid = rid
-        self.endpoint = endpoint
-        self.model_name = model_name
-        self.stream = stream
+    def __init__(self, gen: Generation, *, chat: bool, include_usage: bool) -> None:
+        self.gen = gen
+        self.chat = chat
         self.include_usage = include_usage
-        self.formatter = ReasoningFormatter(mode)
-        self.arrival = arrival
-        self.started_wall = time.time() - (time.monotonic() - arrival)
-        self.first_token: float | None = None
-        self.last_token: float | None = None
-        self.created = int(self.started_wall)
-        self.cid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + rid
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.reasoning_tokens = 0
-        self.finish_reason: str | None = None
-        self.tokenizer = state.model.tokenizer if state.model is not None else None
+        self.created = int(gen.started_wall)
+        self.cid = ("chatcmpl-" if chat else "cmpl-") + gen.rid
+        model = gen.state.model
+        self.tokenizer = model.tokenizer if model is not None else None
 
-    # --- engine -----------------------------------------------------------------------------------------------
-    async def run(self, prompt: Any, params: SamplingParams, *, chat: bool) -> JSONResponse | StreamingResponse:
-        max_len = self.state.max_model_len
-        n_prompt = len(prompt.token_ids)
-        self.prompt_tokens = n_prompt
-        if params.max_tokens is not None and n_prompt + params.max_tokens > max_len:
-            raise ContextTooLong(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the messages, {params.max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion.",
-                param="max_tokens",
-            )
-        if n_prompt >= max_len:
-            raise ContextTooLong(
-                f"This model's maximum context length is {max_len} tokens. However, your messages resulted in "
-                f"{n_prompt} tokens. Please reduce the length of the messages.",
-                param="messages",
-            )
-        model = self.state.ready_model()
-        params = params.resolve(model.generation_defaults)
-        gen = self.state.engine.generate(self.rid, prompt, params)
-        self.state.metrics.in_flight.inc()
-        try:
-            # Engine-side rejections surface here, before any byte is sent; a client that leaves while the request
-            # waits for its first token aborts it too.
-            first = await _until_disconnect(self.request, _first_or_none(gen))
-        except BaseException as exc:
-            self.state.metrics.in_flight.dec()
-            await _close(gen)
-            self._record(getattr(exc, "status", 500))
-            raise
-        if self.stream:
-            return StreamingResponse(
-                self._sse(gen, first, chat), media_type="text/event-stream",
-                headers={REQUEST_ID_HEADER: self.rid, "cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
-        return await self._collect(gen, first, chat)
+    def stream(self) -> StreamingResponse:
+        return StreamingResponse(
+            self._sse(), media_type="text/event-stream",
+            headers={REQUEST_ID_HEADER: self.gen.rid, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
 
-    def _on_output(self, out: Any) -> None:
-        now = time.monotonic()
-        n = len(getattr(out, "new_token_ids", ()) or ())
-        ttft = itl = None
-        if n:
-            if self.first_token is None:
-                self.first_token = now
-                ttft = now - self.arrival
-            elif self.last_token is not None:
-                itl = now - self.last_token
-            self.last_token = now
-        self.state.metrics.observe_tokens(n, ttft=ttft, itl=itl)
-        self.prompt_tokens = getattr(out, "num_prompt_tokens", self.prompt_tokens) or self.prompt_tokens
-        self.completion_tokens = getattr(out, "num_output_tokens", self.completion_tokens)
-        self.reasoning_tokens = getattr(out, "num_reasoning_tokens", self.reasoning_tokens) or 0
-        if getattr(out, "finished", False):
-            self.finish_reason = out.finish_reason
-
-    def _record(self, status: int) -> None:
-        self.request.state.metrics_recorded = True  # errors_http records only what we did not
-        now = time.monotonic()
-        self.state.metrics.record(RequestRecord(
-            request_id=self.rid, endpoint=self.endpoint, model=self.model_name, status=status,
-            started=self.started_wall, duration_s=now - self.arrival,
-            ttft_s=None if self.first_token is None else self.first_token - self.arrival,
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            reasoning_tokens=self.reasoning_tokens, finish_reason=self.finish_reason, stream=self.stream,
-        ))
-
-    def _usage(self) -> dict[str, Any]:
-        return responses.usage(self.prompt_tokens, self.completion_tokens, self.reasoning_tokens)
-
-    # --- non-streaming ------------------------------------------------------------------------------------------
-    async def _collect(self, gen: AsyncIterator[Any], first: Any, chat: bool) -> JSONResponse:
-        content: list[str] = []
-        reasoning: list[str] = []
-        logprobs: list[Any] = []
-
-        def take(out: Any) -> None:
-            self._on_output(out)
-            delta = self.formatter.feed(out.reasoning_delta or "", out.content_delta or "")
-            content.append(delta.content)
-            if delta.reasoning:
-                reasoning.append(delta.reasoning)
-            logprobs.extend(getattr(out, "logprobs", None) or [])
-
-        async def consume() -> None:
-            if first is not None:
-                take(first)
-            async for out in gen:
-                take(out)
-
-        status = 200
-        try:
-            await _until_disconnect(self.request, consume())
-            tail = self.formatter.finish()
-            content.append(tail.content)
-        except RequestAborted:
-            status = 499
-            raise
-        except BaseException as exc:
-            status = getattr(exc, "status", 500)
-            raise
-        finally:
-            await _close(gen)
-            self.state.metrics.in_flight.dec()
-            self._record(status)
-        text = "".join(content)
-        if chat:
+    async def json(self) -> JSONResponse:
+        done = await self.gen.collect()
+        usage = _usage(done.usage)
+        name = self.gen.model_name
+        if self.chat:
             body = responses.chat_completion(
-                self.cid, self.created, self.model_name, text,
-                ("".join(reasoning) or None) if self.formatter.emits_reasoning else False,
-                self.finish_reason, self._usage(),
-                responses.chat_logprobs(logprobs, self.tokenizer) if logprobs else None,
+                self.cid, self.created, name, done.content, done.reasoning, done.finish_reason, usage,
+                responses.chat_logprobs(done.logprobs, self.tokenizer) if done.logprobs else None,
             )
         else:
             body = responses.text_completion(
-                self.cid, self.created, self.model_name, text, self.finish_reason, self._usage(),
-                responses.completion_logprobs(logprobs, self.tokenizer) if logprobs else None,
+                self.cid, self.created, name, done.content, done.finish_reason, usage,
+                responses.completion_logprobs(done.logprobs, self.tokenizer) if done.logprobs else None,
             )
-        return JSONResponse(body, headers={REQUEST_ID_HEADER: self.rid})
+        return JSONResponse(body, headers={REQUEST_ID_HEADER: self.gen.rid})
 
-    # --- streaming ----------------------------------------------------------------------------------------------
-    async def _sse(self, gen: AsyncIterator[Any], first: Any, chat: bool) -> AsyncIterator[str]:
-        status = 200
-        try:
-            if chat:
-                yield _event(responses.chat_chunk(self.cid, self.created, self.model_name, {"role": "assistant",
-                                                                                             "content": ""}))
-            outputs = _prepend(first, gen)
-            async for out in outputs:
-                self._on_output(out)
-                delta = self.formatter.feed(out.reasoning_delta or "", out.content_delta or "")
-                lp = getattr(out, "logprobs", None) or []
-                finished = bool(getattr(out, "finished", False))
-                if finished:
-                    tail = self.formatter.finish()
-                    delta.content += tail.content
-                if delta.content or delta.reasoning or lp:
-                    yield _event(self._delta_chunk(delta.content, delta.reasoning, lp, chat, None))
-                if finished:
-                    yield _event(self._delta_chunk("", None, [], chat, self.finish_reason))
-            if self.include_usage:
-                cls = responses.chat_chunk if chat else responses.completion_chunk
-                yield _event(cls(self.cid, self.created, self.model_name, None, usage=self._usage()))
-            yield "data: [DONE]\n\n"
-        except (asyncio.CancelledError, GeneratorExit):
-            status = 499  # client went away: the engine request is aborted in `finally`
-            raise
-        except Exception as exc:
-            status = getattr(exc, "status", 500)
-            if status >= 500 and status not in (503, 504):  # drain / timeout ends are expected, not bugs
-                log.exception("request %s: error mid-stream", self.rid)
-            else:
-                log.info("request %s: %s", self.rid, exc)
-            yield _event(stream_error_event(exc, self.rid))
-            yield "data: [DONE]\n\n"
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _close(gen)
-            self.state.metrics.in_flight.dec()
-            self._record(status)
+    async def _sse(self) -> AsyncIterator[str]:
+        name = self.gen.model_name
+        async with contextlib.aclosing(self.gen.events()) as events:
+            async for event in events:
+                if isinstance(event, Admitted):
+                    if self.chat:
+                        yield _event(responses.chat_chunk(self.cid, self.created, name,
+                                                          {"role": "assistant", "content": ""}))
+                elif isinstance(event, Delta):
+                    yield _event(self._chunk(event.content, event.reasoning, event.logprobs, None))
+                elif isinstance(event, Finished):
+                    yield _event(self._chunk("", "", [], event.reason))
+                    if self.include_usage:
+                        cls = responses.chat_chunk if self.chat else responses.completion_chunk
+                        yield _event(cls(self.cid, self.created, name, None, usage=_usage(event.usage)))
+                    yield "data: [DONE]\n\n"
+                elif isinstance(event, Failed):
+                    yield _event(stream_error_event(event.error, self.gen.rid))
+                    yield "data: [DONE]\n\n"
 
-    def _delta_chunk(self, content: str, reasoning: str | None, lp: list[Any], chat: bool,
-                     finish_reason: str | None) -> dict[str, Any]:
-        if chat:
+    def _chunk(self, content: str, reasoning: str, lp: list[TokenLogprob], finish_reason: str | None) -> dict[str, Any]:
+        name = self.gen.model_name
+        if self.chat:
             delta: dict[str, Any] = {}
             if content:
                 delta["content"] = content
@@ -312,64 +165,18 @@ class _Call:
                 delta["reasoning_content"] = reasoning
                 delta["reasoning"] = reasoning
             return responses.chat_chunk(
-                self.cid, self.created, self.model_name, delta, finish_reason=finish_reason,
+                self.cid, self.created, name, delta, finish_reason=finish_reason,
                 logprobs=responses.chat_logprobs(lp, self.tokenizer) if lp else None,
             )
         return responses.completion_chunk(
-            self.cid, self.created, self.model_name, content, finish_reason=finish_reason,
+            self.cid, self.created, name, content, finish_reason=finish_reason,
             logprobs=responses.completion_logprobs(lp, self.tokenizer) if lp else None,
         )
 
 
+def _usage(usage: Usage) -> dict[str, Any]:
+    return responses.usage(usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens)
+
+
 def _event(payload: dict[str, Any]) -> str:
     return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
-
-
-async def _prepend(first: Any, gen: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    if first is not None:
-        yield first
-        if getattr(first, "finished", False):
-            return
-    async for out in gen:
-        yield out
-
-
-async def _close(gen: Any) -> None:
-    """Closing the engine's iterator aborts the request and frees its KV blocks at once."""
-    aclose = getattr(gen, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:  # already finished or closed
-            log.debug("closing a finished generation failed", exc_info=True)
-
-
-async def _first_or_none(gen: AsyncIterator[Any]) -> Any:
-    try:
-        return await gen.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def _until_disconnect(request: Request, work: Any) -> Any:
-    """Run `work` and return its result; if the client disconnects first, cancel it and raise RequestAborted."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        raise RequestAborted("client disconnected")
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-

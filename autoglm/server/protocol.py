@@ -8,14 +8,51 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from autoglm.engine.sampling_params import SamplingParams
 from autoglm.errors import InvalidRequest
 
+# Template variables the server sets itself: a client passing them in chat_template_kwargs would override the
+# conversation or the special tokens, so they are refused (vLLM passes them through).
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "add_generation_prompt", "tools", "documents", "continue_final_message", "bos_token", "eos_token",
+    "pad_token", "unk_token", "raise_exception", "strftime_now", "tojson",
+})
+
+
+def find_lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The JSON path of the first string holding a lone UTF-16 surrogate (JSON "\\ud800" decodes to one; it is no
+    character, so no tokenizer or UTF-8 encoder takes it), or None."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if isinstance(k, str):
+                    stack.append((k, where))
+                stack.append((v, f"{where}.{k}" if where else str(k)))
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return None
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = find_lone_surrogate(data) if isinstance(data, dict) else None
+        if where is not None:
+            raise InvalidRequest(f"{where}: text contains a lone UTF-16 surrogate, which is not valid Unicode",
+                                 param=where)
+        return data
 
     def unknown_keys(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
@@ -96,7 +133,7 @@ class _SamplingFields(_Lenient):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     seed: int | None = None
     n: int = 1
     stream: bool = False
@@ -148,7 +185,7 @@ class _SamplingFields(_Lenient):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -161,11 +198,15 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("messages")
+    @field_validator("chat_template_kwargs")
     @classmethod
-    def _non_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if not value:
-            raise ValueError("messages must contain at least one message")
+    def _no_reserved_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        bad = sorted(set(value or {}) & RESERVED_TEMPLATE_KWARGS)
+        if bad:
+            raise InvalidRequest(
+                f"chat_template_kwargs may not set {', '.join(bad)}: the server sets "
+                f"{'it' if len(bad) == 1 else 'them'} from the request itself", param="chat_template_kwargs"
+            )
         return value
 
     def thinking(self) -> bool | None:
@@ -185,20 +226,14 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.base_sampling(self.requested_max_tokens(), logprobs)
 
-    def media_counts(self) -> dict[str, int]:
-        counts = {"image": 0, "audio": 0}
-        for message in self.messages:
-            if isinstance(message.content, list):
-                for part in message.content:
-                    if isinstance(part, ImageURLPart):
-                        counts["image"] += 1
-                    elif isinstance(part, InputAudioPart):
-                        counts["audio"] += 1
-        return counts
-
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[StrictInt], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[list[StrictInt]], Field(min_length=1)]
+    )
     max_tokens: int | None = 16  # OpenAI's default for /v1/completions
     logprobs: int | None = None  # legacy API: number of top alternatives
     echo: bool = False

@@ -5,18 +5,19 @@ from __future__ import annotations
 import hmac
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from autoglm.errors import AuthenticationError, ModelNotFound, ServiceUnavailable
 from autoglm.multimodal.media import MediaPolicy
 from autoglm.server.config import ServerConfig
+from autoglm.server.engine_client import EngineClient
+from autoglm.server.health import HealthChecker
 from autoglm.server.metrics import Metrics
 
 if TYPE_CHECKING:
     from autoglm.models.loaded import LoadedModel
-    from autoglm.server.health import HealthChecker
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ServerState:
     config: ServerConfig
     metrics: Metrics
     model: LoadedModel | None = None
-    engine: Any = None  # autoglm.engine.async_engine.AsyncEngine (duck-typed so tests can stand in a fake)
+    engine: EngineClient | None = None  # autoglm.engine.async_engine.AsyncEngine, or a test's stand-in
     health: HealthChecker | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
@@ -48,9 +49,8 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        engine_len = getattr(self.engine, "max_model_len", None)  # the engine's resolved context window
-        if isinstance(engine_len, int):
-            return engine_len
+        if self.engine is not None:
+            return self.engine.max_model_len  # the engine's resolved context window
         if self.config.max_model_len is not None:
             return self.config.max_model_len
         return self.model.max_model_len if self.model is not None else 0
@@ -59,6 +59,11 @@ class ServerState:
         if self.model is None or self.engine is None:
             raise ServiceUnavailable(self.load_error or "the model is still loading; retry when /health/ready is 200")
         return self.model
+
+    def ready_engine(self) -> EngineClient:
+        if self.model is None or self.engine is None:
+            raise ServiceUnavailable(self.load_error or "the model is still loading; retry when /health/ready is 200")
+        return self.engine
 
     def resolve_model_name(self, requested: str | None) -> str:
         """The name to echo back; 404 for a name we do not serve (an empty or missing name means the default)."""

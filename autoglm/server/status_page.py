@@ -68,7 +68,7 @@ async def collect(state: ServerState) -> dict[str, Any]:
             "path": model.path if model is not None else state.config.model,
             "architecture": model.architecture if model is not None else None,
             "max_model_len": state.max_model_len,
-            "vision": bool(model is not None and "image" in model.encoders),
+            "modalities": sorted(e.modality for e in model.encoders.values()) if model is not None else [],
             "status": "ready" if model is not None else ("error" if state.load_error else "loading"),
         },
         "modules": modules,

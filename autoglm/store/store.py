@@ -275,6 +275,18 @@ class ModelStore:
             Path(tmp).unlink(missing_ok=True)
         return path
 
+    def adopt_blob(self, digest: str, tmp: Path) -> Path:
+        """Move an uploaded file (written in blobs/) into place as blobs/sha256-<hex> after checking its digest."""
+        path = self.blob_path(digest)
+        try:
+            got = sha256_file(tmp)
+            if got.split(":")[1] != path.name.split("-")[1]:
+                raise InvalidRequest(f"digest mismatch: the upload hashes to {got}, not {digest}", param="digest")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
     # --- internals ----------------------------------------------------------------------------------------------
     def _resolve_source(self, from_: str, base_dir: Path, line: int) -> Source | None:
         """A FROM that names a file / directory / blob -> Source; None when it may be a model name."""

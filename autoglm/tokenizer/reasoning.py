@@ -130,16 +130,26 @@ class ReasoningSplitter:
 class ReasoningStream:
     """Splitter + one incremental detokenizer per channel: `add_token(id)` -> (reasoning delta, content delta).
 
-    For the server's streaming path; with `return_reasoning` off, concatenate the two deltas in order (the tags are
-    gone either way)."""
+    The engine's output path (`engine/output.py`); `last_channel` is the channel of the last token (None: a tag).
+    With `return_reasoning` off, concatenate the two deltas in order (the tags are gone either way). `tokens`:
+    the tag ids when the caller has them already (else looked up in the tokenizer)."""
 
-    def __init__(self, tokenizer: Tokenizer, *, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
-        self.splitter = ReasoningSplitter.for_tokenizer(tokenizer, prompt_ids)
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        prompt_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+        tokens: ReasoningTokens | None = None,
+    ) -> None:
+        tags = tokens if tokens is not None else ReasoningTokens.from_tokenizer(tokenizer)
+        self.splitter = ReasoningSplitter(tags, prompt_ids=prompt_ids, special_ids=tokenizer.special_ids)
         self.reasoning = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
         self.content = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.last_channel: Channel | None = None
 
     def add_token(self, token_id: int) -> tuple[str, str]:
-        channel = self.splitter.add_token(token_id)
+        channel = self.last_channel = self.splitter.add_token(token_id)
         if channel == "reasoning":
             self.reasoning.add_token(token_id)
         elif channel == "content":

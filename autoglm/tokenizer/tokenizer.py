@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from autoglm.errors import ConfigError, InvalidRequest
+from autoglm.tokenizer.literal import LiteralEncoder
 
 # transformers' named special-token attributes, in its order (all_special_tokens lists these first).
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -214,6 +216,11 @@ class Tokenizer:
         if not isinstance(text, str):
             raise InvalidRequest(f"text to encode must be a string, got {type(text).__name__}")
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    @cached_property
+    def literal(self) -> LiteralEncoder:
+        """Encodes client text without matching control tokens (autoglm.tokenizer.literal)."""
+        return LiteralEncoder(self._backend)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids outside the vocabulary raise InvalidRequest naming the id."""

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from autoglm.engine.prompt import assemble_prompt
 from autoglm.llm import LLM
-from autoglm.multimodal.placeholders import expand_placeholders
 
 TEXTS = ("Open Chrome and tap the search bar.", "打开微信，搜索联系人", "def add(a, b):\n    return a + b", "Hi 😀 🎉")
 
@@ -35,9 +35,8 @@ def ours_and_reference(
     """Prompt logits [T, V] from autoglm (LLM.score) and from transformers on the same expanded prompt + pixels."""
     ours = llm.score(ids, images=images)
     enc = llm.model.encoders.get("image")
-    items = [enc.preprocess(im) for im in images] if images else []
-    placeholder = enc.placeholder_id if enc is not None else -1
-    expanded, _ = expand_placeholders(ids, placeholder, [i.n_slots for i in items], [i.grid for i in items])
+    prompt = assemble_prompt(ids, [(enc, im) for im in images])
+    expanded, items = prompt.token_ids, [m.inputs for m in prompt.media]
     x = torch.tensor([expanded])
     kw: dict[str, Any] = {"input_ids": x, "mm_token_type_ids": (x == ref.config.image_token_id).int()}
     if items:

@@ -17,18 +17,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from autoglm.engine.prompt import assemble_prompt, expand_placeholders
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.loader.hf import load_hf
 from autoglm.models.base import DecoderModel
 from autoglm.models.glm4v import Glm4vForConditionalGeneration, VisionEncoder
 from autoglm.models.loaded import LoadedModel
+from autoglm.models.positions import MediaSpan, PromptPositions, mrope_positions
 from autoglm.multimodal.encoder import Encoder, EncoderInputs
-from autoglm.multimodal.placeholders import (
-    decode_positions,
-    expand_placeholders,
-    mrope_positions,
-    mrope_positions_for_ids,
-)
 from tests.fixtures.models import GLM4V_CONFIGS
 
 # Non-square images of different sizes (width, height); small so the tiny models stay fast.
@@ -72,21 +68,28 @@ def _prompt(d: Path, n_images: int, seed: int) -> list[int]:
     return ids + [sp["<|assistant|>"], *text(2)]
 
 
+def _span3(pp: PromptPositions, lo: int, hi: int) -> torch.Tensor:
+    """Positions [3, hi - lo] (a text-only prompt's 1-D positions on all three rows)."""
+    p = pp.span(lo, hi)
+    return p if p.dim() == 2 else p.expand(3, -1)
+
+
 def _inputs(loaded: LoadedModel, ids: list[int], images: list[Image.Image]):
-    """-> (expanded ids, positions [3, L], delta, our inputs_embeds [L, D] | None, EncoderInputs list)."""
+    """-> (expanded ids, positions [3, L], PromptPositions, our inputs_embeds [L, D] | None, EncoderInputs list),
+    assembled as the engine does (`assemble_prompt`, the decoder's `prompt_positions`)."""
     model: Glm4vForConditionalGeneration = loaded.decoder  # type: ignore[assignment]
     enc = loaded.encoders.get("image")
-    items: list[EncoderInputs] = [enc.preprocess(im) for im in images] if images else []
-    expanded, spans = expand_placeholders(
-        ids, model.image_token_id, [it.n_slots for it in items], [it.grid for it in items]
-    )
-    positions, delta = mrope_positions(len(expanded), spans, model.spatial_merge_size)
+    prompt = assemble_prompt(ids, [(enc, im) for im in images])
+    expanded = prompt.token_ids
+    items: list[EncoderInputs] = [m.inputs for m in prompt.media]
+    pp = model.prompt_positions(len(expanded), prompt.spans)
     embeds = None
     if items:
         assert isinstance(enc, VisionEncoder)
-        image_embeds = torch.cat(enc.encode_batch(items))
-        embeds = model.merge_image_embeddings(torch.tensor(expanded), image_embeds)
-    return expanded, positions, delta, embeds, items
+        embeds = model.embed_tokens(torch.tensor(expanded))  # [L, D]; image slots overwritten like the runner does
+        for m, rows in zip(prompt.media, enc.encode_batch(items), strict=True):
+            embeds[m.offset : m.offset + m.n_slots] = rows
+    return expanded, _span3(pp, 0, len(expanded)), pp, embeds, items
 
 
 def _ref_kwargs(ref: Any, expanded: list[int], items: list[EncoderInputs]) -> dict[str, Any]:
@@ -161,36 +164,42 @@ def test_rope_index_matches_transformers(pairs, n_images: int) -> None:
     ids = _prompt(d, n_images, seed=n_images)
     items = [loaded.encoders["image"].preprocess(_image(w, h, i)) for i, (w, h) in enumerate(IMAGE_SIZES[:n_images])]
     img_id = ref.config.image_token_id
-    expanded, spans = expand_placeholders(ids, img_id, [it.n_slots for it in items], [it.grid for it in items])
+    expanded, spans = expand_placeholders(
+        ids, [img_id] * len(items), [it.n_slots for it in items], [it.slot_grid for it in items]
+    )
     # begin/end-of-image tokens stay; each placeholder became n_slots image tokens
     assert len(expanded) == len(ids) - n_images + sum(it.n_slots for it in items)
     assert [s.length for s in spans] == [it.n_slots for it in items]
     assert all(expanded[s.offset - 1] == _specials(d)["<|begin_of_image|>"] for s in spans)
-    pos, delta = mrope_positions(len(expanded), spans, 2)
+    pp = loaded.decoder.prompt_positions(len(expanded), spans)
+    pos, delta = _span3(pp, 0, len(expanded)), pp.delta
     x = torch.tensor([expanded])
     grids = torch.tensor([list(it.grid) for it in items]) if items else None
     ref_pos, ref_delta = ref.model.get_rope_index(x, (x == img_id).int(), image_grid_thw=grids)
     assert torch.equal(pos, ref_pos[:, 0])
     assert delta == int(ref_delta)
-    pos2, delta2 = mrope_positions_for_ids(expanded, img_id, [it.grid for it in items], 2)
-    assert torch.equal(pos2, pos) and delta2 == delta
     # generated tokens continue at index + delta on all rows (transformers' cached-decode rule)
-    assert torch.equal(decode_positions(len(expanded), 2, delta)[:, 1], torch.full((3,), len(expanded) + 1 + delta))
+    n = len(expanded)
+    assert torch.equal(_span3(pp, n, n + 2)[:, 1], torch.full((3,), n + 1 + delta))
 
 
 def test_adjacent_images_and_errors() -> None:
     from autoglm.errors import InvalidRequest
 
-    # two images back to back with no separator are still told apart by their slot counts
-    ids = [5, 9, 9, 9, 9, 9, 9, 9, 9, 6]  # 9 = image slot; grids give 2 + 6 slots
-    pos, delta = mrope_positions_for_ids(ids, 9, [(1, 2, 4), (1, 4, 6)], 2)
+    # two images back to back with no separator are still told apart by their spans
+    ids = [5, 9, 6, 9, 6]  # 9 = placeholder; slot grids (1, 1, 2) and (1, 2, 3)
+    expanded, spans = expand_placeholders(ids, [9, 9], [2, 6], [(1, 1, 2), (1, 2, 3)])
+    expanded = [t for t in expanded if t != 6] + [6]  # back to back: 5, 9 x 8, 6
+    spans = [spans[0], MediaSpan(3, 6, (1, 2, 3))]
+    pp = mrope_positions(len(expanded), spans)
+    pos, delta = _span3(pp, 0, len(expanded)), pp.delta
     assert pos[:, 1:3].tolist() == [[1, 1], [1, 1], [1, 2]]
     assert pos[:, 3].tolist() == [3, 3, 3]  # second image starts after max(1, 2) of the first
-    assert delta == int(pos.max()) + 1 - len(ids)
+    assert delta == int(pos.max()) + 1 - len(expanded)
     with pytest.raises(InvalidRequest, match="2 media placeholder"):
-        expand_placeholders([1, 9, 9], 9, [4])
-    with pytest.raises(InvalidRequest, match="slots for 1 image"):
-        mrope_positions_for_ids([1, 9, 9, 2], 9, [(1, 2, 4), (1, 2, 4)], 2)
+        expand_placeholders([1, 9, 9], [9], [4])
+    with pytest.raises(ValueError, match="does not match its slot grid"):
+        mrope_positions(4, [MediaSpan(1, 2, (1, 2, 2))])
 
 
 # --- full model ---------------------------------------------------------------------------------------------------
@@ -253,7 +262,7 @@ def test_greedy_32_tokens_with_image(pairs, idx: int) -> None:
     loaded, ref, d = pairs[idx]
     model = loaded.decoder
     ids = _prompt(d, 1, seed=7)
-    expanded, positions, delta, embeds, items = _inputs(loaded, ids, [_image(150, 100, 3)])
+    expanded, positions, pp, embeds, items = _inputs(loaded, ids, [_image(150, 100, 3)])
     n_new = 32
     with torch.no_grad():
         # plain greedy: no EOS stop, and none of the fixture's generation_config processors (repetition penalty)
@@ -280,12 +289,12 @@ def test_greedy_32_tokens_with_image(pairs, idx: int) -> None:
             cut = len(expanded) // 2
             for lo, hi in ((0, cut), (cut, len(expanded))):
                 ctx = AttentionContext([hi - lo], [hi], torch.arange(lo, hi), table)
-                h = model(torch.tensor(expanded[lo:hi]), positions[:, lo:hi], ctx, embeds[lo:hi])
+                h = model(torch.tensor(expanded[lo:hi]), pp.span(lo, hi), ctx, embeds[lo:hi])
             tok = int(model.compute_logits(h[-1:]).argmax(-1))
             got.append(tok)
             for i in range(len(expanded), total - 1):
                 ctx = AttentionContext([1], [i + 1], torch.tensor([i]), table)
-                h = model(torch.tensor([tok]), decode_positions(i, 1, delta), ctx)
+                h = model(torch.tensor([tok]), pp.span(i, i + 1), ctx)
                 tok = int(model.compute_logits(h).argmax(-1))
                 got.append(tok)
     finally:
@@ -325,7 +334,7 @@ def test_no_vision_load_runs_text_only(pairs) -> None:
     assert "image" not in text_only.encoders
     assert not any(n.startswith("visual.") for n, _ in model.named_parameters())
     ids = _prompt(d, 0, seed=3)
-    positions, _ = mrope_positions(len(ids), [], 2)
+    positions = model.prompt_positions(len(ids), []).span(0, len(ids))
     with torch.no_grad():
         got = model.compute_logits(model(torch.tensor(ids), positions, AttentionContext.no_cache([len(ids)])))
         expect = ref(**_ref_kwargs(ref, ids, [])).logits[0]

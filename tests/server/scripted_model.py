@@ -11,6 +11,7 @@ Run as a script it serves that model: `python -m tests.server.scripted_model MOD
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.models.loaded import LoadedModel, ModuleInfo
+from autoglm.models.positions import MediaSpan, PromptPositions, rope_positions
 
 LOGIT = 50.0  # the scripted token beats every other by e^50: deterministic at any temperature
 
@@ -33,7 +35,7 @@ class Script:
 class ScriptedDecoder(nn.Module):
     """DecoderModel protocol: hidden = one-hot(next token); logits = LOGIT * hidden."""
 
-    uses_mrope = False
+    position_rows = 1
 
     def __init__(self, vocab_size: int, transition: dict[int, int], default_next: int) -> None:
         super().__init__()
@@ -60,6 +62,9 @@ class ScriptedDecoder(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return hidden.float() * LOGIT  # [N, V]
+
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
+        return rope_positions(num_tokens, spans)
 
 
 def make_script(model: LoadedModel) -> Script:

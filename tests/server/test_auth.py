@@ -57,6 +57,6 @@ def test_image_to_text_only_server_is_400(keyed_server: ServerProcess) -> None:
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     client = _client(keyed_server, KEY)
     name = client.models.list().data[0].id
-    with pytest.raises(openai.BadRequestError, match="no vision encoder"):
+    with pytest.raises(openai.BadRequestError, match="no encoder loaded"):
         client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}])

@@ -45,7 +45,7 @@ CASES: list[tuple[str, Any, int, str, str | None]] = [
     ("wrong type messages", _chat(messages="hello"), 400, "messages", "messages"),
     ("wrong type max_tokens", _chat(max_tokens="many"), 400, "max_tokens", "max_tokens"),
     ("unknown model", _chat(model="gpt-4o"), 404, "The model `gpt-4o` does not exist.", "model"),
-    ("empty messages", _chat(messages=[]), 400, "at least one message", "messages"),
+    ("empty messages", _chat(messages=[]), 400, "at least 1 item", "messages"),
     ("unknown role", _chat(messages=[{"role": "robot", "content": "x"}]), 400, "role", "messages.0.role"),
     ("unknown part type", _chat(messages=[{"role": "user", "content": [{"type": "video", "video": "x"}]}]),
      400, "type", None),
@@ -75,14 +75,42 @@ CASES: list[tuple[str, Any, int, str, str | None]] = [
      "--allow-remote-media", "image_url"),
     ("audio without speech module", _chat(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": _b64(b"RIFF0000WAVE"), "format": "wav"}}]}]),
-     400, "speech module", "messages"),
+     400, "no encoder loaded", "messages"),
     ("completion prompt empty", {"model": SERVED_NAMES[0], "prompt": ""}, 400, "prompt", "prompt"),
+    # hostile values that used to be 500s or to fail every request in the batch
+    ("top_k 2**63", _chat(top_k=2**63), 400, "top_k must be below 2**31", "top_k"),
+    ("top_k below -1", _chat(top_k=-5), 400, "top_k", "top_k"),
+    ("seed 2**64", _chat(seed=2**64), 400, "seed must fit in 64 bits", "seed"),
+    ("temperature NaN", '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "temperature must be a finite number", "temperature"),
+    ("repetition_penalty Infinity", '{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": '
+     'Infinity}', 400, "repetition_penalty must be a finite number", "repetition_penalty"),
+    ("frequency_penalty -Infinity", '{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": '
+     '-Infinity}', 400, "frequency_penalty must be a finite number", "frequency_penalty"),
+    ("logit_bias NaN", '{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": NaN}}', 400,
+     "logit_bias", "logit_bias"),
+    ("lone surrogate in content", '{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "lone UTF-16 surrogate", "messages[0].content"),
+    ("lone surrogate in a text part", '{"messages": [{"role": "user", "content": [{"type": "text", "text": '
+     '"\\udfff"}]}]}', 400, "surrogate", "messages[0].content[0].text"),
+    ("lone surrogate in model", '{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', 400,
+     "surrogate", "model"),
+    ("lone surrogate in prompt", '{"prompt": "x\\udbff"}', 400, "surrogate", "prompt"),
+    ("template kwargs: messages", _chat(chat_template_kwargs={"messages": []}), 400,
+     "chat_template_kwargs may not set messages", "chat_template_kwargs"),
+    ("template kwargs: add_generation_prompt", _chat(chat_template_kwargs={"add_generation_prompt": False}), 400,
+     "may not set add_generation_prompt", "chat_template_kwargs"),
+    ("prompt of booleans", {"model": SERVED_NAMES[0], "prompt": [[False]]}, 400, "prompt", None),
+    ("stop_token_ids of booleans", _chat(stop_token_ids=[True]), 400, "stop_token_ids", None),
+    ("too many stop strings", _chat(stop=[f"s{i}" for i in range(17)]), 400, "stop takes at most 16", "stop"),
+    ("10k-deep JSON", "[" * 10_000 + "]" * 10_000, 400, "nests 10000 levels deep", None),
 ]
 
 
 @pytest.mark.parametrize(("body", "status", "fragment", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input(server: ServerProcess, body: Any, status: int, fragment: str, param: str | None) -> None:
-    endpoint = "/completions" if isinstance(body, dict) and "prompt" in body else "/chat/completions"
+    is_completion = "prompt" in body if isinstance(body, dict) else body.startswith('{"prompt"')
+    endpoint = "/completions" if is_completion else "/chat/completions"
     if isinstance(body, str):
         response = httpx.post(server.v1 + endpoint, content=body, headers={"content-type": "application/json"},
                               timeout=60)

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from autoglm.errors import Overloaded
 from autoglm.loader import load_model
+from autoglm.models.loaded import LoadedModel
 from autoglm.server.app import create_app
 from autoglm.server.config import ServerConfig
 
@@ -37,13 +38,24 @@ class Out:
 
 
 class FailingEngine:
-    """AsyncEngine stand-in: `mode` picks how the next request fails."""
+    """EngineClient stand-in: `mode` picks how the next request fails."""
 
     max_model_len = 256
+    draining = False
 
-    def __init__(self) -> None:
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
         self.mode = "ok"
         self.closed: list[str] = []
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def begin_drain(self, grace_seconds: float) -> None:
+        pass
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        pass
 
     def stats(self) -> dict[str, int]:
         return {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 1}
@@ -64,8 +76,8 @@ class FailingEngine:
 
 @pytest.fixture(scope="module")
 def app_and_engine(tiny_glm4v_dir: Path) -> Iterator[tuple[TestClient, FailingEngine]]:
-    engine = FailingEngine()
     model = load_model(str(tiny_glm4v_dir), no_vision=True)
+    engine = FailingEngine(model)
     app = create_app(ServerConfig(max_model_len=256), model=model, engine=engine)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, engine

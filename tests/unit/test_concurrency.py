@@ -49,7 +49,7 @@ def chat_prompt(model: LoadedModel, text: str, images: list[Image.Image] = (), s
     parts.append({"type": "text", "text": text})
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": parts})
-    return build_chat_prompt(model, messages, image_loader=lambda im: im)
+    return build_chat_prompt(model, messages)
 
 
 def sixteen_prompts(model: LoadedModel) -> list[PromptInputs]:

@@ -199,7 +199,8 @@ class Scripted(nn.Module):
         self.inner = inner
         self.script = script
         self.calls = 0
-        self.uses_mrope = inner.uses_mrope
+        self.position_rows = inner.position_rows
+        self.prompt_positions = inner.prompt_positions
         self.vocab_size = inner.vocab_size
         self.hidden_size = inner.hidden_size
         self.max_position_embeddings = inner.max_position_embeddings

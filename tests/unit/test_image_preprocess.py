@@ -14,9 +14,10 @@ from PIL import Image
 from autoglm.errors import MediaError
 from autoglm.multimodal.image import (
     ImageProcessorConfig,
-    image_grid,
-    image_tokens,
+    image_inputs,
     preprocess_image,
+    resized_size,
+    slot_grid,
     smart_resize,
 )
 
@@ -69,7 +70,9 @@ def test_matches_transformers(reference, w: int, h: int, mode: str) -> None:
     assert torch.equal(pixels, ref["pixel_values"])
     # the token count callers are told equals what the processor produces
     t, gh, gw = ref["image_grid_thw"][0].tolist()
-    assert image_tokens(w, h, cfg) == t * gh * gw // 4
+    inputs = image_inputs(img, cfg)
+    assert inputs.n_slots == t * gh * gw // 4 and inputs.slot_grid == (t, gh // 2, gw // 2)
+    assert torch.equal(inputs.data["pixel_values"], pixels) and inputs.grid == grid
     assert reference.get_number_of_image_patches(h, w) == t * gh * gw
 
 
@@ -97,9 +100,9 @@ def test_smart_resize_matches_transformers() -> None:
 
 def test_screenshot_token_count() -> None:
     # API_NOTES: a 1080x2400 phone screenshot costs about 3.1-3.4k image tokens with GLM-4.1V defaults.
-    n = image_tokens(1080, 2400)
-    assert 3000 <= n <= 3500
-    assert image_grid(1080, 2400)[0] == 1
+    w, h = resized_size(1080, 2400)
+    t, gh, gw = slot_grid((1, h // 14, w // 14), ImageProcessorConfig())
+    assert t == 1 and 3000 <= t * gh * gw <= 3500
 
 
 def test_config_from_preprocessor_json(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autoglm.engine.kv_cache import KVCacheManager, block_hash, plan_num_blocks
+from autoglm.engine.kv_cache import KVCacheManager, block_hash, slot_mapping
+from autoglm.engine.memory import plan_num_blocks
 from autoglm.errors import InvalidRequest
 
 
@@ -35,7 +36,7 @@ def test_slot_mapping() -> None:
     other: list[int] = []
     kv.allocate(other, 4)
     kv.allocate(table, 6)
-    assert [kv.slot(table, j) for j in range(6)] == [
+    assert slot_mapping(table, 0, 6, kv.block_size) == [
         table[0] * 4, table[0] * 4 + 1, table[0] * 4 + 2, table[0] * 4 + 3, table[1] * 4, table[1] * 4 + 1
     ]
 

@@ -13,9 +13,10 @@ from PIL import Image
 from autoglm import LLM
 from autoglm.engine.async_engine import AsyncEngine
 from autoglm.engine.engine import Engine
-from autoglm.engine.prompt import build_chat_prompt, build_text_prompt
+from autoglm.engine.prompt import assemble_prompt, build_chat_prompt, build_text_prompt
 from autoglm.engine.sampling_params import SamplingParams
 from autoglm.errors import InvalidRequest, MissingProjector, UnsupportedModality
+from autoglm.llm import LOCAL_MEDIA
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
 MESSAGES = [{"role": "system", "content": "You are a phone agent."}, {"role": "user", "content": "Open Chrome"}]
@@ -128,7 +129,7 @@ def test_score_with_images_equals_transformers(vlm: LLM, tiny_glm4v_dir: Path) -
     ours = vlm.score(text, images=images)
     enc = vlm.model.encoders["image"]
     inputs = [enc.preprocess(im) for im in images]
-    prompt = vlm._with_images(vlm.tokenize(text, add_special_tokens=False), images)
+    prompt = assemble_prompt(vlm.tokenize(text, add_special_tokens=False), [(enc, im) for im in images])
     assert ours.shape[0] == len(prompt.token_ids)
     with torch.no_grad():
         x = torch.tensor([prompt.token_ids])
@@ -151,7 +152,7 @@ def test_chat_with_image_greedy_matches_transformers(vlm: LLM, tiny_glm4v_dir: P
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
                                              {"type": "text", "text": "Open Chrome"}]}]
     out = vlm.chat(messages, max_tokens=10, **GREEDY)
-    prompt = build_chat_prompt(vlm.model, messages, image_loader=lambda s: Image.open(s).convert("RGB"))
+    prompt = build_chat_prompt(vlm.model, messages, media_policy=LOCAL_MEDIA)
     assert "<|end_of_image|>\nOpen Chrome" in (prompt.text or "")  # AutoGLM "string" content format
     assert out.usage["prompt_tokens"] == len(prompt.token_ids) > prompt.media[0].n_slots
     inp = prompt.media[0].inputs
@@ -255,5 +256,5 @@ def test_prefix_cache_tells_images_apart(vlm: LLM) -> None:
     hits = cached.engine.scheduler.num_cached_tokens
     assert cached.chat(msgs(b), max_tokens=8, **GREEDY).token_ids == ref_b
     # only the blocks before the image can be shared with a different image
-    n_before = build_chat_prompt(vlm.model, msgs(b), image_loader=lambda im: im).media[0].offset
+    n_before = build_chat_prompt(vlm.model, msgs(b)).media[0].offset
     assert cached.engine.scheduler.num_cached_tokens - hits <= n_before

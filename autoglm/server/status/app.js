@@ -87,7 +87,7 @@ function render(data) {
   setText("served", m.name);
   setText("aliases", m.aliases.length ? m.aliases.join(", ") : "none");
   setText("path", m.path || "built-in default");
-  setText("arch", (m.architecture || "–") + (m.vision ? " · vision" : ""));
+  setText("arch", (m.architecture || "–") + ((m.modalities || []).length ? " · " + m.modalities.join(", ") : ""));
   setText("ctx", m.max_model_len + " tokens");
   setText("uptime", duration(data.uptime_s));
   setText("requests", data.totals.requests);
