@@ -17,9 +17,10 @@ from autoglm import __version__
 from autoglm.errors import AutoGLMError, InvalidRequest
 
 COMMANDS: tuple[str, ...] = ("serve", "chat", "inspect", "convert", "quantize", "bench", "plan", "prune", "models")
+COMMANDS += ("store", "run", "ps")  # Ollama's verbs: store.py registers create / list / show / rm / cp
 
 # commands that compute with torch: without --threads / AUTOGLM_THREADS they get every core this process may use
-COMPUTE_COMMANDS = ("serve", "chat", "bench", "prune", "quantize")
+COMPUTE_COMMANDS = ("serve", "chat", "bench", "prune", "quantize", "run")
 
 log = logging.getLogger("autoglm.cli")
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from autoglm.server import audio_api, health_api, openai_api, status_page
+from autoglm.server import audio_api, health_api, ollama_api, openai_api, status_page
 from autoglm.server.config import ServerConfig
 from autoglm.server.engine_client import EngineClient
 from autoglm.server.errors_http import RequestIdMiddleware, SafeJSONResponse, install_error_handlers
@@ -63,6 +63,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # added last = outermost: the limit's errors carry the request id
     app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     app.include_router(health_api.router)
     app.include_router(status_page.router)
     app.include_router(audio_api.router)  # speech (issue 12)

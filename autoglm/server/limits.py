@@ -91,7 +91,8 @@ class BodyLimitMiddleware:
         self.max_depth = max_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH") or \
+                str(scope.get("path", "")).startswith("/api/blobs/"):  # binary uploads, streamed to disk by the route
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

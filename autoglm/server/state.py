@@ -84,6 +84,11 @@ class ServerState:
             return requested
         if requested in names:
             return names[0]
+
+        from autoglm.server.ollama_models import v1_name  # `autoglm create` models are served by name too
+
+        if v1_name(self, requested) is not None:
+            return requested
         raise ModelNotFound(f"The model `{requested}` does not exist.")
 
     def check_api_key(self, request: Request) -> None:
