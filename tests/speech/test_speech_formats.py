@@ -12,7 +12,10 @@ from autoglm.speech.recognizer import Segment, Transcription
 
 T = Transcription(
     text="Hello there. 你好。", language="en", duration=3.21,
-    segments=[Segment(0.0, 1.5, " Hello there.", [2425, 456], -0.2, 0.01), Segment(1.5, 3661.25, " 你好。", [1], -0.3, 0.02)],
+    segments=[
+        Segment(0.0, 1.5, " Hello there.", [2425, 456], -0.2, 0.01),
+        Segment(1.5, 3661.25, " 你好。", [1], -0.3, 0.02),
+    ],
     num_tokens=9,
 )
 
