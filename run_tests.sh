@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs system packages (Chromium for the status-page test),
+# Runs the whole test suite on a fresh machine: installs system packages (Chromium for the status-page test,
+# espeak-ng for test speech),
 # creates .venv, installs autoglm with its test extras (torch==2.13.0 CPU), then runs pytest.
 # Extra arguments go to pytest (e.g. `./run_tests.sh -m slow`, `./run_tests.sh tests/unit -x`).
 set -euo pipefail
@@ -11,6 +12,11 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "[run_tests] installing chromium (headless status-page test)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  echo "[run_tests] installing espeak-ng (test speech for the Whisper tests)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
 fi
 
 PY=${PYTHON:-python3}

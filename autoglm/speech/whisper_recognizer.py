@@ -131,7 +131,8 @@ class WhisperRecognizer:
                 previous = previous + kept
             seek += max(advance, 1)
         text = "".join(s.text for s in segments).strip()
-        for s in segments:
+        for s in segments:  # a timestamp token may point past the end of the audio
+            s.start = min(s.start, duration)
             s.end = max(s.start, min(s.end, duration))
         return Transcription(text=text, language=language, duration=duration,
                              segments=segments if timestamps else [], num_tokens=n_tokens)
