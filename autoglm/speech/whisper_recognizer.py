@@ -86,6 +86,8 @@ class WhisperRecognizer:
     ) -> Transcription:
         tok = self.tokenizer
         duration = samples.shape[0] / SAMPLE_RATE
+        if samples.shape[0] == 0:
+            return Transcription(text="", language=language, duration=0.0)
         # Featurised once, padded by one hop (not 30 s): windows are zero-padded in the feature domain as
         # openai-whisper / faster-whisper do, so our greedy text matches theirs.
         features = log_mel_spectrogram(samples, self.model.config.num_mel_bins, padding=HOP_LENGTH)
