@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import subprocess
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--beam-size", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--omp-wait-policy", default=None, choices=["PASSIVE", "ACTIVE"],
+                    help="OMP_WAIT_POLICY for both engines (PASSIVE helps torch on an oversubscribed CPU)")
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
@@ -133,10 +136,14 @@ def main() -> None:
     for engine in ("autoglm", "faster-whisper"):
         cmd = [sys.executable, __file__, "--engine", engine, "--model", model, "--threads", str(args.threads),
                "--beam-size", str(args.beam_size)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True)
+        env = dict(os.environ)
+        if args.omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True, env=env)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     ours, fw = results
-    print(f"model {model}  threads {args.threads}  beam {args.beam_size}")
+    print(f"model {model}  threads {args.threads}  beam {args.beam_size}  OMP_WAIT_POLICY "
+          f"{args.omp_wait_policy or os.environ.get('OMP_WAIT_POLICY', '(unset)')}  load average {os.getloadavg()}")
     print(f"{'engine':<16}{'load s':>8}{'15s RTF':>10}{'60s RTF':>10}{'15s WER':>9}{'60s WER':>9}{'peak RSS MB':>13}")
     for r in results:
         print(f"{r['engine']:<16}{r['load_s']:>8}{r['15s']['rtf']:>10}{r['60s']['rtf']:>10}"
