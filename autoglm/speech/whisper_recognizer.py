@@ -43,6 +43,7 @@ class WhisperRecognizer:
     format: str = "safetensors"
     quantization: str = "float32"
     condition_on_previous_text: bool = True
+    max_new_tokens: int = 448  # per 30 s window (capped by the decoder's positions)
 
     def __post_init__(self) -> None:
         self.multilingual = self.tokenizer.multilingual
@@ -98,7 +99,7 @@ class WhisperRecognizer:
         generator = torch.Generator().manual_seed(seed) if seed is not None and temperature > 0 else None
         opts = DecodeOptions(beam_size=beam_size, temperature=temperature, timestamps=decode_ts,
                              suppress_tokens=self.suppress_tokens, suppress_begin=self.suppress_begin,
-                             generator=generator)
+                             generator=generator, max_new_tokens=self.max_new_tokens)
         previous: list[int] = tok.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
         if not self.multilingual:
             language = "en"
