@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs system packages (Chromium for the status-page test),
+# Runs the whole test suite on a fresh machine: installs system packages (Chromium for the status-page test,
+# espeak-ng for test speech),
 # creates .venv, installs autoglm with its test extras (torch==2.13.0 CPU), then runs pytest.
 # Extra arguments go to pytest (e.g. `./run_tests.sh -m slow`, `./run_tests.sh tests/unit -x`).
 set -euo pipefail

@@ -63,6 +63,8 @@ def log_mel_spectrogram(samples: np.ndarray | Tensor, n_mels: int = 80, *, paddi
     x = torch.as_tensor(samples, dtype=torch.float32).flatten()
     if padding > 0:
         x = torch.nn.functional.pad(x, (0, padding))
+    if x.shape[0] <= N_FFT // 2:  # reflection padding needs more samples than half a frame
+        x = torch.nn.functional.pad(x, (0, N_FFT // 2 + 1 - x.shape[0]))
     window = torch.hann_window(N_FFT, dtype=torch.float32)
     stft = torch.stft(x, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # [201, frames + 1]
     power = stft[..., :-1].abs() ** 2  # [201, frames]: the last frame is dropped, as in Whisper

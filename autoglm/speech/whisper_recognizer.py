@@ -43,6 +43,7 @@ class WhisperRecognizer:
     format: str = "safetensors"
     quantization: str = "float32"
     condition_on_previous_text: bool = True
+    max_new_tokens: int = 448  # per 30 s window (capped by the decoder's positions)
 
     def __post_init__(self) -> None:
         self.multilingual = self.tokenizer.multilingual
@@ -86,14 +87,19 @@ class WhisperRecognizer:
     ) -> Transcription:
         tok = self.tokenizer
         duration = samples.shape[0] / SAMPLE_RATE
+        if samples.shape[0] == 0:
+            return Transcription(text="", language=language, duration=0.0)
         # Featurised once, padded by one hop (not 30 s): windows are zero-padded in the feature domain as
         # openai-whisper / faster-whisper do, so our greedy text matches theirs.
         features = log_mel_spectrogram(samples, self.model.config.num_mel_bins, padding=HOP_LENGTH)
         content = features.shape[1] - 1  # [n_mels, content + 1]
+        # Past one window, decode with timestamps anyway (faster-whisper's default): without them Whisper tends to
+        # stop early in a full 30 s window, and seeking to the last timestamp resumes mid-window.
+        decode_ts = timestamps or content > N_FRAMES
         generator = torch.Generator().manual_seed(seed) if seed is not None and temperature > 0 else None
-        opts = DecodeOptions(beam_size=beam_size, temperature=temperature, timestamps=timestamps,
+        opts = DecodeOptions(beam_size=beam_size, temperature=temperature, timestamps=decode_ts,
                              suppress_tokens=self.suppress_tokens, suppress_begin=self.suppress_begin,
-                             generator=generator)
+                             generator=generator, max_new_tokens=self.max_new_tokens)
         previous: list[int] = tok.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
         if not self.multilingual:
             language = "en"
@@ -109,32 +115,35 @@ class WhisperRecognizer:
             states = self.model.encode(window)
             head = [tok.sot_prev, *previous[-(self.model.config.max_target_positions // 2 - 1) :]] if previous else []
             sot_seq = tok.sot_sequence(language, task)
-            prompt_ids = head + sot_seq + ([] if timestamps else [tok.no_timestamps])
+            prompt_ids = head + sot_seq + ([] if decode_ts else [tok.no_timestamps])
             result = decode_window(self.model, tok, states, prompt_ids, opts)
             n_tokens += len(result.tokens) + 1
             offset = seek / FRAMES_PER_SECOND
             if result.no_speech_prob > NO_SPEECH_THRESHOLD and result.avg_logprob < LOGPROB_THRESHOLD:
                 seek += seg_frames  # a silent window: nothing said, nothing to condition on
                 continue
-            if timestamps:
-                new_segments, advance = self._timestamped(result, offset, seg_frames)
+            if decode_ts:
+                new_segments, advance, kept = self._timestamped(result, offset, seg_frames)
             else:
                 text = tok.decode(result.tokens)
                 new_segments = [Segment(offset, offset + seg_frames / FRAMES_PER_SECOND, text, result.tokens,
                                         result.avg_logprob, result.no_speech_prob)] if text.strip() else []
-                advance = seg_frames
+                advance, kept = seg_frames, result.tokens
             segments.extend(new_segments)
             if self.condition_on_previous_text:
-                previous = previous + result.tokens
+                previous = previous + kept
             seek += max(advance, 1)
         text = "".join(s.text for s in segments).strip()
-        for s in segments:
+        for s in segments:  # a timestamp token may point past the end of the audio
+            s.start = min(s.start, duration)
             s.end = max(s.start, min(s.end, duration))
         return Transcription(text=text, language=language, duration=duration,
                              segments=segments if timestamps else [], num_tokens=n_tokens)
 
-    def _timestamped(self, result: DecodeResult, offset: float, seg_frames: int) -> tuple[list[Segment], int]:
-        """Split a window's tokens at timestamp pairs -> (segments, frames to seek)."""
+    def _timestamped(
+        self, result: DecodeResult, offset: float, seg_frames: int
+    ) -> tuple[list[Segment], int, list[int]]:
+        """Split a window's tokens at timestamp pairs -> (segments, frames to seek, the tokens kept as context)."""
         tok = self.tokenizer
         ts = tok.timestamp_begin
         ids = result.tokens
@@ -163,10 +172,10 @@ class WhisperRecognizer:
                     segments.append(s)
                 last = c
             if ends_single:
-                advance = seg_frames
+                advance, kept = seg_frames, ids
             else:
                 # the window ended mid-segment: seek to the last complete timestamp and decode the rest again
-                advance = (ids[last - 1] - ts) * _TIMESTAMP_FRAMES
+                advance, kept = (ids[last - 1] - ts) * _TIMESTAMP_FRAMES, ids[:last]
         else:
             stamps = [t for t in ids if t >= ts]
             s = seg(ids)
@@ -174,5 +183,5 @@ class WhisperRecognizer:
                 if stamps:
                     s.end = offset + (stamps[-1] - ts) * TIME_PRECISION if stamps[-1] != ts else s.end
                 segments.append(s)
-            advance = seg_frames
-        return segments, advance
+            advance, kept = seg_frames, ids
+        return segments, advance, kept
