@@ -91,4 +91,3 @@ class TorchKernels:
 
 
 REFERENCE = TorchKernels()
-

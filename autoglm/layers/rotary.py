@@ -53,9 +53,7 @@ def _partner(rotary_dim: int, head_dim: int, interleaved: bool, device: torch.de
     return j
 
 
-def rope_tables(
-    cos: Tensor, sin: Tensor, head_dim: int, interleaved: bool, kernels: Kernels = REFERENCE
-) -> RopeTables:
+def rope_tables(cos: Tensor, sin: Tensor, head_dim: int, interleaved: bool, kernels: Kernels = REFERENCE) -> RopeTables:
     """cos, sin [T, R/2] (frequency i rotates pair i) -> `RopeTables` over heads of `head_dim` dims."""
     t, half = cos.shape
     if interleaved:  # pairs (2i, 2i+1)
