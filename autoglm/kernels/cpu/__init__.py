@@ -36,15 +36,21 @@ def kernels_spec() -> ExtensionSpec:
 
 
 @functools.cache
-def extension() -> ModuleType | None:
-    """The built extension (memoized for the process: a build result, not a switch), or None if it cannot be built."""
+def load_extension(spec: ExtensionSpec) -> ModuleType | None:
+    """`spec` built and imported (memoized per process: a build result, not a switch), or None — with a warning
+    saying why — when it cannot be built."""
     try:
-        return build_extension(kernels_spec())
+        return build_extension(spec)
     except KernelBuildError as e:
-        log.warning("CPU kernels unavailable, using the torch reference ops: %s", e)
+        log.warning("%s unavailable, using the torch reference ops: %s", spec.label, e)
     except Exception as e:  # no compiler / headers / ninja: keep the reference path
-        log.warning("CPU kernels unavailable (%s: %s), using the torch reference ops", type(e).__name__, e)
+        log.warning("%s unavailable (%s: %s), using the torch reference ops", spec.label, type(e).__name__, e)
     return None
+
+
+def extension() -> ModuleType | None:
+    """The GGUF/decode kernels extension, or None when it cannot be built."""
+    return load_extension(kernels_spec())
 
 
 def cpu_kernels() -> CpuKernels | None:
