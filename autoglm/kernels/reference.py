@@ -19,6 +19,9 @@ class TorchKernels:
     name = "reference"
     fused_decode_attention = False
 
+    def __deepcopy__(self, memo: dict[int, object]) -> object:
+        return self  # shared by every module that computes with it: a copied model keeps the same kernels
+
     def matmul(self, x: Tensor, raw: Tensor, fmt: GGUFBlockFormat, bias: Tensor | None = None) -> Tensor:
         if fmt.packed:
             raise ValueError("packed GGUF weights need the kernels that packed them (reference: file order only)")

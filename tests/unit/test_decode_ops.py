@@ -254,3 +254,30 @@ def test_gemma3_decode_with_fused_ops_matches_transformers(gk: CpuKernels) -> No
             got.append(ours.compute_logits(ours(ids[p : p + 1], pt, ctx)))
     err = (torch.cat(got) - ref).abs().max().item()
     assert err <= 1e-4 * ref.abs().max().item(), err
+
+
+def test_a_gguf_load_does_not_change_another_models_numerics(gk: CpuKernels, tmp_path: Any) -> None:
+    # the old process-wide switch made every float32 CPU model run the C++ ops after any GGUF load
+    pytest.importorskip("transformers")
+    from gguf import GGMLQuantizationType
+
+    from autoglm.layers.linear.gguf import GGUFLinear
+    from autoglm.loader.gguf import load_gguf
+    from tests.fixtures.gguf import gemma3_to_gguf
+    from tests.models.test_gemma3_parity import _hf_model, _ours
+
+    hf = _hf_model("mixed")
+    ours = _ours(hf)
+    ids = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(6))
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return ours.compute_logits(ours(ids, torch.arange(9), AttentionContext.no_cache([9])))
+
+    before = logits()
+    gguf_model = load_gguf(gemma3_to_gguf(hf, tmp_path / "tiny.gguf", GGMLQuantizationType.Q8_0)).decoder
+    quantized = [m for m in gguf_model.modules() if isinstance(m, GGUFLinear)]
+    assert quantized and all(isinstance(m.impl, CpuKernels) for m in quantized)
+    assert all(isinstance(m.kernels, CpuKernels) for m in gguf_model.modules() if isinstance(m, GemmaRMSNorm))
+    assert all(m.kernels is REFERENCE for m in ours.modules() if isinstance(m, GemmaRMSNorm | Attention))
+    assert torch.equal(logits(), before)  # bitwise: the torch model kept the torch ops

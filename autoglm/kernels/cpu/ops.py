@@ -89,6 +89,9 @@ class CpuKernels:
     def __repr__(self) -> str:
         return f"CpuKernels(vnni={self.has_vnni}, prefill_bf16={self.prefill_bf16})"
 
+    def __deepcopy__(self, memo: dict[int, object]) -> object:
+        return self  # shared by every module that computes with it: a copied model keeps the same kernels
+
     # --- GGUF block matmuls ------------------------------------------------------------------------------------
     def supports(self, fmt: GGUFBlockFormat) -> bool:
         return int(fmt.qtype) in _SUPPORTED_IDS
