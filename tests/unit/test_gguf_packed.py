@@ -7,6 +7,8 @@ every path; modules built with the reference kernels are never packed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +139,24 @@ def test_prepare_packs_and_shares_tied_weights(gk: CpuKernels) -> None:
     # the reference model still reads the file's blocks: exactly F.linear
     assert not reference.lm_head.weight_format.packed and reference.lm_head.weight.data_ptr() == raw.data_ptr()
     torch.testing.assert_close(reference.lm_head(x), F.linear(x, w), rtol=0, atol=0)
+
+
+def test_loading_packs_nothing_and_the_runner_prepares_once(gk: CpuKernels, tmp_path: Path) -> None:
+    from autoglm.config import EngineConfig
+    from autoglm.engine.engine import Engine
+    from autoglm.layers.attention import CpuFusedBackend
+    from autoglm.loader.gguf import load_gguf
+    from tests.fixtures.gguf import gemma3_to_gguf, tiny_gemma3_hf
+
+    loaded = load_gguf(gemma3_to_gguf(tiny_gemma3_hf(0), tmp_path / "tiny.gguf", Q.Q8_0))
+    mods = [m for m in loaded.decoder.modules() if isinstance(m, GGUFLinear | GGUFEmbedding)]
+    packable = [m for m in mods if m.weight_format.rows % 16 == 0]
+    assert packable and all(m.impl is mods[0].impl and isinstance(m.impl, CpuKernels) for m in mods)
+    assert not any(m.weight_format.packed for m in mods)  # loading is not packing
+    engine = Engine(loaded, EngineConfig(max_model_len=64, max_num_seqs=2, block_size=4, num_kv_blocks=32))
+    try:
+        assert isinstance(engine.runner.backend, CpuFusedBackend)  # chosen from the kernels the loader bound
+        assert all(m.weight_format.packed == gk.has_vnni for m in packable)  # the explicit step ran at start-up
+        assert prepare_weights(loaded.decoder) == 0
+    finally:
+        engine.close()
