@@ -50,6 +50,13 @@ class CorruptFile(ModelLoadError):
     """Truncated or malformed weight file (safetensors, GGUF)."""
 
 
+class KernelBuildError(AutoGLMError):
+    """The optional C++ kernels could not be built or loaded (compiler, timeout, lock); callers fall back to the
+    reference ops, so this never reaches a client."""
+
+    error_type = "kernel_build_error"
+
+
 # --- requests ----------------------------------------------------------------------------------------------------
 class InvalidRequest(AutoGLMError):
     """The client's request is wrong. Never a 5xx."""

@@ -5,7 +5,7 @@
 
 Weights are random GGUF blocks (valid fp16 scales); every timing is the min over `--reps` runs, all candidates of a
 shape measured back to back in one process (the machine is shared: compare only within a run). Candidates:
-- ref:        GGUFBlockFormat.matmul with no kernel registered (dequantize per call in torch ops, float32 GEMM)
+- ref:        GGUFBlockFormat.matmul, the reference kernels (dequantize per call in torch ops, float32 GEMM)
 - vnni:       fused C++ kernel, int8 activations per 32 (AVX512-VNNI), the decode path
 - float_act:  fused C++ kernel, row dequantized in L1, float32 activations (the non-VNNI fallback)
 - deq_f32:    C++ dequantize once + float32 GEMM (prefill path); deq_bf16: same in bfloat16
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
-from autoglm.quant import gguf_kernels as gk
-from autoglm.quant.gguf_linear import GGUFBlockFormat
+from autoglm.kernels.cpu import cpu_kernels
+from autoglm.kernels.cpu.ops import CpuKernels
+from autoglm.layers.linear.gguf import GGUFBlockFormat
 
 Q = GGMLQuantizationType
 GEMMA_SHAPES = [(2048, 640), (640, 2048), (262144, 640)]  # (rows=out, cols=in)
@@ -59,14 +60,16 @@ def best_ms(fn: Callable[[], object], reps: int) -> float:
     return best * 1e3
 
 
-def candidates(qtype: GGMLQuantizationType, rows: int, cols: int, m: int) -> dict[str, Callable[[], object]]:
+def candidates(
+    gk: CpuKernels, qtype: GGMLQuantizationType, rows: int, cols: int, m: int
+) -> dict[str, Callable[[], object]]:
     raw = random_raw(qtype, rows, cols)
     fmt = GGUFBlockFormat(qtype, rows, cols)
     x = torch.randn(m, cols)
     xb = x.bfloat16()
     c: dict[str, Callable[[], object]] = {}
     if rows * cols <= 1 << 24 or m == 1:
-        c["ref"] = lambda: fmt.matmul(x, raw)  # gk not installed: the reference path
+        c["ref"] = lambda: fmt.matmul(x, raw)  # the reference path
     if m <= 64:
         c["vnni"] = lambda: gk.gemv(x, raw, fmt)
         c["float_act"] = lambda: gk.gemv(x, raw, fmt, exact_activations=True)
@@ -90,7 +93,8 @@ def candidates(qtype: GGMLQuantizationType, rows: int, cols: int, m: int) -> dic
 
 
 def model_decode(path: str | None, threads: int, prompt: int, gen: int, runs: int) -> dict[str, float]:
-    """Whole-model decode/prefill tok/s: our engine with the kernels installed, then llama-cpp-python, same process."""
+    """Whole-model decode/prefill tok/s: our engine (the loader picks the CPU kernels), then llama-cpp-python, same
+    process."""
     from autoglm.config import EngineConfig
     from autoglm.default_model import default_model_path
     from autoglm.engine.engine import Engine
@@ -101,7 +105,6 @@ def model_decode(path: str | None, threads: int, prompt: int, gen: int, runs: in
     path = path or str(default_model_path())
     torch.set_grad_enabled(False)
     loaded = load_model(path, no_vision=True)
-    gk.install()
 
     def ids(k: int, plen: int) -> list[int]:  # a different prompt per run: no prefix-cache hits
         g = torch.Generator().manual_seed(k)
@@ -184,10 +187,10 @@ def main() -> None:
         row = model_decode(args.model or None, args.threads, args.prompt, args.gen, args.runs)
         print(json.dumps({"threads": args.threads, "prompt": args.prompt, "gen": args.gen, **row}))
         return
-    if gk.extension() is None:
+    gk = cpu_kernels()
+    if gk is None:
         raise SystemExit("the GGUF kernel extension could not be built")
-    gk.uninstall()
-    print(f"threads={args.threads} vnni={gk.has_vnni()} reps={args.reps} (min ms)")
+    print(f"threads={args.threads} vnni={gk.has_vnni} reps={args.reps} (min ms)")
     rows_out = []
     shapes = GEMMA_SHAPES + (BIG_SHAPES if args.big else [])
     for tname in args.types.split(","):
@@ -197,7 +200,7 @@ def main() -> None:
                 continue
             for m in (int(t) for t in args.tokens.split(",")):
                 res = {}
-                for name, fn in candidates(qtype, rows, cols, m).items():
+                for name, fn in candidates(gk, qtype, rows, cols, m).items():
                     try:
                         res[name] = round(best_ms(fn, args.reps if rows * cols * m < 1 << 30 else 2), 3)
                     except RuntimeError as e:

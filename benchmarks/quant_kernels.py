@@ -77,8 +77,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n, k = args.n, args.k
-    from autoglm.quant.int4 import quantize_int4, unpack_nibbles
-    from autoglm.quant.int8 import quantize_int8
+    from autoglm.layers.linear.int4 import quantize_int4, unpack_nibbles
+    from autoglm.layers.linear.int8 import quantize_int8
 
     w = torch.randn(n, k) * 0.02
     wb = w.bfloat16()

@@ -1,7 +1,7 @@
 """A scheduled batch -> packed tensors -> encoders + decoder -> logits -> sampled tokens. Decides no policy.
 
-Owns the K/V tensors: one `[num_blocks, block_size, n_kv, head_dim]` pair per `Attention` module of the decoder,
-attached as `k_cache` / `v_cache`, on that module's device.
+Builds the attention backend once (`make_backend`: it owns the K/V tensors, one `[num_blocks, block_size, n_kv,
+head_dim]` pair per `Attention` layer, on the decoder's device) and hands it to every step in the `AttentionContext`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from autoglm.engine.request import Request
 from autoglm.engine.sampler import Sampler, SamplingRow, TokenLogprob
 from autoglm.engine.scheduler import ScheduledBatch
 from autoglm.errors import UnsupportedModality
-from autoglm.layers.attention import AttentionContext
+from autoglm.layers.attention import AttentionContext, make_backend
+from autoglm.layers.linear.gguf import prepare_weights
 from autoglm.models.loaded import LoadedModel
 
 
@@ -29,18 +30,17 @@ class ModelRunner:
         self.dtype, self.device = plan.dtype, plan.device
         num_blocks, cache_dtype = plan.num_blocks, plan.cache_dtype
         self.layers = attention_layers(model)
-        for attn in self.layers:
-            dev = self.device  # the decoder lives on one device (encoders may be elsewhere)
-            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=cache_dtype, device=dev)
-            attn.v_cache = torch.zeros(shape, dtype=cache_dtype, device=dev)
+        prepare_weights(model.decoder)  # explicit one-time repack for the chosen kernels (no-op when done/none)
+        # the decoder lives on one device (encoders may be elsewhere)
+        self.backend = make_backend(
+            self.layers, num_blocks=num_blocks, block_size=block_size, dtype=cache_dtype, device=self.device
+        )
         self.sampler = Sampler()
         self.encoder_cache = EncoderCache(encoder_cache_memory)
         self.num_encoder_runs = 0  # encoder calls (one per media item not found in any cache)
 
     def release(self) -> None:
-        for attn in self.layers:
-            attn.k_cache = attn.v_cache = None
+        self.backend.release()
         self.encoder_cache.clear()
 
     @torch.inference_mode()
@@ -79,7 +79,9 @@ class ModelRunner:
             context_lens=[r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_new_tokens, strict=True)],
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=tables,
+            backend=self.backend,
         )
+        self.backend.prepare(ctx)
         embeds = None
         if media_rows:
             embeds = self.decoder.embed_tokens(input_ids)  # [T, D]

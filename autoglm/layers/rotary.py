@@ -13,7 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError
-from autoglm.layers.norm import Norm, fused_ops
+from autoglm.kernels.base import Kernels
+from autoglm.kernels.reference import REFERENCE
+from autoglm.layers.norm import Norm
 
 
 def rotate_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -40,6 +42,7 @@ class RopeTables(NamedTuple):
     perm: Tensor  # [D] int64
     rotary_dim: int = 0  # R: dims [R, D) are passed through (0: the whole head)
     interleaved: bool = False
+    kernels: Kernels = REFERENCE  # those of the rope module that built the tables (`apply_rope` without a norm)
 
 
 @lru_cache(maxsize=64)
@@ -50,7 +53,7 @@ def _partner(rotary_dim: int, head_dim: int, interleaved: bool, device: torch.de
     return j
 
 
-def rope_tables(cos: Tensor, sin: Tensor, head_dim: int, interleaved: bool) -> RopeTables:
+def rope_tables(cos: Tensor, sin: Tensor, head_dim: int, interleaved: bool, kernels: Kernels = REFERENCE) -> RopeTables:
     """cos, sin [T, R/2] (frequency i rotates pair i) -> `RopeTables` over heads of `head_dim` dims."""
     t, half = cos.shape
     if interleaved:  # pairs (2i, 2i+1)
@@ -64,23 +67,21 @@ def rope_tables(cos: Tensor, sin: Tensor, head_dim: int, interleaved: bool) -> R
         c = torch.cat((c, c.new_ones(t, rest)), dim=-1)
         s = torch.cat((s, s.new_zeros(t, rest)), dim=-1)
     perm = _partner(2 * half, head_dim, interleaved, cos.device)
-    return RopeTables(c[:, None, :], s[:, None, :], perm, 2 * half, interleaved)
+    return RopeTables(c[:, None, :], s[:, None, :], perm, 2 * half, interleaved, kernels)
 
 
 def apply_rope(x: Tensor, tables: RopeTables, norm: Norm | None = None) -> Tensor:
     """x [T, H, D] -> norm(x) (per head, if given: Gemma's q/k norms) rotated by `tables`.
 
-    One fused call on float32 CPU when the kernels are installed, else three torch ops whatever the style.
+    Runs with the norm's kernels when a norm is given, else the tables' (one fused call on float32 CPU with the CPU
+    kernels, else three torch ops whatever the style).
     """
-    f = fused_ops(x, tables.cos)
-    if f is not None and (norm is None or norm.weight.dtype == torch.float32):
-        w = None if norm is None else norm.weight
-        eps, offset = (0.0, 0.0) if norm is None else (norm.eps, norm.offset)
-        r = tables.rotary_dim or x.shape[-1]
-        return f.norm_rope(x.contiguous(), w, eps, offset, tables.cos, tables.sin, r, tables.interleaved)
-    if norm is not None:
-        x = norm(x)
-    return torch.addcmul(x * tables.cos, x.index_select(-1, tables.perm), tables.sin)
+    r = tables.rotary_dim or x.shape[-1]
+    if norm is None:
+        return tables.kernels.norm_rope(x, None, 0.0, 0.0, tables.cos, tables.sin, tables.perm, r, tables.interleaved)
+    return norm.kernels.norm_rope(
+        x, norm.weight, norm.eps, norm.offset, tables.cos, tables.sin, tables.perm, r, tables.interleaved
+    )
 
 
 class RotaryEmbedding(nn.Module):
@@ -113,6 +114,10 @@ class RotaryEmbedding(nn.Module):
         self.scaling = scaling  # position scaling factor (linear rope scaling); 1.0 for GLM
         # Derived, never loaded: kept out of the state dict (and off `meta`) in a per-device cache.
         self._tables: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
+        self.kernels: Kernels = REFERENCE  # handed to the tables it builds (`apply_rope`)
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        self.kernels = kernels
 
     def _table(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """-> (inv_freq [R/2] float32, M-RoPE row of each frequency [R/2] or None) on `device`."""
@@ -149,7 +154,7 @@ class RotaryEmbedding(nn.Module):
     def tables(self, positions: Tensor, dtype: torch.dtype, head_dim: int) -> RopeTables:
         """positions [T] or [3, T] -> whole-head `RopeTables` for `apply_rope` (compute once per forward)."""
         cos, sin = self.cos_sin(positions, dtype)
-        return rope_tables(cos, sin, head_dim, self.interleaved)
+        return rope_tables(cos, sin, head_dim, self.interleaved, self.kernels)
 
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x: [T, H, D] with D >= rotary_dim; cos/sin: [T, R/2] -> [T, H, D]."""

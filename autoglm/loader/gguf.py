@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError, ModelLoadError, UnsupportedArchitecture, UnsupportedQuantType
+from autoglm.kernels import REFERENCE, Kernels, bind_kernels, select_kernels
 from autoglm.layers.linear import Linear
 from autoglm.loader.gguf_names import gguf_names_for, neox_to_interleaved_rows
 from autoglm.loader.gguf_reader import GGUFFile, TensorInfo
@@ -188,9 +189,12 @@ def _dense(f: GGUFFile, info: TensorInfo) -> Tensor:
     return dequantize(raw, info.qtype, info.shape, info.name)
 
 
-def _swap_quantized(model: nn.Module, f: GGUFFile, names: dict[str, str], dtype: torch.dtype) -> None:
-    """Replace each Linear / Embedding whose file weight is block-quantized (or F16/BF16) by its GGUF module."""
-    from autoglm.quant.gguf_linear import GGUFEmbedding, GGUFLinear
+def _swap_quantized(
+    model: nn.Module, f: GGUFFile, names: dict[str, str], dtype: torch.dtype, kernels: Kernels = REFERENCE
+) -> None:
+    """Replace each Linear / Embedding whose file weight is block-quantized (or F16/BF16) by its GGUF module, computing
+    with `kernels`."""
+    from autoglm.layers.linear.gguf import GGUFEmbedding, GGUFLinear
 
     for gname, pname in names.items():
         info = f.tensors.get(gname)
@@ -203,11 +207,13 @@ def _swap_quantized(model: nn.Module, f: GGUFFile, names: dict[str, str], dtype:
         if isinstance(mod, Linear | nn.Linear):
             with torch.device("meta"):
                 new: nn.Module = GGUFLinear(
-                    mod.in_features, mod.out_features, info.qtype, bias=mod.bias is not None, name=gname
+                    mod.in_features, mod.out_features, info.qtype, bias=mod.bias is not None, impl=kernels, name=gname
                 )
         elif isinstance(mod, nn.Embedding):
             with torch.device("meta"):
-                new = GGUFEmbedding(mod.num_embeddings, mod.embedding_dim, info.qtype, dtype=dtype, name=gname)
+                new = GGUFEmbedding(
+                    mod.num_embeddings, mod.embedding_dim, info.qtype, impl=kernels, dtype=dtype, name=gname
+                )
         else:
             continue  # a quantized norm or other 1-D tensor: decoded to float in the stream
         setattr(owner, child, new)
@@ -235,10 +241,11 @@ def load_gguf(
     model = build_decoder(f)
     n_blocks = int(_need(f, f"{arch}.block_count"))
     names = gguf_names_for(arch, n_blocks, expected_tensors(model))
-    _swap_quantized(model, f, names, act_dtype)
+    kernels = select_kernels(devices["decoder"])  # chosen once for this model: CPU kernels when built, else torch
+    _swap_quantized(model, f, names, act_dtype, kernels)
     tied = getattr(model, "tied_parameters", None)
     if callable(tied) and tied() and "token_embd.weight" in f.tensors:
-        _swap_tied_head(model, f.tensors["token_embd.weight"])
+        _swap_tied_head(model, f.tensors["token_embd.weight"], kernels)
     convert = _layout_fixups(f, arch, model)
 
     def stream() -> Iterator[tuple[str, Tensor]]:
@@ -285,17 +292,11 @@ def load_gguf(
         info.bytes / 2**20,
         seconds,
     )
-    if _on_cpu(loaded):
-        # Fused dequant+dot kernels on the raw blocks (compiled once per machine; falls back when unavailable).
-        from autoglm.quant import gguf_kernels
-
-        if gguf_kernels.install():
-            gguf_kernels.pack_model(loaded.decoder)  # Q4_0/Q5_0/Q8_0 repacked for the kernel on first use
+    # the decoder's norms, rotary and attention run with the same kernels (encoders keep the torch reference);
+    # packing weights is the explicit `prepare_weights` step (server start-up / engine runner), not part of loading
+    bind_kernels(loaded.decoder, kernels)
+    log.info("%s: %s kernels", path.name, kernels.name)
     return loaded
-
-
-def _on_cpu(loaded: LoadedModel) -> bool:
-    return any(p.device.type == "cpu" for p in loaded.decoder.buffers())
 
 
 def dense_weights(f: GGUFFile) -> Iterator[tuple[str, Tensor]]:
@@ -315,15 +316,17 @@ def dense_weights(f: GGUFFile) -> Iterator[tuple[str, Tensor]]:
         yield pname, convert(pname, _dense(f, info)).float()
 
 
-def _swap_tied_head(model: nn.Module, embd: TensorInfo) -> None:
+def _swap_tied_head(model: nn.Module, embd: TensorInfo, kernels: Kernels = REFERENCE) -> None:
     """A tied lm_head over a quantized embedding must read the same blocks: make it a GGUFLinear of that type."""
     head = getattr(model, "lm_head", None)
     if not isinstance(head, Linear | nn.Linear) or embd.qtype in _DENSE:
         return
-    from autoglm.quant.gguf_linear import GGUFLinear
+    from autoglm.layers.linear.gguf import GGUFLinear
 
     with torch.device("meta"):
-        model.lm_head = GGUFLinear(head.in_features, head.out_features, embd.qtype, name="output.weight (tied)")
+        model.lm_head = GGUFLinear(
+            head.in_features, head.out_features, embd.qtype, impl=kernels, name="output.weight (tied)"
+        )
 
 
 def _layout_fixups(f: GGUFFile, arch: str, model: nn.Module) -> Any:

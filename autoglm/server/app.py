@@ -108,11 +108,12 @@ async def _start(state: ServerState, model: LoadedModel | None, engine: EngineCl
 
 
 def _prepare_weights(model: LoadedModel) -> None:
-    """Repack GGUF weights for the CPU kernels before serving (otherwise the first request pays for it)."""
-    from autoglm.quant import gguf_kernels
+    """Repack GGUF weights for their kernels before listening (the explicit `prepare_weights` step; the engine's
+    runner would otherwise do it while the first request waits)."""
+    from autoglm.layers.linear.gguf import prepare_weights
 
     started = time.monotonic()
-    n = gguf_kernels.pack_pending(model.decoder)
+    n = prepare_weights(model.decoder)
     if n:
         log.info("Packed %d GGUF weights for the CPU kernels in %.2f s", n, time.monotonic() - started)
 

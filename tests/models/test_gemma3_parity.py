@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.layers.attention import Attention, AttentionBackend, AttentionContext, make_backend
 from autoglm.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -72,11 +72,9 @@ def pair(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, Gemma3ForCaus
     return hf, _ours(hf)
 
 
-def _attach_cache(model: Gemma3ForCausalLM, num_blocks: int, block_size: int) -> None:
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.k_cache = torch.zeros(num_blocks, block_size, m.num_kv_heads, m.head_dim)
-            m.v_cache = torch.zeros(num_blocks, block_size, m.num_kv_heads, m.head_dim)
+def _attach_cache(model: Gemma3ForCausalLM, num_blocks: int, block_size: int) -> AttentionBackend:
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    return make_backend(layers, num_blocks=num_blocks, block_size=block_size, dtype=torch.float32)
 
 
 def test_logits_match_uncached(pair: tuple[torch.nn.Module, Gemma3ForCausalLM]) -> None:
@@ -116,25 +114,23 @@ def test_greedy_32_with_paged_cache(pair: tuple[torch.nn.Module, Gemma3ForCausal
             seq = torch.cat([seq, hf(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
         ref = seq[0, 7:].tolist()
         nb = (7 + n_new + block_size - 1) // block_size
-        _attach_cache(ours, nb + 1, block_size)
+        backend = _attach_cache(ours, nb + 1, block_size)
         table = torch.arange(1, nb + 1)[None]  # block 0 unused: catches off-by-one block indexing
 
         def slots(pos: torch.Tensor) -> torch.Tensor:
             return table[0, pos // block_size] * block_size + pos % block_size
 
         pos = torch.arange(7)
-        ctx = AttentionContext([7], [7], slot_mapping=slots(pos), block_tables=table)
+        ctx = AttentionContext([7], [7], slot_mapping=slots(pos), block_tables=table, backend=backend)
         logits = ours.compute_logits(ours(prompt, pos, ctx))
         out: list[int] = []
         tok = int(logits[-1].argmax())
         for step in range(n_new):
             out.append(tok)
             p = torch.tensor([7 + step])
-            ctx = AttentionContext([1], [8 + step], slot_mapping=slots(p), block_tables=table)
+            ctx = AttentionContext([1], [8 + step], slot_mapping=slots(p), block_tables=table, backend=backend)
             tok = int(ours.compute_logits(ours(torch.tensor([tok]), p, ctx))[-1].argmax())
-        for m in ours.modules():
-            if isinstance(m, Attention):
-                m.k_cache = m.v_cache = None
+        backend.release()
     assert out == ref
 
 

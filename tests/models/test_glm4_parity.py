@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.layers.attention import Attention, AttentionContext, make_backend
 from autoglm.loader.hf import load_hf
 
 RTOL = 1e-4  # of max|logit|
@@ -28,16 +28,12 @@ class PagedCache:
         self.free = list(range(num_blocks))
         self.blocks: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
-        for m in model.modules():
-            if isinstance(m, Attention):
-                shape = (num_blocks, block_size, m.num_kv_heads, m.head_dim)
-                dtype = next(model.parameters()).dtype
-                m.k_cache, m.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        dtype = next(model.parameters()).dtype
+        self.backend = make_backend(layers, num_blocks=num_blocks, block_size=block_size, dtype=dtype)
 
     def close(self) -> None:
-        for m in self.model.modules():
-            if isinstance(m, Attention):
-                m.k_cache = m.v_cache = None
+        self.backend.release()
 
     def step(self, chunks: list[tuple[int, Tensor, Tensor]]) -> list[Tensor]:
         """chunks: (seq_id, new ids [n], positions [n] or [3, n]) -> per-sequence logits [n, vocab]."""
@@ -55,7 +51,7 @@ class PagedCache:
             self.lens[sid] = end
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        ctx = AttentionContext(qlens, clens, torch.tensor(slots, dtype=torch.long), block_tables)
+        ctx = AttentionContext(qlens, clens, torch.tensor(slots, dtype=torch.long), block_tables, backend=self.backend)
         ids = torch.cat([c[1] for c in chunks])
         pos = torch.cat([c[2] for c in chunks], dim=-1)
         with torch.inference_mode():

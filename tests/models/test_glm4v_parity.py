@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from autoglm.engine.prompt import assemble_prompt, expand_placeholders
-from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.layers.attention import Attention, AttentionBackend, AttentionContext, make_backend
 from autoglm.loader.hf import load_hf
 from autoglm.models.base import DecoderModel
 from autoglm.models.glm4v import Glm4vForConditionalGeneration, VisionEncoder
@@ -244,17 +244,9 @@ def test_bfloat16_error_comparable_to_transformers(pairs) -> None:
     assert err_ours <= 1.5 * err_theirs + 1e-3, (err_ours, err_theirs)
 
 
-def _attach_cache(model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.k_cache = torch.zeros(num_blocks, block_size, m.num_kv_heads, m.head_dim)
-            m.v_cache = torch.zeros(num_blocks, block_size, m.num_kv_heads, m.head_dim)
-
-
-def _detach_cache(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.k_cache = m.v_cache = None
+def _attach_cache(model: torch.nn.Module, num_blocks: int, block_size: int) -> AttentionBackend:
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    return make_backend(layers, num_blocks=num_blocks, block_size=block_size, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("idx", [0, 2])
@@ -280,7 +272,7 @@ def test_greedy_32_tokens_with_image(pairs, idx: int) -> None:
     block_size = 16
     total = len(expanded) + n_new
     nb = (total + block_size - 1) // block_size
-    _attach_cache(model, nb, block_size)
+    backend = _attach_cache(model, nb, block_size)
     try:
         table = torch.arange(nb)[None]
         got: list[int] = []
@@ -288,17 +280,17 @@ def test_greedy_32_tokens_with_image(pairs, idx: int) -> None:
             # prefill in two chunks (the engine's chunked prefill), slicing the prompt's M-RoPE positions
             cut = len(expanded) // 2
             for lo, hi in ((0, cut), (cut, len(expanded))):
-                ctx = AttentionContext([hi - lo], [hi], torch.arange(lo, hi), table)
+                ctx = AttentionContext([hi - lo], [hi], torch.arange(lo, hi), table, backend=backend)
                 h = model(torch.tensor(expanded[lo:hi]), pp.span(lo, hi), ctx, embeds[lo:hi])
             tok = int(model.compute_logits(h[-1:]).argmax(-1))
             got.append(tok)
             for i in range(len(expanded), total - 1):
-                ctx = AttentionContext([1], [i + 1], torch.tensor([i]), table)
+                ctx = AttentionContext([1], [i + 1], torch.tensor([i]), table, backend=backend)
                 h = model(torch.tensor([tok]), pp.span(i, i + 1), ctx)
                 tok = int(model.compute_logits(h).argmax(-1))
                 got.append(tok)
     finally:
-        _detach_cache(model)
+        backend.release()
     assert got == expect
 
 

@@ -1,41 +1,47 @@
 """The decode path's fused CPU helpers and attention fast paths equal the plain torch composition.
 
-Kernels (`autoglm/quant/csrc/norm_ops.cpp`, `attention.cpp`): rms_norm, add_rms_norm, norm_rope, attend_decode —
-each against the torch ops it replaces. Attention: the cache-view, gathered-block and batched decode paths (torch and
-fused) against attention over the whole sequence. Models: a tiny Gemma 3 decoding through the paged cache with the
-fused helpers on matches transformers' logits (the parity tests in tests/models cover the torch path).
+Kernels (`autoglm/kernels/cpu/csrc/norm_ops.cpp`, `attention.cpp`): rms_norm, add_rms_norm, norm_rope,
+attend_decode — each, through modules bound to `CpuKernels`, against the same modules on the reference kernels.
+Attention: the cache-view, gathered-block and batched decode paths of both backends (`TorchRefBackend`,
+`CpuFusedBackend`) against attention over the whole sequence. Models: a tiny Gemma 3 bound to the CPU kernels, decoding
+through the fused backend's paged cache, matches transformers' logits (tests/models cover the reference path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from autoglm.layers import norm as norm_layers
-from autoglm.layers.attention import Attention, AttentionContext
+from autoglm.kernels import REFERENCE, bind_kernels
+from autoglm.kernels.cpu import cpu_kernels
+from autoglm.kernels.cpu.ops import CpuKernels
+from autoglm.layers.attention import (
+    Attention,
+    AttentionBackend,
+    AttentionContext,
+    CpuFusedBackend,
+    TorchRefBackend,
+    make_backend,
+)
+from autoglm.layers.attention.torch_ref import causal_attention
 from autoglm.layers.norm import GemmaRMSNorm, RMSNorm, add_norm
 from autoglm.layers.rotary import RotaryEmbedding, apply_rope, rope_tables
-from autoglm.quant import gguf_kernels as gk
 
 
 @pytest.fixture(scope="module")
-def ext() -> Any:
-    e = gk.extension()
-    assert e is not None, "the C++ kernels must build on the test machine (g++ and ninja are installed)"
-    return e
+def gk() -> CpuKernels:
+    k = cpu_kernels()
+    assert k is not None, "the C++ kernels must build on the test machine (g++ and ninja are installed)"
+    return k
 
 
-@pytest.fixture
-def fused(ext: Any) -> Iterator[Any]:
-    norm_layers.set_fused_ops(ext)
-    try:
-        yield ext
-    finally:
-        norm_layers.set_fused_ops(None)
+@pytest.fixture(scope="module")
+def ext(gk: CpuKernels) -> Any:
+    return gk.ext
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
@@ -44,7 +50,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
 
 @pytest.mark.parametrize("cls", [RMSNorm, GemmaRMSNorm])
 @pytest.mark.parametrize("dim", [640, 48, 7])
-def test_norms_and_residual_step(fused: Any, cls: type, dim: int) -> None:
+def test_norms_and_residual_step(gk: CpuKernels, cls: type, dim: int) -> None:
     g = torch.Generator().manual_seed(dim)
     post, pre = cls(dim, 1e-6), cls(dim, 1e-6)
     with torch.no_grad():
@@ -52,9 +58,15 @@ def test_norms_and_residual_step(fused: Any, cls: type, dim: int) -> None:
         pre.weight.copy_(torch.randn(dim, generator=g))
     h, y = torch.randn(5, dim, generator=g), torch.randn(5, dim, generator=g) * 3
     with torch.inference_mode():
+        ref = (post(y), *add_norm(h, y, post, pre), add_norm(h, y, post)[0])  # never bound: the reference
+        assert bind_kernels(nn.ModuleList([post, pre]), gk) == 2
         got = (post(y), *add_norm(h, y, post, pre), add_norm(h, y, post)[0])
-        norm_layers.set_fused_ops(None)
-        ref = (post(y), *add_norm(h, y, post, pre), add_norm(h, y, post)[0])
+        # bfloat16 inputs have no C++ kernel: the bound modules hand them to the reference, exactly
+        hb, yb = h.bfloat16(), y.bfloat16()
+        assert torch.equal(
+            add_norm(hb, yb, post, pre)[1],
+            REFERENCE.add_rms_norm(hb, yb, post.weight, pre.weight, post.eps, post.offset)[1],
+        )
     for a, b in zip(got, ref, strict=True):
         assert a is not None and b is not None
         _close(a, b)
@@ -63,19 +75,21 @@ def test_norms_and_residual_step(fused: Any, cls: type, dim: int) -> None:
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize(("rotary_dim", "head_dim"), [(64, 128), (256, 256), (8, 16)])
 @pytest.mark.parametrize("with_norm", [True, False])
-def test_norm_rope(fused: Any, interleaved: bool, rotary_dim: int, head_dim: int, with_norm: bool) -> None:
+def test_norm_rope(gk: CpuKernels, interleaved: bool, rotary_dim: int, head_dim: int, with_norm: bool) -> None:
     g = torch.Generator().manual_seed(rotary_dim + head_dim)
     rope = RotaryEmbedding(rotary_dim, 10_000.0, interleaved=interleaved)
-    tables = rope.tables(torch.tensor([0, 5, 511]), torch.float32, head_dim)
+    ref_tables = rope.tables(torch.tensor([0, 5, 511]), torch.float32, head_dim)
     x = torch.randn(3, 4, head_dim, generator=g)
     norm = GemmaRMSNorm(head_dim) if with_norm else None
     if norm is not None:
         with torch.no_grad():
             norm.weight.copy_(torch.randn(head_dim, generator=g))
     with torch.inference_mode():
+        ref = apply_rope(norm(x) if norm is not None else x, ref_tables)
+        bind_kernels(nn.ModuleList([rope] + ([norm] if norm is not None else [])), gk)
+        tables = rope.tables(torch.tensor([0, 5, 511]), torch.float32, head_dim)
+        assert tables.kernels is gk and ref_tables.kernels is REFERENCE
         got = apply_rope(x, tables, norm)
-        norm_layers.set_fused_ops(None)
-        ref = apply_rope(norm(x) if norm is not None else x, tables)
         # and the table form equals the classic pairwise rotation
         cos, sin = rope.cos_sin(torch.tensor([0, 5, 511]), torch.float32)
         classic = rope.apply(norm(x) if norm is not None else x, cos, sin)
@@ -136,14 +150,16 @@ def test_attend_decode_paged_equals_the_gathered_span(ext: Any, dtype: torch.dty
 
 
 def _decode_case(
-    attn: Attention, lens: list[int], tables: list[list[int]], block_size: int, seed: int
+    attn: Attention, kernels: CpuKernels | None, lens: list[int], tables: list[list[int]], block_size: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill each sequence's cache through the cached prefill path, then one decode step; -> (decode out, reference)."""
     g = torch.Generator().manual_seed(seed)
     h, kv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     nblocks = max(max(t) for t in tables) + 1
-    attn.k_cache = torch.zeros(nblocks, block_size, kv, d)
-    attn.v_cache = torch.zeros(nblocks, block_size, kv, d)
+    shape = {"num_blocks": nblocks, "block_size": block_size, "dtype": torch.float32}
+    backend: AttentionBackend = (
+        TorchRefBackend([attn], **shape) if kernels is None else CpuFusedBackend([attn], kernels, **shape)
+    )
     width = max(len(t) for t in tables)
     bt = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables])
     qs, ks, vs = [], [], []
@@ -158,18 +174,19 @@ def _decode_case(
             q[:-1],
             k[:-1],
             v[:-1],
-            AttentionContext([n - 1], [n - 1], slot_mapping=slots[:-1], block_tables=bt[i : i + 1]),
+            AttentionContext([n - 1], [n - 1], slot_mapping=slots[:-1], block_tables=bt[i : i + 1], backend=backend),
         )
         qs.append(q)
         ks.append(k)
         vs.append(v)
     last = [n - 1 for n in lens]
     slots = torch.tensor([tables[i][p // block_size] * block_size + p % block_size for i, p in enumerate(last)])
-    ctx = AttentionContext([1] * len(lens), list(lens), slot_mapping=slots, block_tables=bt)
+    ctx = AttentionContext([1] * len(lens), list(lens), slot_mapping=slots, block_tables=bt, backend=backend)
+    backend.prepare(ctx)
     out = attn(
         torch.stack([q[-1] for q in qs]), torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs]), ctx
     )
-    ref = torch.stack([attn._causal(q, k, v)[-1] for q, k, v in zip(qs, ks, vs, strict=True)])
+    ref = torch.stack([causal_attention(attn, q, k, v)[-1] for q, k, v in zip(qs, ks, vs, strict=True)])
     return out, ref
 
 
@@ -184,28 +201,43 @@ def _decode_case(
     ],
 )
 def test_decode_paths_equal_full_attention(
-    ext: Any, use_fused: bool, window: int | None, lens: list[int], tables: list[list[int]]
+    gk: CpuKernels, use_fused: bool, window: int | None, lens: list[int], tables: list[list[int]]
 ) -> None:
     attn = Attention(4, 2, 64, scale=0.125, sliding_window=window)
-    norm_layers.set_fused_ops(ext if use_fused else None)
-    try:
-        with torch.inference_mode():
-            out, ref = _decode_case(attn, lens, tables, block_size=4, seed=len(lens))
-    finally:
-        norm_layers.set_fused_ops(None)
+    with torch.inference_mode():
+        out, ref = _decode_case(attn, gk if use_fused else None, lens, tables, block_size=4, seed=len(lens))
     _close(out, ref, tol=2e-5)
 
 
-def test_gemma3_decode_with_fused_ops_matches_transformers(fused: Any) -> None:
+def test_make_backend_follows_the_bound_kernels(gk: CpuKernels) -> None:
+    layers = [Attention(4, 2, 16, scale=0.25), Attention(4, 2, 16, scale=0.25, sliding_window=3)]
+    shape = {"num_blocks": 3, "block_size": 4, "dtype": torch.float16}
+    ref = make_backend(layers, **shape)
+    assert type(ref) is TorchRefBackend and ref.kv_cache(layers[1])[0].shape == (3, 4, 2, 16)
+    assert all(not hasattr(m, "k_cache") for m in layers)  # the backend owns the cache, not the modules
+    bind_kernels(nn.ModuleList(layers), gk)
+    fused = make_backend(layers, **shape)
+    assert isinstance(fused, CpuFusedBackend) and fused.kv_cache(layers[0])[1].dtype == torch.float16
+    fused.release()
+    with pytest.raises(KeyError):
+        fused.kv_cache(layers[0])
+    with pytest.raises(ValueError, match="backend"):  # a cached step without the backend that owns the cache
+        layers[0](*(torch.randn(1, n, 16) for n in (4, 2, 2)), AttentionContext([1], [1], torch.tensor([0])))
+
+
+def test_gemma3_decode_with_fused_ops_matches_transformers(gk: CpuKernels) -> None:
     pytest.importorskip("transformers")
-    from tests.models.test_gemma3_parity import _attach_cache, _hf_model, _ours
+    from tests.models.test_gemma3_parity import _hf_model, _ours
 
     hf = _hf_model("mixed")
     ours = _ours(hf)
+    assert bind_kernels(ours, gk) > 0
     ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(5))
     block_size = 4
     table = torch.tensor([[2, 0, 5, 1, 3]])  # scattered on purpose
-    _attach_cache(ours, 6, block_size)
+    layers = [m for m in ours.modules() if isinstance(m, Attention)]
+    backend = make_backend(layers, num_blocks=6, block_size=block_size, dtype=torch.float32)
+    assert isinstance(backend, CpuFusedBackend)
 
     def slots(pos: torch.Tensor) -> torch.Tensor:
         return table[0, pos // block_size] * block_size + pos % block_size
@@ -213,9 +245,39 @@ def test_gemma3_decode_with_fused_ops_matches_transformers(fused: Any) -> None:
     with torch.inference_mode():
         ref = hf(ids[None]).logits[0]
         pos = torch.arange(12)
-        got = [ours.compute_logits(ours(ids[:12], pos, AttentionContext([12], [12], slots(pos), table)))]
+        ctx = AttentionContext([12], [12], slots(pos), table, backend=backend)
+        got = [ours.compute_logits(ours(ids[:12], pos, ctx))]
         for p in range(12, 20):
             pt = torch.tensor([p])
-            got.append(ours.compute_logits(ours(ids[p : p + 1], pt, AttentionContext([1], [p + 1], slots(pt), table))))
+            ctx = AttentionContext([1], [p + 1], slots(pt), table, backend=backend)
+            backend.prepare(ctx)
+            got.append(ours.compute_logits(ours(ids[p : p + 1], pt, ctx)))
     err = (torch.cat(got) - ref).abs().max().item()
     assert err <= 1e-4 * ref.abs().max().item(), err
+
+
+def test_a_gguf_load_does_not_change_another_models_numerics(gk: CpuKernels, tmp_path: Any) -> None:
+    # the old process-wide switch made every float32 CPU model run the C++ ops after any GGUF load
+    pytest.importorskip("transformers")
+    from gguf import GGMLQuantizationType
+
+    from autoglm.layers.linear.gguf import GGUFLinear
+    from autoglm.loader.gguf import load_gguf
+    from tests.fixtures.gguf import gemma3_to_gguf
+    from tests.models.test_gemma3_parity import _hf_model, _ours
+
+    hf = _hf_model("mixed")
+    ours = _ours(hf)
+    ids = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(6))
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return ours.compute_logits(ours(ids, torch.arange(9), AttentionContext.no_cache([9])))
+
+    before = logits()
+    gguf_model = load_gguf(gemma3_to_gguf(hf, tmp_path / "tiny.gguf", GGMLQuantizationType.Q8_0)).decoder
+    quantized = [m for m in gguf_model.modules() if isinstance(m, GGUFLinear)]
+    assert quantized and all(isinstance(m.impl, CpuKernels) for m in quantized)
+    assert all(isinstance(m.kernels, CpuKernels) for m in gguf_model.modules() if isinstance(m, GemmaRMSNorm))
+    assert all(m.kernels is REFERENCE for m in ours.modules() if isinstance(m, GemmaRMSNorm | Attention))
+    assert torch.equal(logits(), before)  # bitwise: the torch model kept the torch ops

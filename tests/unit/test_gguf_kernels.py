@@ -1,5 +1,6 @@
-"""GGUF fast kernels: bit-exact dequantization, decode kernel within the int8-activation error bound, prefill path
-equal to the float GEMM, dispatch through GGUFLinear / GGUFEmbedding, clean fallback when the build is disabled.
+"""GGUF fast kernels (`CpuKernels`): bit-exact dequantization, decode kernel within the int8-activation error bound,
+prefill path equal to the float GEMM, dispatch through GGUFLinear / GGUFEmbedding built with them (beside reference
+modules in the same process), selection falling back to the reference when disabled.
 
 Tolerance of the int8-activation decode kernel (derived, not tuned): activations are quantized per block of 32 as
 x_q = d * round(x / d) with d = max|x_block| / 127, so |x - x_q| <= d / 2 elementwise and
@@ -9,8 +10,6 @@ summation order differs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -18,10 +17,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
-import autoglm.quant.gguf_kernels as gk
-import autoglm.quant.gguf_linear as gl
+from autoglm.kernels import REFERENCE, select_kernels
+from autoglm.kernels.cpu import cpu_kernels
+from autoglm.kernels.cpu.ops import CpuKernels
+from autoglm.layers.linear.gguf import GGUFBlockFormat, GGUFEmbedding, GGUFLinear
 from autoglm.loader.quants import dequantize, quantize
-from autoglm.quant.gguf_linear import GGUFBlockFormat, GGUFEmbedding, GGUFLinear
 
 Q = GGMLQuantizationType
 K_TYPES = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -31,11 +31,10 @@ TOKENS = [1, 3, 16, 17, 40]  # both sides of GEMV_MAX_ROWS
 
 
 @pytest.fixture(scope="module")
-def ext() -> Iterator[object]:
-    e = gk.extension()
-    assert e is not None, "the C++ kernels must build on the test machine (g++ and ninja are installed)"
-    yield e
-    gk.uninstall()  # leave the registry as other test modules expect it (reference path)
+def gk() -> CpuKernels:
+    k = cpu_kernels()
+    assert k is not None, "the C++ kernels must build on the test machine (g++ and ninja are installed)"
+    return k
 
 
 def _weights(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -62,17 +61,17 @@ def _id(case: tuple[GGMLQuantizationType, int, int]) -> str:
 
 
 @pytest.mark.parametrize("case", _cases(), ids=_id)
-def test_dequantize_is_bit_exact(ext: object, case: tuple[GGMLQuantizationType, int, int]) -> None:
+def test_dequantize_is_bit_exact(gk: CpuKernels, case: tuple[GGMLQuantizationType, int, int]) -> None:
     qtype, rows, cols = case
     raw, w = _weights(qtype, rows, cols, seed=rows)
-    got = ext.dequantize(raw, int(qtype), cols, False)  # type: ignore[attr-defined]
+    got = gk.ext.dequantize(raw, int(qtype), cols, False)  # type: ignore[attr-defined]
     assert torch.equal(got, w)
-    assert torch.equal(ext.dequantize(raw, int(qtype), cols, True), w.bfloat16())  # type: ignore[attr-defined]
+    assert torch.equal(gk.ext.dequantize(raw, int(qtype), cols, True), w.bfloat16())  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("case", _cases(), ids=_id)
 def test_decode_kernel_within_activation_quantization_bound(
-    ext: object, case: tuple[GGMLQuantizationType, int, int]
+    gk: CpuKernels, case: tuple[GGMLQuantizationType, int, int]
 ) -> None:
     qtype, rows, cols = case
     raw, w = _weights(qtype, rows, cols, seed=cols)
@@ -95,7 +94,7 @@ def test_decode_kernel_within_activation_quantization_bound(
 
 
 @pytest.mark.parametrize("case", _cases(), ids=_id)
-def test_prefill_path_equals_float_gemm(ext: object, case: tuple[GGMLQuantizationType, int, int]) -> None:
+def test_prefill_path_equals_float_gemm(gk: CpuKernels, case: tuple[GGMLQuantizationType, int, int]) -> None:
     qtype, rows, cols = case
     raw, w = _weights(qtype, rows, cols, seed=7)
     fmt = GGUFBlockFormat(qtype, rows, cols)
@@ -106,20 +105,20 @@ def test_prefill_path_equals_float_gemm(ext: object, case: tuple[GGMLQuantizatio
     torch.testing.assert_close(gk.gemm(xb, raw, fmt), F.linear(xb, w.bfloat16()), rtol=2e-2, atol=2e-2)
 
 
-def test_prefill_slabs_do_not_change_the_result(ext: object, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefill_slabs_do_not_change_the_result(gk: CpuKernels) -> None:
     raw, w = _weights(Q.Q4_K, 37, 512, seed=3)
     fmt = GGUFBlockFormat(Q.Q4_K, 37, 512)
     x = _x(33, 512, seed=2)
     whole = gk.gemm(x, raw, fmt)
-    monkeypatch.setattr(gk, "DEQUANT_SLAB_ELEMENTS", 512 * 5)  # 5 rows per slab, the last one partial
-    sliced = gk.gemm(x, raw, fmt)
+    small = CpuKernels(gk.ext, slab_elements=512 * 5)  # 5 rows per slab, the last one partial
+    sliced = small.gemm(x, raw, fmt)
     torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)  # GEMM blocking differs per slab
     torch.testing.assert_close(sliced, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", SIMPLE_TYPES + K_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("exact", [False, True], ids=["int8_act", "float_act"])
-def test_decode_kernel_rows_are_batch_independent(ext: object, qtype: GGMLQuantizationType, exact: bool) -> None:
+def test_decode_kernel_rows_are_batch_independent(gk: CpuKernels, qtype: GGMLQuantizationType, exact: bool) -> None:
     # the multi-row kernel shares each weight block across a tile of rows; every row must still compute exactly
     # what it computes alone (same per-row arithmetic order), for every tile size and across tile boundaries
     rows, cols = (37, 512) if qtype in K_TYPES else (37, 96)
@@ -133,47 +132,40 @@ def test_decode_kernel_rows_are_batch_independent(ext: object, qtype: GGMLQuanti
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
-def test_gguf_linear_dispatches_to_the_kernels(ext: object, qtype: GGMLQuantizationType) -> None:
+def test_gguf_linear_dispatches_to_the_kernels(gk: CpuKernels, qtype: GGMLQuantizationType) -> None:
     rows, cols = 37, 512
     raw, w = _weights(qtype, rows, cols, seed=11)
     bias = torch.randn(rows)
-    lin = GGUFLinear.from_raw(raw.numpy(), qtype, (rows, cols), bias=bias, name="blk.0.ffn_down.weight")
+    lin = GGUFLinear.from_raw(raw.numpy(), qtype, (rows, cols), bias=bias, name="blk.0.ffn_down.weight", impl=gk)
+    ref = GGUFLinear.from_raw(raw.numpy(), qtype, (rows, cols), bias=bias)  # same blocks, reference kernels
     before = (lin.weight.data_ptr(), lin.nbytes, sorted(n for n, _ in lin.named_buffers()))
-    try:
-        assert gk.install() and gk.installed()
-        g = torch.Generator().manual_seed(5)  # seeded: the 2e-2 bound below is loose but not every draw meets it
-        for m in TOKENS:
-            x = torch.randn(2, m, cols, generator=g)
-            y = lin(x)
-            assert y.shape == (2, m, rows) and y.dtype == torch.float32
-            want = gk.matmul(x, lin.weight, lin.weight_format) + bias
-            torch.testing.assert_close(y, want, rtol=0, atol=0)  # the registered kernel ran
-            torch.testing.assert_close(y, F.linear(x, w, bias), rtol=2e-2, atol=2e-2)
-        # memory-honest: the layer still holds only the file's blocks, nothing repacked or cached
-        assert (lin.weight.data_ptr(), lin.nbytes, sorted(n for n, _ in lin.named_buffers())) == before
-        assert lin.weight.dtype == torch.uint8 and not lin.__dict__.get("_scales_cache")
-    finally:
-        gk.uninstall()
-    assert not gk.installed() and qtype not in gl._KERNELS
-    x = torch.randn(3, cols)
-    torch.testing.assert_close(lin(x), F.linear(x, w, bias), rtol=0, atol=0)  # back to the reference path
+    g = torch.Generator().manual_seed(5)  # seeded: the 2e-2 bound below is loose but not every draw meets it
+    for m in TOKENS:
+        x = torch.randn(2, m, cols, generator=g)
+        y = lin(x)
+        assert y.shape == (2, m, rows) and y.dtype == torch.float32
+        want = gk.matmul(x, lin.weight, lin.weight_format) + bias
+        torch.testing.assert_close(y, want, rtol=0, atol=0)  # its kernels ran
+        torch.testing.assert_close(y, F.linear(x, w, bias), rtol=2e-2, atol=2e-2)
+        # the other module in this process keeps the exact reference path
+        torch.testing.assert_close(ref(x), F.linear(x, w, bias), rtol=0, atol=0)
+    # memory-honest: the layer still holds only the file's blocks, nothing repacked or cached
+    assert (lin.weight.data_ptr(), lin.nbytes, sorted(n for n, _ in lin.named_buffers())) == before
+    assert lin.weight.dtype == torch.uint8 and not lin.__dict__.get("_scales_cache")
+    assert ref.impl is REFERENCE and lin.impl is gk
 
 
-def test_tied_embedding_logits_use_the_kernel(ext: object) -> None:
+def test_tied_embedding_logits_use_the_kernel(gk: CpuKernels) -> None:
     vocab, dim = 301, 256
     raw, w = _weights(Q.Q8_0, vocab, dim, seed=5)
-    emb = GGUFEmbedding.from_raw(raw, Q.Q8_0, (vocab, dim))
+    emb = GGUFEmbedding.from_raw(raw, Q.Q8_0, (vocab, dim), impl=gk)
     h = torch.randn(1, 1, dim)
-    try:
-        gk.install()
-        logits = emb.as_logits(h)
-        torch.testing.assert_close(logits, gk.gemv(h.view(1, dim), raw, emb.weight_format).view(1, 1, vocab))
-        assert logits.argmax() == F.linear(gk.quantize_activations(h.view(1, dim)), w).argmax()
-    finally:
-        gk.uninstall()
+    logits = emb.as_logits(h)
+    torch.testing.assert_close(logits, gk.gemv(h.view(1, dim), raw, emb.weight_format).view(1, 1, vocab))
+    assert logits.argmax() == F.linear(gk.quantize_activations(h.view(1, dim)), w).argmax()
 
 
-def test_bfloat16_activations_keep_their_dtype(ext: object) -> None:
+def test_bfloat16_activations_keep_their_dtype(gk: CpuKernels) -> None:
     raw, w = _weights(Q.Q6_K, 64, 256, seed=9)
     fmt = GGUFBlockFormat(Q.Q6_K, 64, 256)
     for m in (1, 40):
@@ -183,26 +175,24 @@ def test_bfloat16_activations_keep_their_dtype(ext: object) -> None:
         torch.testing.assert_close(y.float(), F.linear(x.float(), w), rtol=3e-2, atol=3e-2)
 
 
-def test_unsupported_type_keeps_reference_path(ext: object) -> None:
-    # Q2_K has no fast kernel: install() must leave it on the reference path
+def test_unsupported_type_keeps_reference_path(gk: CpuKernels) -> None:
+    # Q2_K has no fast kernel: a module built with the CPU kernels computes it on the reference path
     raw, w = _weights(Q.Q2_K, 8, 256, seed=1)
-    lin = GGUFLinear.from_raw(raw, Q.Q2_K, (8, 256))
-    try:
-        gk.install()
-        x = torch.randn(1, 256)
-        torch.testing.assert_close(lin(x), F.linear(x, w), rtol=0, atol=0)
-    finally:
-        gk.uninstall()
+    lin = GGUFLinear.from_raw(raw, Q.Q2_K, (8, 256), impl=gk)
+    x = torch.randn(1, 256)
+    torch.testing.assert_close(lin(x), F.linear(x, w), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
-        ext.gemv(torch.randn(1, 256), raw, int(Q.Q2_K), False)  # type: ignore[attr-defined]
+        gk.ext.gemv(torch.randn(1, 256), raw, int(Q.Q2_K), False)  # type: ignore[attr-defined]
 
 
-def test_disabled_build_falls_back_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gk, "_ext", None)
-    monkeypatch.setattr(gk, "_ext_failed", False)
-    monkeypatch.setenv("AUTOGLM_GGUF_KERNELS", "0")
-    assert gk.extension() is None and gk.install() is False and not gk.installed()
+def test_selection_prefers_cpu_kernels_unless_disabled_or_off_cpu(
+    gk: CpuKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert isinstance(select_kernels("cpu"), CpuKernels)
+    assert select_kernels("cuda") is REFERENCE and select_kernels("meta") is REFERENCE
+    monkeypatch.setenv("AUTOGLM_GGUF_KERNELS", "0")  # read at each selection: no process-wide state to reset
+    assert select_kernels("cpu") is REFERENCE
     raw = quantize(np.ones((4, 32), dtype=np.float32), Q.Q8_0)
-    lin = GGUFLinear.from_raw(raw, Q.Q8_0, (4, 32))
+    lin = GGUFLinear.from_raw(raw, Q.Q8_0, (4, 32), impl=select_kernels("cpu"))
     x = torch.randn(1, 32)
     torch.testing.assert_close(lin(x), F.linear(x, dequantize(raw, Q.Q8_0, (4, 32))), rtol=0, atol=0)

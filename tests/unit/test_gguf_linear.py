@@ -9,21 +9,18 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-import autoglm.quant.gguf_linear as gl
+import autoglm.layers.linear.gguf as gl
 from autoglm.errors import UnsupportedQuantType, WeightMismatch
+from autoglm.layers.linear.gguf import GGUFEmbedding, GGUFLinear
 from autoglm.loader.quants import dequantize, quantize
-from autoglm.quant.gguf_linear import GGUFEmbedding, GGUFLinear
 
 Q = GGMLQuantizationType
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 OUT, IN = 24, 512
 
 
-@pytest.fixture(autouse=True)
-def _reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests pin the exact dequantize-then-matmul path; fast kernels (installed process-wide by any GGUF load
-    earlier in the session) are tested against their own tolerance in test_gguf_kernels.py."""
-    monkeypatch.setattr(gl, "_KERNELS", {})
+# Modules built without `impl=` compute with the reference kernels: these tests pin that exact dequantize-then-matmul
+# path whatever was loaded before; the CPU kernels are tested against their own tolerance in test_gguf_kernels.py.
 
 
 @pytest.fixture(scope="module")

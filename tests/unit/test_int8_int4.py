@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from autoglm.layers.attention import AttentionContext
+from autoglm.layers.linear.int4 import Int4Linear, quantize_int4, unpack_nibbles
+from autoglm.layers.linear.int8 import PACKED_MAX_ROWS, Int8Linear, quantize_int8
 from autoglm.quant.apply import (
     QuantSpec,
     apply_quantization,
@@ -21,8 +23,6 @@ from autoglm.quant.apply import (
     quantize_hf_checkpoint,
     quantized_bytes,
 )
-from autoglm.quant.int4 import Int4Linear, quantize_int4, unpack_nibbles
-from autoglm.quant.int8 import PACKED_MAX_ROWS, Int8Linear, quantize_int8
 
 BF16_EPS = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
 

@@ -20,11 +20,7 @@ from autoglm.quant.prune import _forward_logits, prune_checkpoint
 @pytest.fixture(autouse=True)
 def _reference_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
     """GGUF models here run the exact dequantize-then-matmul path (the fused kernels round activations to int8)."""
-    import autoglm.quant.gguf_kernels as gk
-    import autoglm.quant.gguf_linear as gl
-
-    monkeypatch.setattr(gl, "_KERNELS", {})
-    monkeypatch.setattr(gk, "install", lambda: False)
+    monkeypatch.setenv("AUTOGLM_GGUF_KERNELS", "0")  # read by the loader's one kernel selection per model
 
 
 TEXT = "hello world the wor he ll 中文 the hello\nthe world " * 6

@@ -1,4 +1,4 @@
-// Python bindings of the kernels (autoglm/quant/gguf_kernels.py loads this extension).
+// Python bindings of the kernels (autoglm/kernels/cpu/ops.py wraps this extension as CpuKernels).
 #include "kernels.h"
 
 using namespace autoglm;

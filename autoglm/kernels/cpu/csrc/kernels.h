@@ -1,4 +1,4 @@
-// Shared declarations of the JIT-built CPU kernels (autoglm/quant/gguf_kernels.py builds every .cpp here into one
+// Shared declarations of the JIT-built CPU kernels (autoglm/kernels/cpu/build.py builds every .cpp here into one
 // extension): GGML block geometry, per-32 int8 activations, and the functions module.cpp exposes to Python.
 #pragma once
 

@@ -1,0 +1,36 @@
+"""Compute kernels behind one interface (`base.Kernels`), chosen once per model and passed in.
+
+`select_kernels(device)` is the one place that decides: the fused CPU kernels (`cpu/`) when the weights are on CPU
+and the extension builds, else the torch reference (`reference.REFERENCE`). `AUTOGLM_GGUF_KERNELS=0` picks the
+reference; it is read at each selection, never kept as a process-wide switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from autoglm.kernels.base import Kernels, UsesKernels, bind_kernels
+from autoglm.kernels.reference import REFERENCE, TorchKernels
+
+__all__ = ["REFERENCE", "Kernels", "TorchKernels", "UsesKernels", "bind_kernels", "kernels_enabled", "select_kernels"]
+
+log = logging.getLogger("autoglm.kernels")
+ENV = "AUTOGLM_GGUF_KERNELS"
+
+
+def kernels_enabled() -> bool:
+    """False when `$AUTOGLM_GGUF_KERNELS` is 0/false/no/off."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def select_kernels(device: torch.device | str) -> Kernels:
+    """The kernels for a model whose weights live on `device`: CPU kernels when possible, else the reference."""
+    if torch.device(device).type != "cpu" or not kernels_enabled():
+        return REFERENCE
+    from autoglm.kernels.cpu import cpu_kernels
+
+    kernels = cpu_kernels()
+    return REFERENCE if kernels is None else kernels

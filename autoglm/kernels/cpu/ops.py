@@ -1,0 +1,218 @@
+"""`CpuKernels`: the JIT-built C++ ops (`csrc/`) behind the `Kernels` interface, for float32 CPU tensors.
+
+GGUF matmuls, picked per call by the number of activation rows M (measured in `benchmarks/kernels.py`):
+- M <= `GEMV_MAX_ROWS` (decode): `csrc/gemv.cpp` reads the raw blocks once per call, unpacking each weight block
+  once for a tile of up to 8 rows (each row's result is independent of the batch, bitwise). Activations are
+  quantized to int8 per block of 32 with a float32 scale and dotted with the weight's integers by AVX512-VNNI; the
+  result equals `F.linear(x_q, W)` up to float32 summation order, where `x_q = d * round(x / d)`,
+  `d = max|x_block| / 127` — so |y - F.linear(x, W)| <= |W| @ (d / 2) per block. Without VNNI the kernel
+  dequantizes one row into L1 and keeps the activations in float32 (no activation error).
+- larger M (prefill): the weight is dequantized once per call, a slab of rows at a time into a buffer this object
+  owns (bounded memory, one per thread and dtype), by the same C++ code (bit-exact with `gguf.quants`), then one
+  GEMM per slab — in bfloat16 on CPUs with BF16 dot products (`prefill_bf16`: weight and activations rounded to
+  bfloat16), else float32.
+Packed weights (`pack`, AVX512-VNNI only; see `autoglm.kernels.cpu.pack`): one vpdpbusd yields 16 outputs, ~2-4.6x
+faster decode matmuls; prefill dequantizes slabs straight from the packed layout.
+Decode helpers: rms_norm, add_rms_norm (residual + post-norm + next pre-norm), norm_rope (per-head norm + rotary),
+attend_decode / attend_decode_paged; each equal to its torch composition up to summation order. Inputs the C++ ops
+do not take (other dtypes or devices, unsupported GGUF types) go to the torch reference.
+Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K. Memory: no float copy of the model is ever kept; transient slabs only.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import Tensor
+
+from autoglm.kernels.base import GemvKernel, GGUFBlockFormat
+from autoglm.kernels.cpu import pack as packing
+from autoglm.kernels.reference import REFERENCE
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+_SUPPORTED_IDS = frozenset(int(q) for q in SUPPORTED_TYPES)  # int keys: enum hashing is slow per token
+
+# activation rows up to which the fused kernel beats dequantize-once + GEMM (benchmarks/kernels.py). The kernel
+# unpacks each weight block once for up to 8 rows, so its cost grows by less than a row per row; at 16 rows it still
+# beats or ties the GEMM on every gemma-3-270m shape (Q4_K 640x2048 ties, Q5_0/Q6_K/Q8_0 lm_head win clearly)
+GEMV_MAX_ROWS = 16
+# prefill dequantizes at most this many weight elements at a time into a reused buffer (16 MiB of float32)
+DEQUANT_SLAB_ELEMENTS = 1 << 22
+_FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # KV cache dtypes attention.cpp reads
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has BF16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _f32_cpu(x: Tensor, w: Tensor) -> bool:
+    return x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu and w.is_cpu
+
+
+class CpuKernels:
+    """The C++ kernels of one built extension (`ext`, from `autoglm.kernels.cpu.load`).
+
+    prefill_bf16: prefill GEMMs in bfloat16 (default: where the CPU has BF16 dot products: ~2x faster at 512 tokens,
+    an activation error (2^-9 relative) no larger than decode's int8-per-32 rounding); False: float32-exact prefill.
+    slab_elements: weight elements dequantized per prefill slab.
+    """
+
+    name = "cpu"
+    fused_decode_attention = True
+
+    def __init__(
+        self, ext: ModuleType, *, prefill_bf16: bool | None = None, slab_elements: int = DEQUANT_SLAB_ELEMENTS
+    ) -> None:
+        self.ext = ext
+        self.has_vnni = bool(ext.has_vnni())  # int8 activations (AVX512-VNNI build) rather than float32 ones
+        self.prefill_bf16 = cpu_has_bf16() if prefill_bf16 is None else prefill_bf16
+        self.slab_elements = slab_elements
+        self._scratch: dict[tuple[int, torch.dtype], Tensor] = {}  # (thread, dtype) -> reused slab buffer
+        gemv = ext.gemv
+
+        def direct(x: Tensor, raw: Tensor, qid: int) -> Tensor:  # = matmul() for float32 [M <= GEMV_MAX_ROWS, K]
+            return gemv(x, raw, qid, False)
+
+        self._direct: GemvKernel = direct
+
+    def __repr__(self) -> str:
+        return f"CpuKernels(vnni={self.has_vnni}, prefill_bf16={self.prefill_bf16})"
+
+    def __deepcopy__(self, memo: dict[int, object]) -> object:
+        return self  # shared by every module that computes with it: a copied model keeps the same kernels
+
+    # --- GGUF block matmuls ------------------------------------------------------------------------------------
+    def supports(self, fmt: GGUFBlockFormat) -> bool:
+        return int(fmt.qtype) in _SUPPORTED_IDS
+
+    def quantize_activations(self, x: Tensor) -> Tensor:
+        """x [M, K] -> the float32 activations the int8 decode kernel effectively multiplies by (d * q per 32)."""
+        return self.ext.quantize_activations(x.float().contiguous())
+
+    def gemv(self, x: Tensor, raw: Tensor, fmt: GGUFBlockFormat, exact_activations: bool = False) -> Tensor:
+        """x [M, cols] @ W.T -> [M, rows] float32 by the fused kernel (int8 activations unless `exact_activations`)."""
+        if fmt.packed:
+            return self.ext.gemv_packed(x.float().contiguous(), raw, int(fmt.qtype))
+        return self.ext.gemv(x.float().contiguous(), raw, int(fmt.qtype), exact_activations)
+
+    def gemm(self, x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
+        """x [M, cols] @ W.T -> [M, rows] in x's dtype: W dequantized once per call, a slab of rows at a time, into a
+        reused buffer (at most `slab_elements`), then one GEMM per slab in x's dtype (float32 or bfloat16)."""
+        step = max(1, min(fmt.rows, self.slab_elements // fmt.cols))
+        if fmt.packed:  # slabs start on a 16-row group
+            step = max(packing.GROUP_ROWS, step // packing.GROUP_ROWS * packing.GROUP_ROWS)
+        out = x.new_empty(x.shape[0], fmt.rows)
+        for s in range(0, fmt.rows, step):
+            n = min(step, fmt.rows - s)
+            w = self._slab(n, fmt.cols, x.dtype)  # [slab, cols]
+            if fmt.packed:
+                self.ext.dequantize_packed_out(raw, int(fmt.qtype), fmt.cols, s, w)
+            else:
+                self.ext.dequantize_out(raw[s : s + n], int(fmt.qtype), fmt.cols, w)
+            out[:, s : s + n] = F.linear(x, w)
+        return out
+
+    def _slab(self, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        # one reused buffer per (thread, dtype): fresh 64 MiB tensors per call cost more in page faults than decoding
+        key = (threading.get_ident(), dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < rows * cols:
+            buf = torch.empty(max(rows * cols, self.slab_elements), dtype=dtype)
+            self._scratch[key] = buf
+        return buf[: rows * cols].view(rows, cols)
+
+    def matmul(self, x: Tensor, raw: Tensor, fmt: GGUFBlockFormat, bias: Tensor | None = None) -> Tensor:
+        if not self.supports(fmt):
+            return REFERENCE.matmul(x, raw, fmt, bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, fmt.cols)  # [M, cols]
+        if x2.device.type != "cpu" or raw.device.type != "cpu":
+            raise RuntimeError("the CPU kernels run on CPU tensors only")
+        if x2.shape[0] <= GEMV_MAX_ROWS:
+            y = self.gemv(x2, raw, fmt).to(x.dtype)
+        else:
+            cd = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            if self.prefill_bf16 and cd == torch.float32:
+                cd = torch.bfloat16
+            y = self.gemm(x2.to(cd), raw, fmt).to(x.dtype)
+        y = y.reshape(*lead, fmt.rows)
+        return y + bias.to(x.dtype) if bias is not None else y
+
+    def take_rows(self, raw: Tensor, fmt: GGUFBlockFormat, ids: Tensor | None, dtype: torch.dtype) -> Tensor:
+        if not fmt.packed:
+            return fmt.take_rows(raw, ids, dtype)
+        rows = torch.arange(fmt.rows) if ids is None else ids.reshape(-1)
+        sel = self.unpack_rows(raw, fmt, rows)  # [N, row_bytes] in file order
+        return fmt.unpacked(rows=sel.shape[0]).take_rows(sel, None, dtype)
+
+    def unpack_rows(self, raw: Tensor, fmt: GGUFBlockFormat, ids: Tensor) -> Tensor:
+        """Rows `ids` of packed blocks back in file order: [N, row_bytes] uint8."""
+        return self.ext.unpack_rows(raw, int(fmt.qtype), fmt.cols, ids.long())
+
+    def direct_gemv(self, fmt: GGUFBlockFormat) -> tuple[GemvKernel, int] | None:
+        if not self.supports(fmt):
+            return None
+        return (self.ext.gemv_packed if fmt.packed else self._direct), GEMV_MAX_ROWS
+
+    def can_pack(self, fmt: GGUFBlockFormat) -> bool:
+        return self.has_vnni and packing.packable(fmt)
+
+    def pack(self, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
+        return packing.pack(self.ext, raw, fmt)
+
+    # --- norms and rotary --------------------------------------------------------------------------------------
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, offset: float) -> Tensor:
+        if _f32_cpu(x, weight):
+            return self.ext.rms_norm(x.contiguous(), weight, eps, offset)
+        return REFERENCE.rms_norm(x, weight, eps, offset)
+
+    def add_rms_norm(
+        self, h: Tensor, y: Tensor, post: Tensor, pre: Tensor | None, eps: float, offset: float
+    ) -> tuple[Tensor, Tensor | None]:
+        if _f32_cpu(h, post) and y.dtype == torch.float32 and (pre is None or pre.dtype == torch.float32):
+            return self.ext.add_rms_norm(h.contiguous(), y.contiguous(), post, pre, eps, offset)
+        return REFERENCE.add_rms_norm(h, y, post, pre, eps, offset)
+
+    def norm_rope(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        eps: float,
+        offset: float,
+        cos: Tensor,
+        sin: Tensor,
+        perm: Tensor,
+        rotary_dim: int,
+        interleaved: bool,
+    ) -> Tensor:
+        if _f32_cpu(x, cos) and (weight is None or weight.dtype == torch.float32):
+            return self.ext.norm_rope(x.contiguous(), weight, eps, offset, cos, sin, rotary_dim, interleaved)
+        return REFERENCE.norm_rope(x, weight, eps, offset, cos, sin, perm, rotary_dim, interleaved)
+
+    # --- decode attention --------------------------------------------------------------------------------------
+    def attend_decode(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        # K/V read once in the cache's dtype (no gather, no mask)
+        if q.dtype == torch.float32 and q.is_cpu and k.dtype in _FUSED_CACHE_DTYPES:
+            return self.ext.attend_decode(q.contiguous(), k, v, scale)
+        return REFERENCE.attend_decode(q, k, v, scale)
+
+    def attend_decode_paged(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lo: Tensor, hi: Tensor, scale: float
+    ) -> Tensor | None:
+        # one call for the whole batch, reading each sequence's blocks where they are (no gather)
+        if q.dtype != torch.float32 or not q.is_cpu or k_cache.dtype not in _FUSED_CACHE_DTYPES:
+            return None
+        if not k_cache.is_contiguous():
+            return None
+        return self.ext.attend_decode_paged(q.contiguous(), k_cache, v_cache, block_tables, lo, hi, scale)

@@ -1,0 +1,70 @@
+"""The fused CPU attention backend: decode attention by the C++ kernels of `CpuKernels`, the rest as the reference.
+
+Decode reads K/V where they are, in the cache's dtype (float32/float16/bfloat16): one `attend_decode_paged` call for
+the whole batch when the kernels have it, else one `attend_decode` per sequence over its cache span. Prefill and any
+input the kernels do not take (non-float32 queries, other devices) use `TorchRefBackend`'s path. Results equal the
+reference up to float32 summation order (tests/unit/test_decode_ops.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from autoglm.kernels.base import Kernels
+from autoglm.layers.attention.base import AttentionContext, AttentionGeometry
+from autoglm.layers.attention.torch_ref import TorchRefBackend
+
+_FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class CpuFusedBackend(TorchRefBackend):
+    """`TorchRefBackend`'s cache and prefill, with decode attention run by `kernels` (a `CpuKernels`)."""
+
+    def __init__(
+        self,
+        layers: Sequence[AttentionGeometry],
+        kernels: Kernels,
+        *,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(layers, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device)
+        self.kernels = kernels
+
+    def prepare(self, ctx: AttentionContext) -> None:
+        super().prepare(ctx)
+        if ctx.is_decode:
+            ctx.memo["hi"] = torch.tensor(ctx.context_lens, dtype=torch.long)
+
+    def decode(self, q: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext) -> Tensor:
+        # q: [B, H, D] -> [B, H, D]
+        if q.dtype != torch.float32 or not q.is_cpu or kc.dtype not in _FUSED_CACHE_DTYPES:
+            return super().decode(q, kc, vc, layer, ctx)
+        if ctx.block_tables is not None:
+            lo, hi = self._spans(ctx, layer.sliding_window)
+            out = self.kernels.attend_decode_paged(q, kc, vc, ctx.block_tables, lo, hi, layer.scale)
+            if out is not None:
+                return out
+        outs = []
+        for i in range(len(ctx.query_lens)):
+            k, v = self.cached_kv(kc, vc, layer, ctx, i)
+            outs.append(self.kernels.attend_decode(q[i], k, v, layer.scale))  # [H, D]
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+
+    @staticmethod
+    def _spans(ctx: AttentionContext, window: int | None) -> tuple[Tensor, Tensor]:
+        """Per sequence, the positions its newest token sees: lo [B], hi [B] int64 (memoized for the step)."""
+        key = ("spans", window)
+        hit = ctx.memo.get(key)
+        if hit is None:
+            hi = ctx.memo.get("hi")
+            if hi is None:
+                hi = ctx.memo["hi"] = torch.tensor(ctx.context_lens, dtype=torch.long)
+            lo = hi.sub(window).clamp_(min=0) if window is not None else torch.zeros_like(hi)
+            hit = ctx.memo[key] = (lo, hi)
+        return hit
