@@ -5,8 +5,8 @@ block type, Gemma norms shifted back by -1, GLM-4.1V q/k rows back in interleave
 here computes what the GGUF computes (up to the dtype chosen). Tools that work on HF checkpoints (pruning,
 `autoglm quantize HF_DIR`) use it to accept GGUF input.
 
-Architectures: `gemma3` -> Gemma3ForCausalLM, `glm4` -> Glm4ForCausalLM (GLM-4.1V text GGUFs have no text-only HF
-class and are refused). The tokenizer is the one built from GGUF metadata (llama.cpp's ids), saved as a `tokenizers`
+Architectures: any the registry has; each module's `hf_config` writes the config.json (GLM-4.1V text GGUFs have no
+text-only HF class and are refused). The tokenizer is the one built from GGUF metadata (llama.cpp's ids), saved as a `tokenizers`
 tokenizer.json plus a tokenizer_config.json naming its special tokens and the file's chat template.
 """
 
@@ -34,93 +34,15 @@ def is_gguf_file(path: str | Path) -> bool:
         return fh.read(4) == GGUF_MAGIC
 
 
-def _int_if_whole(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def gemma3_hf_config(cfg: Any) -> dict[str, Any]:
-    """transformers 5.x `Gemma3TextConfig` dict (model_type gemma3_text) for our `Gemma3Config`."""
-    full: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    if cfg.rope_scaling_factor != 1.0:
-        full = {"rope_type": "linear", "rope_theta": float(cfg.rope_theta), "factor": float(cfg.rope_scaling_factor)}
-    return {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": float(f"{cfg.rms_norm_eps:.7g}"),  # GGUF stores float32: 1e-6 reads as 9.99999997e-7
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rope_parameters": {
-            "full_attention": full,
-            "sliding_attention": {"rope_type": "default", "rope_theta": float(cfg.rope_local_base_freq)},
-        },
-        # transformers types it int; llama.cpp derives it from head_dim (an integer) unless attention.scale says else
-        "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar),
-        "sliding_window": cfg.sliding_window,
-        "layer_types": list(cfg.layer_types),
-        "final_logit_softcapping": cfg.final_logit_softcapping,
-        "attn_logit_softcapping": None,
-        "attention_bias": bool(cfg.attention_bias),
-        "hidden_activation": cfg.hidden_activation,
-        "tie_word_embeddings": bool(cfg.tie_word_embeddings),
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-    }
-
-
-def glm4_hf_config(tc: Any, source: str) -> dict[str, Any]:
-    """transformers `Glm4Config` dict for a plain GLM-4 `TextConfig` (not GLM-4.1V's M-RoPE text model)."""
-    if tc.uses_mrope:
-        raise UnsupportedArchitecture(
-            f"{source}: a GLM-4.1V text GGUF (M-RoPE) has no text-only HF architecture to export to",
-            param="glm4.rope.dimension_sections",
-        )
-    return {
-        "architectures": ["Glm4ForCausalLM"],
-        "model_type": "glm4",
-        "vocab_size": tc.vocab_size,
-        "hidden_size": tc.hidden_size,
-        "intermediate_size": tc.intermediate_size,
-        "num_hidden_layers": tc.num_hidden_layers,
-        "num_attention_heads": tc.num_attention_heads,
-        "num_key_value_heads": tc.num_key_value_heads,
-        "head_dim": tc.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": tc.rms_norm_eps,
-        "max_position_embeddings": tc.max_position_embeddings,
-        "attention_bias": bool(tc.attention_bias),
-        "tie_word_embeddings": bool(tc.tie_word_embeddings),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": float(tc.rope_theta),
-            "partial_rotary_factor": tc.rotary_dim / tc.head_dim,
-        },
-        "partial_rotary_factor": tc.rotary_dim / tc.head_dim,
-        "bos_token_id": tc.bos_token_id,
-        "eos_token_id": tc.eos_token_id,
-        "pad_token_id": tc.pad_token_id,
-    }
-
-
 def hf_config_of(f: GGUFFile) -> dict[str, Any]:
-    """The HF config.json dict for the GGUF's text model."""
-    from autoglm.loader.gguf import SUPPORTED_ARCHITECTURES, gemma3_config, glm4_config
+    """The HF config.json dict for the GGUF's text model (its architecture module writes it)."""
+    from autoglm.loader.gguf import build_decoder
+    from autoglm.models.registry import gguf_module
 
-    arch = f.architecture
-    if arch == "gemma3":
-        return gemma3_hf_config(gemma3_config(f))
-    if arch == "glm4":
-        return glm4_hf_config(glm4_config(f), str(f.path))
-    raise UnsupportedArchitecture(
-        f"{f.path}: cannot export GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
-        param="general.architecture",
-    )
+    try:
+        return gguf_module(f.architecture, source=str(f.path)).hf_config(build_decoder(f))
+    except UnsupportedArchitecture as e:
+        raise UnsupportedArchitecture(f"{f.path}: cannot export: {e.message}", param=e.param) from e
 
 
 def _write_tokenizer(f: GGUFFile, dst: Path) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from autoglm.errors import ConfigError, CorruptFile, ModelLoadError
 from autoglm.loader.weights import fill_parameters
-from autoglm.models.config import TextConfig, read_config_json
+from autoglm.models.config import checkpoint_facts, read_config_json
 from autoglm.models.loaded import LoadedModel, ModuleInfo
 from autoglm.models.registry import ModelSpec, hf_spec
 
@@ -30,7 +30,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "do_sample")
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: TextConfig) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None) -> torch.dtype:
     """ "auto" -> the checkpoint's torch_dtype/dtype (float32 when absent); else a named float dtype."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
@@ -38,7 +38,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: TextConfig) -> torch.dtype:
         return dtype
     name = str(dtype).removeprefix("torch.")
     if name == "auto":
-        return _DTYPES.get(config.torch_dtype or "float32", torch.float32)
+        return _DTYPES.get(checkpoint_dtype or "float32", torch.float32)
     if name not in _DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(_DTYPES)}", param="dtype")
     return _DTYPES[name]
@@ -231,10 +231,10 @@ def load_hf(
     config = read_config_json(root)
     spec = hf_spec(config, source=str(root / "config.json"))
     try:
-        text_config = TextConfig.from_dict(config)
+        ckpt_dtype, config_eos, max_len = checkpoint_facts(config)
     except ConfigError as e:  # name the file; the message already names the key
         raise ConfigError(f"{root / 'config.json'}: {e.message}", param=e.param) from e
-    torch_dtype = resolve_dtype(dtype, text_config)
+    torch_dtype = resolve_dtype(dtype, ckpt_dtype)
     devices = resolve_devices(device)
     files = safetensors_files(root)
 
@@ -284,7 +284,7 @@ def load_hf(
 
     tokenizer, chat_template = _load_tokenizer(root)
     gen = read_generation_config(root)
-    eos = _as_ids(gen.get("eos_token_id")) or text_config.eos_token_ids
+    eos = _as_ids(gen.get("eos_token_id")) or config_eos
     defaults = {k: gen[k] for k in _GEN_KEYS if k in gen}
 
     modules = [
@@ -320,6 +320,6 @@ def load_hf(
         name=root.resolve().name,
         path=str(root),
         architecture=spec.architecture,
-        max_model_len=text_config.max_position_embeddings,
+        max_model_len=int(getattr(model, "max_position_embeddings", max_len)),
         modules=modules,
     )

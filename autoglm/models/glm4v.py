@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from autoglm.layers.linear import Linear
 from autoglm.models.config import TextConfig, VisionConfig
 from autoglm.models.glm4 import Glm4vTextModel
 from autoglm.models.glm4v_vision import Glm4vVisionModel
+from autoglm.models.positions import MediaSpan, PromptPositions, mrope_positions
 from autoglm.multimodal.encoder import EncoderInputs
 from autoglm.multimodal.image import ImageProcessorConfig, preprocess_image
 
@@ -58,6 +60,7 @@ class Glm4vForConditionalGeneration(nn.Module):
     at the image-token positions (`merge_image_embeddings`)."""
 
     uses_mrope = True
+    position_rows = 3
 
     def __init__(
         self,
@@ -108,6 +111,9 @@ class Glm4vForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
     # --- DecoderModel -----------------------------------------------------------------------------------------
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
+        return mrope_positions(num_tokens, spans)
+
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.language_model.embed_tokens(input_ids)
 
@@ -223,6 +229,20 @@ def build_glm4v(
         )
     with torch.device("meta"):
         return Glm4vForConditionalGeneration(text, vision, no_vision=no_vision, image_processor=image_processor)
+
+
+# --- the architecture interface (autoglm.models.registry); GGUF text files are `glm4` (autoglm.models.glm4) ----
+VISION_PREFIX = "visual."
+
+
+def from_hf(config: dict[str, Any], *, no_vision: bool = False) -> Glm4vForConditionalGeneration:
+    return build_glm4v(config, no_vision=no_vision)
+
+
+def encoders(model: nn.Module, root: Path) -> dict[str, Any]:
+    """{"image": VisionEncoder} of a filled model (none when it was built without its tower)."""
+    encoder = model.vision_encoder(ImageProcessorConfig.from_dir(root))  # type: ignore[operator]
+    return {} if encoder is None else {encoder.modality: encoder}
 
 
 __all__ = [
