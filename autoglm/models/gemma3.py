@@ -373,9 +373,5 @@ def gguf_fixups(model: nn.Module) -> Fixup:
     return lambda name, t: t - 1.0 if name.endswith("norm.weight") else t
 
 
-def gguf_export_fixups(model: nn.Module) -> Fixup:
-    return lambda name, t: t + 1.0 if name.endswith("norm.weight") else t
-
-
 def hf_config(model: nn.Module) -> dict[str, Any]:
     return model.config.to_hf()  # type: ignore[union-attr,operator]

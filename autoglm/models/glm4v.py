@@ -233,6 +233,14 @@ def build_glm4v(
 
 # --- the architecture interface (autoglm.models.registry); GGUF text files are `glm4` (autoglm.models.glm4) ----
 VISION_PREFIX = "visual."
+GGUF_ARCH = "glm4"  # the text model; `autoglm.loader.gguf_writer.convert_mmproj` writes the tower
+
+
+def gguf_export_fixups(model: nn.Module) -> Any:
+    """The text model's q/k rows in llama.cpp's M-RoPE (NeoX) order, as `autoglm.models.glm4` does."""
+    from autoglm.models.glm4 import gguf_export_fixups as text_fixups
+
+    return text_fixups(model)
 
 
 def from_hf(config: dict[str, Any], *, no_vision: bool = False) -> Glm4vForConditionalGeneration:
