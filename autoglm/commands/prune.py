@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from autoglm.quant.prune import SAMPLE_TEXT, prune_checkpoint
+    from autoglm.tools.prune import SAMPLE_TEXT, prune_checkpoint
 
     torch.set_grad_enabled(False)
     model = args.model

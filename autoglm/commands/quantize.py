@@ -163,8 +163,8 @@ def input_kind(path: str | Path) -> str:
 
 
 def quantize_hf(src: str | Path, dst: str | Path, mode: str, *, group_size: int = 32) -> dict[str, int]:
-    """HF directory -> quantized HF directory (`autoglm.quant.apply.quantize_hf_checkpoint`); {format: bytes}."""
-    from autoglm.quant.apply import quantize_hf_checkpoint
+    """HF directory -> quantized HF directory (`autoglm.tools.quantize.quantize_hf_checkpoint`); {format: bytes}."""
+    from autoglm.tools.quantize import quantize_hf_checkpoint
 
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():

@@ -6,7 +6,8 @@ here computes what the GGUF computes (up to the dtype chosen). Tools that work o
 `autoglm quantize HF_DIR`) use it to accept GGUF input.
 
 Architectures: any the registry has; each module's `hf_config` writes the config.json (GLM-4.1V text GGUFs have no
-text-only HF class and are refused). The tokenizer is the one built from GGUF metadata (llama.cpp's ids), saved as a `tokenizers`
+text-only HF class and are refused). The tokenizer is the one built from GGUF metadata (llama.cpp's ids), saved as a
+`tokenizers`
 tokenizer.json plus a tokenizer_config.json naming its special tokens and the file's chat template.
 """
 
@@ -84,7 +85,7 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", shard
 
     Memory: one decoded tensor at a time plus the shard being written (`shard_bytes`)."""
     from autoglm.loader.gguf import dense_weights
-    from autoglm.quant.apply import ShardedWriter
+    from autoglm.tools.quantize import ShardedWriter
 
     if dtype not in _DTYPES:
         raise ConfigError(f"export dtype {dtype!r} is not supported; choose from {', '.join(_DTYPES)}", param="dtype")

@@ -178,7 +178,8 @@ class LlamaAttention(nn.Module):
         super().__init__()
         assert args.head_dim is not None and args.num_key_value_heads is not None
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = args.head_dim
         d, hd = args.hidden_size, args.head_dim
         self.q_proj = Linear(d, self.num_heads * hd, bias=args.qkv_bias)
         self.k_proj = Linear(d, self.num_kv_heads * hd, bias=args.qkv_bias)

@@ -24,7 +24,9 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 def args_from_hf(config: dict[str, Any]) -> LlamaArgs:
     if config.get("use_sliding_window"):
-        raise ConfigError("use_sliding_window=true (per-layer sliding window) is not supported", param="use_sliding_window")
+        raise ConfigError(
+            "use_sliding_window=true (per-layer sliding window) is not supported", param="use_sliding_window"
+        )
     args = LlamaArgs.from_hf({**config, "use_sliding_window": False})
     args.qkv_bias, args.o_bias = True, False
     return args

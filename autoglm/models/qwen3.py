@@ -23,7 +23,9 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
 
 def from_hf(config: dict[str, Any], *, no_vision: bool = False) -> Qwen3ForCausalLM:
     if config.get("use_sliding_window"):
-        raise ConfigError("use_sliding_window=true (per-layer sliding window) is not supported", param="use_sliding_window")
+        raise ConfigError(
+            "use_sliding_window=true (per-layer sliding window) is not supported", param="use_sliding_window"
+        )
     args = LlamaArgs.from_hf({**config, "use_sliding_window": False})
     args.qk_norm = True
     return Qwen3ForCausalLM(args)

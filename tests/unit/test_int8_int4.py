@@ -18,11 +18,11 @@ from autoglm.quant.apply import (
     apply_quantization,
     finalize_quantization,
     quantization_from_config,
-    quantize_hf_checkpoint,
     quantized_bytes,
 )
 from autoglm.quant.int4 import Int4Linear, quantize_int4, unpack_nibbles
 from autoglm.quant.int8 import PACKED_MAX_ROWS, Int8Linear, quantize_int8
+from autoglm.tools.quantize import quantize_hf_checkpoint
 
 BF16_EPS = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
 

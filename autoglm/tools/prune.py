@@ -179,7 +179,7 @@ def prune_checkpoint(
     conventions (`autoglm.loader.gguf_export`), so "before" is the dequantized GGUF model."""
     from autoglm.loader.gguf_export import export_hf, is_gguf_file
     from autoglm.loader.hf import iter_safetensors, load_hf, safetensors_files
-    from autoglm.quant.apply import ShardedWriter, copy_side_files
+    from autoglm.tools.quantize import ShardedWriter, copy_side_files
 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
