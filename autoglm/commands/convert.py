@@ -14,7 +14,7 @@ from pathlib import Path
 
 from autoglm.errors import AutoGLMError
 
-# mirrors autoglm.loader.gguf_writer.OUTTYPES (a test checks): importing the writer here would load torch for --help
+# mirrors autoglm.gguf.writer.OUTTYPES (a test checks): importing the writer here would load torch for --help
 OUTTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 
 
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run(args: argparse.Namespace) -> int:
-    from autoglm.loader.gguf_writer import convert_mmproj, convert_text
+    from autoglm.gguf.writer import convert_mmproj, convert_text
 
     progress = not args.no_progress
     try:

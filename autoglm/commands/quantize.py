@@ -62,7 +62,7 @@ def _open(path: str | Path) -> GGUFReader:
 
 
 def _n_layers(reader: GGUFReader, arch: str) -> int:
-    from autoglm.loader.quants import layer_of
+    from autoglm.gguf.quants import layer_of
 
     f = reader.fields.get(f"{arch}.block_count")
     if f is not None:
@@ -94,7 +94,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, target: str, *, progress: bo
     from gguf import GGUFWriter, Keys
     from tqdm import tqdm
 
-    from autoglm.loader.quants import QuantMix, dequantize, quantize, row_nbytes
+    from autoglm.gguf.quants import QuantMix, dequantize, quantize, row_nbytes
 
     float_types, quant_source = _source_types()
     mix = QuantMix.parse(target)

@@ -5,7 +5,7 @@ Quantized weights stay quantized: every linear/embedding whose tensor is not F32
 float32. Every tensor of the file must land in a parameter, and every parameter must come from the file.
 This module knows no architecture: `autoglm.models.registry.gguf_module(general.architecture)` builds the decoder
 from the metadata and says how to undo the converter's layout changes; a `glm4v` mmproj adds the vision tower
-(see `autoglm.loader.mmproj`).
+(see `autoglm.gguf.mmproj`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError, ModelLoadError, UnsupportedQuantType
+from autoglm.gguf.names import gguf_names_for
+from autoglm.gguf.reader import GGUFFile, TensorInfo
+from autoglm.gguf.tokenizer import build_chat_template, build_tokenizer, eos_token_ids
 from autoglm.layers.linear import Linear
-from autoglm.loader.gguf_names import gguf_names_for
-from autoglm.loader.gguf_reader import GGUFFile, TensorInfo
-from autoglm.loader.gguf_tokenizer import build_chat_template, build_tokenizer, eos_token_ids
 from autoglm.loader.hf import resolve_devices
 from autoglm.loader.weights import expected_tensors, fill_parameters
 from autoglm.models.loaded import LoadedModel, ModuleInfo
@@ -70,7 +70,7 @@ def layout_fixups(f: GGUFFile, model: nn.Module) -> Callable[[str, Tensor], Tens
 
 # --- weights ---------------------------------------------------------------------------------------------------
 def _check_supported(info: TensorInfo, path: Path) -> None:
-    from autoglm.loader.quants import SUPPORTED_TYPES
+    from autoglm.gguf.quants import SUPPORTED_TYPES
 
     if info.qtype not in SUPPORTED_TYPES:
         raise UnsupportedQuantType(
@@ -85,7 +85,7 @@ def _dense(f: GGUFFile, info: TensorInfo) -> Tensor:
     raw = torch.from_numpy(f.raw(info))
     if info.qtype == Q.F32:
         return raw.view(torch.float32).view(info.shape)
-    from autoglm.loader.quants import dequantize
+    from autoglm.gguf.quants import dequantize
 
     return dequantize(raw, info.qtype, info.shape, info.name)
 
@@ -130,7 +130,7 @@ def load_gguf(
         raise ModelLoadError(f"{path}: no such GGUF file")
     f = GGUFFile(path)
     act_dtype = _resolve_dtype(dtype)
-    devices = resolve_devices(device)
+    devices = resolve_devices(device, ("decoder", "vision"))  # vision: the mmproj's tower, when one is given
     arch = f.architecture
     for info in f.tensors.values():
         _check_supported(info, path)
@@ -203,7 +203,7 @@ def _on_cpu(loaded: LoadedModel) -> bool:
 def dense_weights(f: GGUFFile) -> Iterator[tuple[str, Tensor]]:
     """(our parameter name, float32 tensor) for every tensor of `f`, decoded from its block type with the
     converter's layout changes undone (Gemma norms - 1, GLM-4.1V q/k order): the values `load_gguf` computes with.
-    For exporting a GGUF as an HF checkpoint (`autoglm.loader.gguf_export`); a tensor with no parameter raises."""
+    For exporting a GGUF as an HF checkpoint (`autoglm.gguf.export`); a tensor with no parameter raises."""
     for info in f.tensors.values():
         _check_supported(info, f.path)
     model = build_decoder(f)  # on meta: only its names and config are used
@@ -302,6 +302,6 @@ def _attach_vision(
     if no_vision:
         log.info("no_vision: not loading the projector %s", mmproj)
         return
-    from autoglm.loader.mmproj import attach_mmproj
+    from autoglm.gguf.mmproj import attach_mmproj
 
     attach_mmproj(loaded, Path(mmproj), dtype=dtype, device=device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,20 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None) -> tor
     return _DTYPES[name]
 
 
-def resolve_devices(device: str | torch.device | dict[str, Any]) -> dict[str, torch.device]:
-    """A device or {"decoder": ..., "vision": ...} -> one device per module (vision defaults to the decoder's)."""
+def resolve_devices(
+    device: str | torch.device | dict[str, Any], modules: Sequence[str] = ("decoder",)
+) -> dict[str, torch.device]:
+    """A device, or {module name: device} over the modules the model declares (`decoder`, `vision`, ...) -> one
+    device per module; a module the dict leaves out takes the decoder's device."""
+    names = list(dict.fromkeys(["decoder", *modules]))
     if isinstance(device, dict):
-        unknown = set(device) - {"decoder", "vision"}
+        unknown = set(device) - set(names)
         if unknown:
-            raise ConfigError(f"unknown module(s) in device map: {sorted(unknown)}; known: decoder, vision")
+            raise ConfigError(f"unknown module(s) in device map: {sorted(unknown)}; this model has: {', '.join(names)}")
         dec = torch.device(device.get("decoder", "cpu"))
-        return {"decoder": dec, "vision": torch.device(device.get("vision", dec))}
+        return {n: torch.device(device.get(n, dec)) for n in names}
     d = torch.device(device)
-    return {"decoder": d, "vision": d}
+    return {n: d for n in names}
 
 
 def safetensors_files(root: Path) -> list[Path]:
@@ -235,7 +239,7 @@ def load_hf(
     except ConfigError as e:  # name the file; the message already names the key
         raise ConfigError(f"{root / 'config.json'}: {e.message}", param=e.param) from e
     torch_dtype = resolve_dtype(dtype, ckpt_dtype)
-    devices = resolve_devices(device)
+    devices = resolve_devices(device, spec.modules)
     files = safetensors_files(root)
 
     try:
@@ -289,7 +293,7 @@ def load_hf(
 
     modules = [
         info
-        for name in ("decoder", "vision")
+        for name in spec.modules
         if (info := _module_info(model, spec, name, root, devices[name], report.seconds.get(name, 0.0))) is not None
     ]
     encoders: dict[str, Any] = {}

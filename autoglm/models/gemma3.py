@@ -26,7 +26,7 @@ from autoglm.models.config import gguf_need
 from autoglm.models.positions import MediaSpan, PromptPositions, rope_positions
 
 if TYPE_CHECKING:
-    from autoglm.loader.gguf_reader import GGUFFile
+    from autoglm.gguf.reader import GGUFFile
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"

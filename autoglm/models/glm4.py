@@ -25,7 +25,7 @@ from autoglm.models.config import TextConfig, gguf_need
 from autoglm.models.positions import MediaSpan, PromptPositions, mrope_positions, rope_positions
 
 if TYPE_CHECKING:
-    from autoglm.loader.gguf_reader import GGUFFile
+    from autoglm.gguf.reader import GGUFFile
 
 Fixup = Callable[[str, Tensor], Tensor]
 

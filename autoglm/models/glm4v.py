@@ -233,7 +233,8 @@ def build_glm4v(
 
 # --- the architecture interface (autoglm.models.registry); GGUF text files are `glm4` (autoglm.models.glm4) ----
 VISION_PREFIX = "visual."
-GGUF_ARCH = "glm4"  # the text model; `autoglm.loader.gguf_writer.convert_mmproj` writes the tower
+MODULES = ("decoder", "vision")  # device-map keys; the tower may sit on its own device
+GGUF_ARCH = "glm4"  # the text model; `autoglm.gguf.writer.convert_mmproj` writes the tower
 
 
 def gguf_export_fixups(model: nn.Module) -> Any:

@@ -30,7 +30,7 @@ from autoglm.models.config import gguf_need, hf_text_section, known_fields, rope
 from autoglm.models.positions import MediaSpan, PromptPositions, rope_positions
 
 if TYPE_CHECKING:
-    from autoglm.loader.gguf_reader import GGUFFile
+    from autoglm.gguf.reader import GGUFFile
 
 Fixup = Callable[[str, Tensor], Tensor]
 

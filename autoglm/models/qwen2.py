@@ -15,7 +15,7 @@ from autoglm.errors import ConfigError
 from autoglm.models.llama import LlamaArgs, LlamaForCausalLM
 
 if TYPE_CHECKING:
-    from autoglm.loader.gguf_reader import GGUFFile
+    from autoglm.gguf.reader import GGUFFile
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -9,8 +9,9 @@ An architecture module (autoglm/models/<arch>.py) provides, at module level:
     gguf_export_fixups(model) -> (name, tensor) -> tensor     redo them (ours -> GGUF; the converter's layout)
     hf_config(model) -> dict                                  config.json of a model built from_gguf (export)
     GGUF_ARCH: str                                            `general.architecture` it writes
-optionally `checkpoint_to_param(name) -> name | None` (checkpoint tensor names -> ours), `VISION_PREFIX` (our names
-of the vision tower) and `encoders(model, model_dir) -> {modality: Encoder}`.
+optionally `checkpoint_to_param(name) -> name | None` (checkpoint tensor names -> ours), `MODULES` (module names for
+device maps, default ("decoder",)), `VISION_PREFIX` (our names of the vision tower) and
+`encoders(model, model_dir) -> {modality: Encoder}`.
 Adding an architecture = its module + one row here.
 """
 
@@ -82,6 +83,11 @@ class ModelSpec:
     @property
     def vision_prefix(self) -> str | None:
         return getattr(self.module, "VISION_PREFIX", None)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Module names the model declares (device map keys, `ModuleInfo` rows): `MODULES`, default decoder only."""
+        return tuple(getattr(self.module, "MODULES", ("decoder",)))
 
     @property
     def encoders(self) -> Callable[[nn.Module, Path], dict[str, Any]] | None:

@@ -243,7 +243,7 @@ def _gguf_type(w: Tensor2D, quant: str, n_layers: int) -> str:
         return "Q8_0" if w.shape[-1] % 32 == 0 else "F16"
     name = w.name if w.module != "lm_head" else "output.weight"
     try:
-        from autoglm.loader.quants import q4_k_m_type_for
+        from autoglm.gguf.quants import q4_k_m_type_for
 
         return q4_k_m_type_for(name, w.layer, n_layers, n_cols=w.shape[-1]).name
     except ImportError:  # the GGUF block-format module is optional for planning

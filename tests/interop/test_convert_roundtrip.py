@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from autoglm.errors import ModelLoadError
+from autoglm.gguf.reader import GGUFFile
 from autoglm.llm import LLM
 from autoglm.loader import load_model
-from autoglm.loader.gguf_reader import GGUFFile
 from tests.interop.conftest import run_cli
 from tests.interop.helpers import TEXTS, chat_ids, image, ours_and_reference, rel_err
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from autoglm.gguf.reader import GGUFFile
 from autoglm.llm import LLM
-from autoglm.loader.gguf_reader import GGUFFile
 from tests.interop.conftest import run_cli
 from tests.interop.helpers import TEXTS, rel_err
 from tests.models.harness import hf_logits, prompts, tiny_checkpoint

@@ -141,8 +141,8 @@ def test_greedy_32_with_paged_cache(pair: tuple[torch.nn.Module, Gemma3ForCausal
 def test_hf_safetensors_directory_loads_through_the_registry(tmp_path: Path) -> None:
     import json
 
-    from autoglm.loader.gguf_reader import GGUFFile
-    from autoglm.loader.gguf_tokenizer import build_tokenizer
+    from autoglm.gguf.reader import GGUFFile
+    from autoglm.gguf.tokenizer import build_tokenizer
     from autoglm.loader.hf import load_hf
     from tests.fixtures.gguf import gemma3_to_gguf, tiny_gemma3_hf
 

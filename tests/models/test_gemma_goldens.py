@@ -89,7 +89,7 @@ def transformers_model(gemma_path: Path) -> torch.nn.Module:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from autoglm.loader.gguf_reader import GGUFFile
+    from autoglm.gguf.reader import GGUFFile
 
     # the name map only needs the parameter names, i.e. the layer count; one pass then returns config + tensors
     n_layers = int(GGUFFile(gemma_path).metadata["gemma3.block_count"])

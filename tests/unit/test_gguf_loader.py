@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from autoglm.errors import CorruptFile, UnsupportedArchitecture, UnsupportedQuantType, WeightMismatch
+from autoglm.gguf.reader import GGUFFile
 from autoglm.layers.attention import AttentionContext
 from autoglm.loader.gguf import MISSING_MMPROJ, load_gguf
-from autoglm.loader.gguf_reader import GGUFFile
 from autoglm.quant.gguf_linear import GGUFEmbedding, GGUFLinear
 
 IDS = [2, 40, 283, 284, 285, 7, 301, 302, 299, 100, 12, 265, 266, 297, 298, 303, 290, 291]  # < 306
@@ -253,7 +253,7 @@ def test_default_model_is_assembled_once_atomically(tmp_path: Path, monkeypatch:
 # --- mmproj -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_mmproj(tmp_path_factory: pytest.TempPathFactory, tiny_glm4v_dir: Path) -> Path:
-    from autoglm.loader.gguf_writer import convert_mmproj
+    from autoglm.gguf.writer import convert_mmproj
 
     return convert_mmproj(tiny_glm4v_dir, tmp_path_factory.mktemp("mmproj") / "mmproj-tiny.gguf", outtype="f32")
 

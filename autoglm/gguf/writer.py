@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError, ModelLoadError, UnsupportedArchitecture, WeightMismatch
-from autoglm.loader.quants import QuantMix, quantize, row_nbytes
+from autoglm.gguf.quants import QuantMix, quantize, row_nbytes
 from autoglm.models.registry import ModelSpec, hf_spec
 
 log = logging.getLogger(__name__)

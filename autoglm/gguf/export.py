@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from autoglm.errors import ConfigError, InvalidRequest, UnsupportedArchitecture
-from autoglm.loader.gguf_reader import GGUFFile
+from autoglm.gguf.reader import GGUFFile
 
 GGUF_MAGIC = b"GGUF"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,7 +47,7 @@ def hf_config_of(f: GGUFFile) -> dict[str, Any]:
 
 
 def _write_tokenizer(f: GGUFFile, dst: Path) -> None:
-    from autoglm.loader.gguf_tokenizer import build_tokenizer, eos_token_ids
+    from autoglm.gguf.tokenizer import build_tokenizer, eos_token_ids
 
     tok = build_tokenizer(f.metadata, source=str(f.path))
     # the backend already carries llama.cpp's BOS/EOS post-processor and the special tokens
