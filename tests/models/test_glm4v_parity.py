@@ -22,13 +22,9 @@ from autoglm.loader.hf import load_hf
 from autoglm.models.base import DecoderModel
 from autoglm.models.glm4v import Glm4vForConditionalGeneration, VisionEncoder
 from autoglm.models.loaded import LoadedModel
+from autoglm.models.positions import MediaSpan, PromptPositions, mrope_positions
 from autoglm.multimodal.encoder import Encoder, EncoderInputs
-from autoglm.multimodal.placeholders import (
-    decode_positions,
-    expand_placeholders,
-    mrope_positions,
-    mrope_positions_for_ids,
-)
+from autoglm.multimodal.placeholders import expand_placeholders
 from tests.fixtures.models import GLM4V_CONFIGS
 
 # Non-square images of different sizes (width, height); small so the tiny models stay fast.
@@ -80,13 +76,22 @@ def _inputs(loaded: LoadedModel, ids: list[int], images: list[Image.Image]):
     expanded, spans = expand_placeholders(
         ids, model.image_token_id, [it.n_slots for it in items], [it.grid for it in items]
     )
-    positions, delta = mrope_positions(len(expanded), spans, model.spatial_merge_size)
+    pp = _prompt_positions(model, len(expanded), spans)
+    positions = pp.positions if pp.positions is not None else torch.arange(len(expanded)).expand(3, -1)
+    delta = pp.delta
     embeds = None
     if items:
         assert isinstance(enc, VisionEncoder)
         image_embeds = torch.cat(enc.encode_batch(items))
         embeds = model.merge_image_embeddings(torch.tensor(expanded), image_embeds)
     return expanded, positions, delta, embeds, items
+
+
+def _prompt_positions(model: Glm4vForConditionalGeneration, n: int, spans: Any) -> PromptPositions:
+    """The decoder's own answer (the contract the engine uses), from spans in slot units (grid after the merge)."""
+    m = model.spatial_merge_size
+    slots = [MediaSpan(s.offset, s.length, (s.grid[0], s.grid[1] // m, s.grid[2] // m)) for s in spans]
+    return model.prompt_positions(n, slots)
 
 
 def _ref_kwargs(ref: Any, expanded: list[int], items: list[EncoderInputs]) -> dict[str, Any]:
@@ -166,31 +171,34 @@ def test_rope_index_matches_transformers(pairs, n_images: int) -> None:
     assert len(expanded) == len(ids) - n_images + sum(it.n_slots for it in items)
     assert [s.length for s in spans] == [it.n_slots for it in items]
     assert all(expanded[s.offset - 1] == _specials(d)["<|begin_of_image|>"] for s in spans)
-    pos, delta = mrope_positions(len(expanded), spans, 2)
+    pp = _prompt_positions(loaded.decoder, len(expanded), spans)
+    pos = pp.positions if pp.positions is not None else torch.arange(len(expanded)).expand(3, -1)
     x = torch.tensor([expanded])
     grids = torch.tensor([list(it.grid) for it in items]) if items else None
     ref_pos, ref_delta = ref.model.get_rope_index(x, (x == img_id).int(), image_grid_thw=grids)
     assert torch.equal(pos, ref_pos[:, 0])
-    assert delta == int(ref_delta)
-    pos2, delta2 = mrope_positions_for_ids(expanded, img_id, [it.grid for it in items], 2)
-    assert torch.equal(pos2, pos) and delta2 == delta
+    assert pp.delta == int(ref_delta)
     # generated tokens continue at index + delta on all rows (transformers' cached-decode rule)
-    assert torch.equal(decode_positions(len(expanded), 2, delta)[:, 1], torch.full((3,), len(expanded) + 1 + delta))
+    n = len(expanded)
+    nxt = pp.span(n, n + 2)
+    nxt = nxt if nxt.dim() == 2 else nxt.expand(3, -1)  # text-only: plain 1-D positions
+    assert torch.equal(nxt[:, 1], torch.full((3,), n + 1 + pp.delta))
 
 
 def test_adjacent_images_and_errors() -> None:
     from autoglm.errors import InvalidRequest
 
-    # two images back to back with no separator are still told apart by their slot counts
-    ids = [5, 9, 9, 9, 9, 9, 9, 9, 9, 6]  # 9 = image slot; grids give 2 + 6 slots
-    pos, delta = mrope_positions_for_ids(ids, 9, [(1, 2, 4), (1, 4, 6)], 2)
+    # two images back to back with no separator are still told apart by their slot grids (2 + 6 slots)
+    pp = mrope_positions(10, [MediaSpan(1, 2, (1, 1, 2)), MediaSpan(3, 6, (1, 2, 3))])
+    pos = pp.positions
+    assert pos is not None
     assert pos[:, 1:3].tolist() == [[1, 1], [1, 1], [1, 2]]
     assert pos[:, 3].tolist() == [3, 3, 3]  # second image starts after max(1, 2) of the first
-    assert delta == int(pos.max()) + 1 - len(ids)
+    assert pp.delta == int(pos.max()) + 1 - 10
     with pytest.raises(InvalidRequest, match="2 media placeholder"):
         expand_placeholders([1, 9, 9], 9, [4])
-    with pytest.raises(InvalidRequest, match="slots for 1 image"):
-        mrope_positions_for_ids([1, 9, 9, 2], 9, [(1, 2, 4), (1, 2, 4)], 2)
+    with pytest.raises(ValueError, match="does not match its slot grid"):
+        mrope_positions(4, [MediaSpan(1, 2, (1, 2, 2))])
 
 
 # --- full model ---------------------------------------------------------------------------------------------------
@@ -285,7 +293,7 @@ def test_greedy_32_tokens_with_image(pairs, idx: int) -> None:
             got.append(tok)
             for i in range(len(expanded), total - 1):
                 ctx = AttentionContext([1], [i + 1], torch.tensor([i]), table)
-                h = model(torch.tensor([tok]), decode_positions(i, 1, delta), ctx)
+                h = model(torch.tensor([tok]), PromptPositions(positions, delta).span(i, i + 1), ctx)
                 tok = int(model.compute_logits(h).argmax(-1))
                 got.append(tok)
     finally:
@@ -325,7 +333,7 @@ def test_no_vision_load_runs_text_only(pairs) -> None:
     assert "image" not in text_only.encoders
     assert not any(n.startswith("visual.") for n, _ in model.named_parameters())
     ids = _prompt(d, 0, seed=3)
-    positions, _ = mrope_positions(len(ids), [], 2)
+    positions = torch.arange(len(ids)).expand(3, -1)
     with torch.no_grad():
         got = model.compute_logits(model(torch.tensor(ids), positions, AttentionContext.no_cache([len(ids)])))
         expect = ref(**_ref_kwargs(ref, ids, [])).logits[0]
