@@ -109,3 +109,10 @@ def run_cli(*argv: str) -> int:
 
     return main(list(argv))
 
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Interop tests drive whole models: marked `model` (`pytest -m "not model"` is the fast subset)."""
+    for item in items:
+        if "tests/interop/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.model)

@@ -18,7 +18,7 @@ from tests.interop.conftest import run_cli
 from tests.interop.helpers import TEXTS, rel_err
 from tests.models.harness import hf_logits, prompts, tiny_checkpoint
 
-pytestmark = [pytest.mark.llamacpp, pytest.mark.model]
+pytestmark = pytest.mark.llamacpp
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", SMALL),

@@ -8,8 +8,6 @@ import pytest
 
 from tests.models.harness import check_architecture, tiny_checkpoint
 
-pytestmark = pytest.mark.model
-
 CONFIGS = [
     dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
          tie_word_embeddings=True, rope_theta=1e6),
