@@ -1,7 +1,8 @@
 """`autoglm convert HF_DIR -o X.gguf [--mmproj-out mmproj-X.gguf] --outtype f32|f16|bf16|q8_0|q4_k_m`.
 
 Writes the files llama.cpp's own converter writes (text model `glm4`, `llama`, `qwen2`, `qwen3`; for GLM-4.1V
-also the `glm4v` vision projector with --mmproj-out), so `llama-server -m X.gguf --mmproj mmproj-X.gguf` and `autoglm serve` both run them.
+also the `glm4v` vision projector with --mmproj-out), so `llama-server -m X.gguf --mmproj mmproj-X.gguf` and
+`autoglm serve` both run them.
 q4_k_m uses our K-quant quantizer with llama.cpp's Q4_K_M mixture; its mmproj is written Q8_0 (as published).
 """
 
