@@ -212,3 +212,8 @@ def asset_status(
         "sha256": {f.name: f.sha256 for f in asset.files},
         "assembled": assembled, "path": where,
     }
+
+
+def default_model_path(cache: Path | None = None) -> Path:
+    """Path of the built-in default text GGUF (assembled and verified on first use)."""
+    return builtin_path(default_builtin(TEXT_GGUF), cache=cache)

@@ -95,8 +95,8 @@ def candidates(
 def model_decode(path: str | None, threads: int, prompt: int, gen: int, runs: int) -> dict[str, float]:
     """Whole-model decode/prefill tok/s: our engine (the loader picks the CPU kernels), then llama-cpp-python, same
     process."""
+    from autoglm.builtins import default_model_path
     from autoglm.config import EngineConfig
-    from autoglm.default_model import default_model_path
     from autoglm.engine.engine import Engine
     from autoglm.engine.prompt import PromptInputs
     from autoglm.engine.sampling_params import SamplingParams

@@ -6,7 +6,7 @@ memory-bandwidth bound" (BENCHMARKS.md). Weights are N(0, 0.02) (norms 1), seede
     python benchmarks/make_synthetic_glm4.py OUT_DIR [--preset 1.5b|tiny] [--gguf q4_k_m,q8_0]
 
 Writes OUT_DIR/hf (config.json, model*.safetensors, tokenizer files) and OUT_DIR/glm4-synthetic-<type>.gguf via our
-converter (autoglm.loader.gguf_writer.convert_text). The tokenizer is the tiny GLM-4.1V-style test tokenizer
+converter (autoglm.gguf.writer.convert_text). The tokenizer is the tiny GLM-4.1V-style test tokenizer
 (benchmarks feed random token ids; the embedding rows past it are padding, as in the real 151552-row vocabulary).
 """
 
@@ -111,7 +111,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     hf = write_hf(args.out / "hf", args.preset, args.seed)
-    from autoglm.loader.gguf_writer import convert_text
+    from autoglm.gguf.writer import convert_text
 
     for outtype in [t for t in args.gguf.split(",") if t]:
         t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 
     python benchmarks/prune_gemma.py [--ratios 0.1 0.25] [--threads 2] [--out benchmarks/prune_gemma.json]
 
-The GGUF is exported once to a float32 HF directory (`autoglm.loader.gguf_export`, the GGUF loader's conventions),
+The GGUF is exported once to a float32 HF directory (`autoglm.gguf.export`, the GGUF loader's conventions),
 then `prune_checkpoint` writes one pruned directory per ratio and criterion, and perplexity is measured on each
 written directory loaded back through `load_hf`. Texts (offline, deterministic):
 - calibration: the first half of the built-in sample (`autoglm.quant.prune.SAMPLE_TEXT`, what the CLI uses) plus
@@ -52,10 +52,10 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-
-    from autoglm.loader.gguf_export import export_hf, is_gguf_file
-    from autoglm.loader.hf import load_hf
     from autoglm.quant.prune import perplexity, prune_checkpoint, split_text
+
+    from autoglm.gguf.export import export_hf, is_gguf_file
+    from autoglm.loader.hf import load_hf
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from autoglm.builtins import builtin_path
+from autoglm.gguf.export import export_hf
 from autoglm.llm import LLM
-from autoglm.loader.gguf_export import export_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 

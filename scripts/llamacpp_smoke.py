@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import llama_cpp
 
-from autoglm.default_model import default_model_path
+from autoglm.builtins import default_model_path
 
 
 def main() -> None:

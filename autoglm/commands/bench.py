@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model
     if model is None:
-        from autoglm.default_model import default_model_path
+        from autoglm.builtins import default_model_path
 
         model = str(default_model_path())
     for name in ("prompt_len", "gen_len", "concurrency", "runs"):

@@ -1,7 +1,8 @@
 """`autoglm convert HF_DIR -o X.gguf [--mmproj-out mmproj-X.gguf] --outtype f32|f16|bf16|q8_0|q4_k_m`.
 
-Writes the files llama.cpp's own converter writes (text model `glm4`; for GLM-4.1V also the `glm4v` vision
-projector with --mmproj-out), so `llama-server -m X.gguf --mmproj mmproj-X.gguf` and `autoglm serve` both run them.
+Writes the files llama.cpp's own converter writes (text model `glm4`, `llama`, `qwen2`, `qwen3`; for GLM-4.1V
+also the `glm4v` vision projector with --mmproj-out), so `llama-server -m X.gguf --mmproj mmproj-X.gguf` and
+`autoglm serve` both run them.
 q4_k_m uses our K-quant quantizer with llama.cpp's Q4_K_M mixture; its mmproj is written Q8_0 (as published).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from autoglm.errors import AutoGLMError
 
-# mirrors autoglm.loader.gguf_writer.OUTTYPES (a test checks): importing the writer here would load torch for --help
+# mirrors autoglm.gguf.writer.OUTTYPES (a test checks): importing the writer here would load torch for --help
 OUTTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     """Add `autoglm convert` to the CLI."""
     p = subparsers.add_parser(
         "convert",
-        help="convert a Hugging Face GLM-4 / GLM-4.1V directory to GGUF (+ mmproj)",
+        help="convert a Hugging Face directory (GLM-4/4.1V, Llama, Qwen2, Qwen3) to GGUF (+ mmproj for GLM-4.1V)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run(args: argparse.Namespace) -> int:
-    from autoglm.loader.gguf_writer import convert_mmproj, convert_text
+    from autoglm.gguf.writer import convert_mmproj, convert_text
 
     progress = not args.no_progress
     try:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-QUANTIZATIONS = ("none", "int8", "int4", "q8_0", "q4_k_m")  # mirrors autoglm.plan.QUANTIZATIONS (kept torch-free)
+QUANTIZATIONS = ("none", "int8", "int4", "q8_0", "q4_k_m")  # mirrors autoglm.tools.plan.QUANTIZATIONS (kept torch-free)
 
 
 def register(subparsers: Any) -> None:
@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autoglm.plan import plan_model
+    from autoglm.tools.plan import plan_model
 
     kwargs: dict[str, Any] = dict(
         ctx=args.ctx,

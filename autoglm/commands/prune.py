@@ -35,12 +35,12 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from autoglm.quant.prune import SAMPLE_TEXT, prune_checkpoint
+    from autoglm.tools.prune import SAMPLE_TEXT, prune_checkpoint
 
     torch.set_grad_enabled(False)
     model = args.model
     if model is None:
-        from autoglm.default_model import default_model_path
+        from autoglm.builtins import default_model_path
 
         model = str(default_model_path())
     half = len(SAMPLE_TEXT) // 2

@@ -64,7 +64,7 @@ def _open(path: str | Path) -> GGUFReader:
 
 
 def _n_layers(reader: GGUFReader, arch: str) -> int:
-    from autoglm.loader.quants import layer_of
+    from autoglm.gguf.quants import layer_of
 
     f = reader.fields.get(f"{arch}.block_count")
     if f is not None:
@@ -96,7 +96,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, target: str, *, progress: bo
     from gguf import GGUFWriter, Keys
     from tqdm import tqdm
 
-    from autoglm.loader.quants import QuantMix, dequantize, quantize, row_nbytes
+    from autoglm.gguf.quants import QuantMix, dequantize, quantize, row_nbytes
 
     float_types, quant_source = _source_types()
     mix = QuantMix.parse(target)
@@ -165,8 +165,8 @@ def input_kind(path: str | Path) -> str:
 
 
 def quantize_hf(src: str | Path, dst: str | Path, mode: str, *, group_size: int = 32) -> dict[str, int]:
-    """HF directory -> quantized HF directory (`autoglm.quant.apply.quantize_hf_checkpoint`); {format: bytes}."""
-    from autoglm.quant.apply import quantize_hf_checkpoint
+    """HF directory -> quantized HF directory (`autoglm.tools.quantize.quantize_hf_checkpoint`); {format: bytes}."""
+    from autoglm.tools.quantize import quantize_hf_checkpoint
 
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():

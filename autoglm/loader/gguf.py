@@ -3,15 +3,16 @@
 Quantized weights stay quantized: every linear/embedding whose tensor is not F32 becomes a `GGUFLinear` /
 `GGUFEmbedding` holding the file's blocks as a view of the mmap (no float copy of the model); norms and biases are
 float32. Every tensor of the file must land in a parameter, and every parameter must come from the file.
-Architectures: `gemma3` (text) and `glm4` (GLM-4, and GLM-4.1V's text model with M-RoPE); a `glm4v` mmproj adds
-the vision tower (see `autoglm.loader.mmproj`).
+This module knows no architecture: `autoglm.models.registry.gguf_module(general.architecture)` builds the decoder
+from the metadata and says how to undo the converter's layout changes; a `glm4v` mmproj adds the vision tower
+(see `autoglm.gguf.mmproj`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,20 @@ import gguf
 import torch
 from torch import Tensor, nn
 
-from autoglm.errors import ConfigError, ModelLoadError, UnsupportedArchitecture, UnsupportedQuantType
+from autoglm.errors import ConfigError, ModelLoadError, UnsupportedQuantType
+from autoglm.gguf.names import gguf_names_for
+from autoglm.gguf.reader import GGUFFile, TensorInfo
+from autoglm.gguf.tokenizer import build_chat_template, build_tokenizer, eos_token_ids
 from autoglm.kernels import REFERENCE, Kernels, bind_kernels, select_kernels
 from autoglm.layers.linear import Linear
-from autoglm.loader.gguf_names import gguf_names_for, neox_to_interleaved_rows
-from autoglm.loader.gguf_reader import GGUFFile, TensorInfo
-from autoglm.loader.gguf_tokenizer import build_chat_template, build_tokenizer, eos_token_ids
 from autoglm.loader.hf import resolve_devices
 from autoglm.loader.weights import expected_tensors, fill_parameters
 from autoglm.models.loaded import LoadedModel, ModuleInfo
+from autoglm.models.registry import gguf_module
 
 log = logging.getLogger("autoglm.loader.gguf")
 
 Q = gguf.GGMLQuantizationType
-SUPPORTED_ARCHITECTURES = ("gemma3", "glm4")
 MISSING_MMPROJ = "Missing mmproj file for vision encoder projection"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DENSE = {Q.F32}  # kept as plain float tensors; everything else stays in its block format
@@ -56,120 +57,21 @@ def _need(f: GGUFFile, key: str) -> Any:
     return v
 
 
-def _opt_float(f: GGUFFile, key: str) -> float | None:
-    v = f.get(key)
-    return None if v is None else float(v)
-
-
-# --- configs from metadata ---------------------------------------------------------------------------------------
-def gemma3_config(f: GGUFFile) -> Any:
-    from autoglm.models.gemma3 import FULL, SLIDING, Gemma3Config
-
-    a = "gemma3"
-    n_layers = int(_need(f, f"{a}.block_count"))
-    hidden = int(_need(f, f"{a}.embedding_length"))
-    heads = int(_need(f, f"{a}.attention.head_count"))
-    head_dim = int(f.get(f"{a}.attention.key_length", hidden // heads))
-    pattern = f.get(f"{a}.attention.sliding_window_pattern")
-    if pattern is None or isinstance(pattern, int | float):
-        period = int(pattern or 6)  # llama.cpp's built-in Gemma 3 pattern: 5 local layers, then 1 global
-        layer_types = [FULL if (i + 1) % period == 0 else SLIDING for i in range(n_layers)]
-    else:  # per-layer flags, True = sliding
-        layer_types = [SLIDING if bool(x) else FULL for x in pattern]
-    scale = _opt_float(f, f"{a}.attention.scale")
-    # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers) which uses 1/sqrt(hidden/heads)
-    scalar = 1.0 / scale**2 if scale else float(hidden // heads if n_layers == 62 else head_dim)
-    scaling = f.get(f"{a}.rope.scaling.type")
-    factor = _opt_float(f, f"{a}.rope.scaling.factor") if scaling == "linear" else None
-    if scaling not in (None, "none", "linear"):
-        raise ConfigError(f"{f.path}: unsupported {a}.rope.scaling.type {scaling!r}")
-    embd = f.tensors.get("token_embd.weight")
-    if embd is None:
-        raise ConfigError(f"{f.path}: GGUF has no token_embd.weight")
-    return Gemma3Config(
-        vocab_size=embd.shape[0],
-        hidden_size=hidden,
-        intermediate_size=int(_need(f, f"{a}.feed_forward_length")),
-        num_hidden_layers=n_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(f.get(f"{a}.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rms_norm_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position_embeddings=int(f.get(f"{a}.context_length", 32768)),
-        rope_theta=float(f.get(f"{a}.rope.freq_base", 1_000_000.0)),
-        rope_local_base_freq=float(f.get(f"{a}.rope.freq_base_swa", 10_000.0)),
-        rope_scaling_factor=factor or 1.0,
-        query_pre_attn_scalar=scalar,
-        sliding_window=int(f.get(f"{a}.attention.sliding_window", 4096)),
-        layer_types=layer_types,
-        final_logit_softcapping=_opt_float(f, f"{a}.final_logit_softcapping"),
-        tie_word_embeddings="output.weight" not in f.tensors,
-        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
-    )
-
-
-def glm4_config(f: GGUFFile) -> Any:
-    from autoglm.models.config import TextConfig
-
-    a = "glm4"
-    hidden = int(_need(f, f"{a}.embedding_length"))
-    heads = int(_need(f, f"{a}.attention.head_count"))
-    head_dim = int(f.get(f"{a}.attention.key_length", hidden // heads))
-    rot = int(f.get(f"{a}.rope.dimension_count", head_dim // 2))
-    sections = f.get(f"{a}.rope.dimension_sections")
-    mrope = [int(x) for x in sections[:3]] if sections is not None and any(int(x) for x in sections) else None
-    embd = f.tensors.get("token_embd.weight")
-    if embd is None:
-        raise ConfigError(f"{f.path}: GGUF has no token_embd.weight")
-    return TextConfig(
-        model_type="glm4v_text" if mrope else "glm4",
-        vocab_size=embd.shape[0],
-        hidden_size=hidden,
-        intermediate_size=int(_need(f, f"{a}.feed_forward_length")),
-        num_hidden_layers=int(_need(f, f"{a}.block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(f.get(f"{a}.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        max_position_embeddings=int(f.get(f"{a}.context_length", 131072)),
-        rms_norm_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-        attention_bias="blk.0.attn_q.bias" in f.tensors,
-        tie_word_embeddings="output.weight" not in f.tensors,
-        rope_theta=float(f.get(f"{a}.rope.freq_base", 10000.0)),
-        partial_rotary_factor=rot / head_dim,
-        mrope_section=mrope,
-        rope_type="mrope" if mrope else "default",
-        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
-    )
-
-
 def build_decoder(f: GGUFFile) -> nn.Module:
-    """The text decoder for the file's architecture, built on `meta` (not filled)."""
-    arch = f.architecture
-    if arch == "gemma3":
-        from autoglm.models.gemma3 import Gemma3ForCausalLM
+    """The text decoder for the file's architecture (its module, from the registry), built on `meta` (not filled)."""
+    module = gguf_module(f.architecture, source=str(f.path))
+    with torch.device("meta"):
+        return module.from_gguf(f)
 
-        cfg = gemma3_config(f)
-        with torch.device("meta"):
-            return Gemma3ForCausalLM(cfg)
-    if arch == "glm4":
-        from autoglm.models.registry import gguf_builder
 
-        tc = glm4_config(f)
-        with torch.device("meta"):
-            return gguf_builder("glm4")(tc)
-    raise UnsupportedArchitecture(
-        f"{f.path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
-        param="general.architecture",
-    )
+def layout_fixups(f: GGUFFile, model: nn.Module) -> Callable[[str, Tensor], Tensor]:
+    """(our name, tensor) -> tensor undoing the converter's layout changes (the architecture module says which)."""
+    return gguf_module(f.architecture, source=str(f.path)).gguf_fixups(model)
 
 
 # --- weights ---------------------------------------------------------------------------------------------------
 def _check_supported(info: TensorInfo, path: Path) -> None:
-    from autoglm.loader.quants import SUPPORTED_TYPES
+    from autoglm.gguf.quants import SUPPORTED_TYPES
 
     if info.qtype not in SUPPORTED_TYPES:
         raise UnsupportedQuantType(
@@ -184,7 +86,7 @@ def _dense(f: GGUFFile, info: TensorInfo) -> Tensor:
     raw = torch.from_numpy(f.raw(info))
     if info.qtype == Q.F32:
         return raw.view(torch.float32).view(info.shape)
-    from autoglm.loader.quants import dequantize
+    from autoglm.gguf.quants import dequantize
 
     return dequantize(raw, info.qtype, info.shape, info.name)
 
@@ -234,7 +136,7 @@ def load_gguf(
         raise ModelLoadError(f"{path}: no such GGUF file")
     f = GGUFFile(path)
     act_dtype = _resolve_dtype(dtype)
-    devices = resolve_devices(device)
+    devices = resolve_devices(device, ("decoder", "vision"))  # vision: the mmproj's tower, when one is given
     arch = f.architecture
     for info in f.tensors.values():
         _check_supported(info, path)
@@ -246,7 +148,7 @@ def load_gguf(
     tied = getattr(model, "tied_parameters", None)
     if callable(tied) and tied() and "token_embd.weight" in f.tensors:
         _swap_tied_head(model, f.tensors["token_embd.weight"], kernels)
-    convert = _layout_fixups(f, arch, model)
+    convert = layout_fixups(f, model)
 
     def stream() -> Iterator[tuple[str, Tensor]]:
         for gname, info in f.tensors.items():
@@ -302,13 +204,13 @@ def load_gguf(
 def dense_weights(f: GGUFFile) -> Iterator[tuple[str, Tensor]]:
     """(our parameter name, float32 tensor) for every tensor of `f`, decoded from its block type with the
     converter's layout changes undone (Gemma norms - 1, GLM-4.1V q/k order): the values `load_gguf` computes with.
-    For exporting a GGUF as an HF checkpoint (`autoglm.loader.gguf_export`); a tensor with no parameter raises."""
+    For exporting a GGUF as an HF checkpoint (`autoglm.gguf.export`); a tensor with no parameter raises."""
     for info in f.tensors.values():
         _check_supported(info, f.path)
     model = build_decoder(f)  # on meta: only its names and config are used
     arch = f.architecture
     names = gguf_names_for(arch, int(_need(f, f"{arch}.block_count")), expected_tensors(model))
-    convert = _layout_fixups(f, arch, model)
+    convert = layout_fixups(f, model)
     for gname, info in f.tensors.items():
         pname = names.get(gname)
         if pname is None:
@@ -327,29 +229,6 @@ def _swap_tied_head(model: nn.Module, embd: TensorInfo, kernels: Kernels = REFER
         model.lm_head = GGUFLinear(
             head.in_features, head.out_features, embd.qtype, impl=kernels, name="output.weight (tied)"
         )
-
-
-def _layout_fixups(f: GGUFFile, arch: str, model: nn.Module) -> Any:
-    """(our name, tensor) -> tensor undoing the converter's layout changes for this architecture."""
-    if arch == "gemma3":
-
-        def gemma(name: str, t: Tensor) -> Tensor:
-            return t - 1.0 if name.endswith("norm.weight") else t  # stored as 1 + w
-
-        return gemma
-    cfg = getattr(model, "config", None)
-    if arch == "glm4" and cfg is not None and getattr(cfg, "uses_mrope", False):
-        hd, rot = int(cfg.head_dim), int(cfg.rotary_dim)
-
-        def glm4v(name: str, t: Tensor) -> Tensor:
-            if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")) or name.endswith(
-                ("self_attn.k_proj.weight", "self_attn.k_proj.bias")
-            ):
-                return neox_to_interleaved_rows(t, hd, rot)
-            return t
-
-        return glm4v
-    return lambda _name, t: t
 
 
 def _sampling_defaults(f: GGUFFile) -> dict[str, Any]:
@@ -426,6 +305,6 @@ def _attach_vision(
     if no_vision:
         log.info("no_vision: not loading the projector %s", mmproj)
         return
-    from autoglm.loader.mmproj import attach_mmproj
+    from autoglm.gguf.mmproj import attach_mmproj
 
     attach_mmproj(loaded, Path(mmproj), dtype=dtype, device=device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from autoglm.errors import ConfigError, CorruptFile, ModelLoadError
 from autoglm.loader.weights import fill_parameters
-from autoglm.models.config import TextConfig, read_config_json
+from autoglm.models.config import checkpoint_facts, read_config_json
 from autoglm.models.loaded import LoadedModel, ModuleInfo
 from autoglm.models.registry import ModelSpec, hf_spec
 
@@ -30,7 +30,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "do_sample")
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: TextConfig) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None) -> torch.dtype:
     """ "auto" -> the checkpoint's torch_dtype/dtype (float32 when absent); else a named float dtype."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
@@ -38,22 +38,26 @@ def resolve_dtype(dtype: str | torch.dtype, config: TextConfig) -> torch.dtype:
         return dtype
     name = str(dtype).removeprefix("torch.")
     if name == "auto":
-        return _DTYPES.get(config.torch_dtype or "float32", torch.float32)
+        return _DTYPES.get(checkpoint_dtype or "float32", torch.float32)
     if name not in _DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(_DTYPES)}", param="dtype")
     return _DTYPES[name]
 
 
-def resolve_devices(device: str | torch.device | dict[str, Any]) -> dict[str, torch.device]:
-    """A device or {"decoder": ..., "vision": ...} -> one device per module (vision defaults to the decoder's)."""
+def resolve_devices(
+    device: str | torch.device | dict[str, Any], modules: Sequence[str] = ("decoder",)
+) -> dict[str, torch.device]:
+    """A device, or {module name: device} over the modules the model declares (`decoder`, `vision`, ...) -> one
+    device per module; a module the dict leaves out takes the decoder's device."""
+    names = list(dict.fromkeys(["decoder", *modules]))
     if isinstance(device, dict):
-        unknown = set(device) - {"decoder", "vision"}
+        unknown = set(device) - set(names)
         if unknown:
-            raise ConfigError(f"unknown module(s) in device map: {sorted(unknown)}; known: decoder, vision")
+            raise ConfigError(f"unknown module(s) in device map: {sorted(unknown)}; this model has: {', '.join(names)}")
         dec = torch.device(device.get("decoder", "cpu"))
-        return {"decoder": dec, "vision": torch.device(device.get("vision", dec))}
+        return {n: torch.device(device.get(n, dec)) for n in names}
     d = torch.device(device)
-    return {"decoder": d, "vision": d}
+    return {n: d for n in names}
 
 
 def safetensors_files(root: Path) -> list[Path]:
@@ -231,11 +235,11 @@ def load_hf(
     config = read_config_json(root)
     spec = hf_spec(config, source=str(root / "config.json"))
     try:
-        text_config = TextConfig.from_dict(config)
+        ckpt_dtype, config_eos, max_len = checkpoint_facts(config)
     except ConfigError as e:  # name the file; the message already names the key
         raise ConfigError(f"{root / 'config.json'}: {e.message}", param=e.param) from e
-    torch_dtype = resolve_dtype(dtype, text_config)
-    devices = resolve_devices(device)
+    torch_dtype = resolve_dtype(dtype, ckpt_dtype)
+    devices = resolve_devices(device, spec.modules)
     files = safetensors_files(root)
 
     try:
@@ -284,12 +288,12 @@ def load_hf(
 
     tokenizer, chat_template = _load_tokenizer(root)
     gen = read_generation_config(root)
-    eos = _as_ids(gen.get("eos_token_id")) or text_config.eos_token_ids
+    eos = _as_ids(gen.get("eos_token_id")) or config_eos
     defaults = {k: gen[k] for k in _GEN_KEYS if k in gen}
 
     modules = [
         info
-        for name in ("decoder", "vision")
+        for name in spec.modules
         if (info := _module_info(model, spec, name, root, devices[name], report.seconds.get(name, 0.0))) is not None
     ]
     encoders: dict[str, Any] = {}
@@ -320,6 +324,6 @@ def load_hf(
         name=root.resolve().name,
         path=str(root),
         architecture=spec.architecture,
-        max_model_len=text_config.max_position_embeddings,
+        max_model_len=int(getattr(model, "max_position_embeddings", max_len)),
         modules=modules,
     )

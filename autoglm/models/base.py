@@ -7,28 +7,35 @@ looks inside it: it calls `embed_tokens`, `forward` and `compute_logits`, and at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
 from autoglm.layers.attention import AttentionContext
+from autoglm.models.positions import MediaSpan, PromptPositions
 
 
 @runtime_checkable
 class DecoderModel(Protocol):
     """Packed-batch causal decoder.
 
+    prompt_positions(num_tokens, spans) -> PromptPositions   the prompt's RoPE positions (autoglm.models.positions);
+        the engine keeps it per request and asks `.span(start, end)` for each step's tokens
     embed_tokens(input_ids [T]) -> [T, D]           input embeddings, already scaled as the model needs
     forward(input_ids [T], positions [T] or [3, T], ctx, inputs_embeds [T, D] | None) -> hidden [T, D]
-        `positions` is 3-row for M-RoPE models (`uses_mrope`), else 1-row; when `inputs_embeds` is given
+        `positions` has `position_rows` rows (3 for M-RoPE; 1 is packed as [T]); when `inputs_embeds` is given
         `input_ids` is ignored (media embeddings have been merged into it by the runner).
     compute_logits(hidden [N, D]) -> [N, vocab] float32
     """
 
-    uses_mrope: bool
+    position_rows: int  # 1 (1-D RoPE) or 3 (M-RoPE)
+    uses_mrope: bool  # == (position_rows == 3); kept while engine code still reads it
     vocab_size: int
     hidden_size: int
     max_position_embeddings: int
+
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions: ...
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor: ...
 

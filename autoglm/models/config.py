@@ -1,4 +1,6 @@
-"""Model configs parsed from HF `config.json` (transformers 4.5x and 5.x spellings) into plain dataclasses.
+"""Model configs parsed from HF `config.json` (transformers 4.5x and 5.x spellings) into plain dataclasses: GLM's
+`TextConfig` / `VisionConfig`, and the helpers every architecture's args use (`hf_text_section`, `rope_settings`,
+`known_fields`, `gguf_need`, `checkpoint_facts`).
 
 `from_dict` keeps the keys a field knows, `__post_init__` derives the rest (head_dim, rotary_dim, M-RoPE), the way
 mlx-lm's `ModelArgs` do. Neither class imports transformers.
@@ -46,6 +48,61 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k in names}
 
 
+def known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `d` that are init fields of dataclass `cls` (None values dropped: the field default applies)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    out = {k: v for k, v in d.items() if k in names and v is not None}
+    if "torch_dtype" in names:
+        out["torch_dtype"] = _dtype_name(d.get("torch_dtype", d.get("dtype")))
+    return out
+
+
+def hf_text_section(config: dict[str, Any]) -> dict[str, Any]:
+    """The text model's keys of a config.json dict: `text_config` (if any) over the top-level keys."""
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise ConfigError(f"config key 'text_config' must be an object, got {type(text).__name__}")
+    out = {k: v for k, v in config.items() if k not in ("text_config", "vision_config")}
+    out.update(text or {})
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in out:
+            raise ConfigError(f"config.json has no {key!r}", param=key)
+    return out
+
+
+def rope_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """{rope_theta, rope_scaling_factor} from 5.x `rope_parameters` or 4.5x `rope_theta` + `rope_scaling`;
+    ConfigError for scaling types we do not implement (yarn, dynamic, llama3, ...)."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config key 'rope_parameters'/'rope_scaling' must be an object, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ConfigError(f"unsupported rope type {kind!r} (supported: default, linear)", param="rope_type")
+    out: dict[str, Any] = {"rope_scaling_factor": float(rope.get("factor", 1.0)) if kind == "linear" else 1.0}
+    theta = rope.get("rope_theta", d.get("rope_theta"))
+    if theta is not None:
+        out["rope_theta"] = float(theta)
+    return out
+
+
+def checkpoint_facts(config: dict[str, Any]) -> tuple[str | None, list[int], int]:
+    """(torch_dtype name or None, eos token ids, max_position_embeddings) of any architecture's config.json."""
+    d = hf_text_section(config)
+    dtype = _dtype_name(d.get("torch_dtype") or d.get("dtype") or config.get("torch_dtype") or config.get("dtype"))
+    e = d.get("eos_token_id", config.get("eos_token_id"))
+    eos = [] if e is None else [int(e)] if isinstance(e, int) else [int(x) for x in e]
+    return dtype, eos, int(d.get("max_position_embeddings") or 4096)
+
+
+def gguf_need(f: Any, key: str) -> Any:
+    """A required GGUF metadata value; ConfigError names the file and the key when it is absent."""
+    v = f.get(key)
+    if v is None:
+        raise ConfigError(f"{f.path}: GGUF metadata has no {key!r}", param=key)
+    return v
+
+
 def _dtype_name(value: Any) -> str | None:
     if value is None:
         return None
@@ -55,7 +112,7 @@ def _dtype_name(value: Any) -> str | None:
 
 @dataclass
 class TextConfig:
-    """The text decoder's hyper-parameters (GLM-4, GLM-4.1V text, and the fields Gemma 3 adds).
+    """GLM-4 / GLM-4.1V text decoder hyper-parameters (autoglm.models.glm4; other architectures have their own).
 
     Derived in `__post_init__`: `head_dim` (if absent), `rotary_dim`, `uses_mrope`, `num_key_value_heads` (if absent).
     """
@@ -88,13 +145,6 @@ class TextConfig:
     image_end_token_id: int | None = None
     video_start_token_id: int | None = None
     video_end_token_id: int | None = None
-    # Gemma 3 (read by autoglm.models.gemma3; unused by GLM)
-    sliding_window: int | None = None
-    layer_types: list[str] | None = None
-    query_pre_attn_scalar: float | None = None
-    rope_local_base_freq: float | None = None
-    final_logit_softcapping: float | None = None
-    attn_logit_softcapping: float | None = None
     # derived
     rotary_dim: int = field(init=False, default=0)
     uses_mrope: bool = field(init=False, default=False)
@@ -171,11 +221,6 @@ class TextConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"config key 'rope_parameters'/'rope_scaling' must be an object, got {rope!r}")
-        if isinstance(rope.get("full_attention"), dict):  # 5.x per-layer-type RoPE (Gemma 3)
-            local = rope.get("sliding_attention") or {}
-            if local.get("rope_theta") is not None:
-                d["rope_local_base_freq"] = local["rope_theta"]
-            rope = rope["full_attention"]
         for key in ("rope_theta", "partial_rotary_factor", "mrope_section"):
             if rope.get(key) is not None:
                 d[key] = rope[key]

@@ -9,9 +9,9 @@ sqrt(hidden); GELU-tanh gated MLP; lm_head tied to the embeddings.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,11 @@ from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
 from autoglm.layers.norm import GemmaRMSNorm, add_norm
 from autoglm.layers.rotary import RopeTables, apply_rope, rope_tables
+from autoglm.models.config import gguf_need
 from autoglm.models.positions import MediaSpan, PromptPositions, rope_positions
+
+if TYPE_CHECKING:
+    from autoglm.gguf.reader import GGUFFile
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -94,11 +98,88 @@ class Gemma3Config:
         return cls(**kw)
 
     @classmethod
-    def from_text_config(cls, tc: Any) -> Gemma3Config:
-        """From a generic `TextConfig` (its Gemma fields; None means Gemma 3's default)."""
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in vars(tc).items() if k in known and v is not None}
-        return cls(**kw)
+    def from_gguf(cls, f: GGUFFile) -> Gemma3Config:
+        """GGUF `gemma3.*` metadata (llama.cpp's keys and defaults) -> config."""
+        a = "gemma3"
+        n_layers = int(gguf_need(f, f"{a}.block_count"))
+        hidden = int(gguf_need(f, f"{a}.embedding_length"))
+        heads = int(gguf_need(f, f"{a}.attention.head_count"))
+        head_dim = int(f.get(f"{a}.attention.key_length", hidden // heads))
+        pattern = f.get(f"{a}.attention.sliding_window_pattern")
+        if pattern is None or isinstance(pattern, int | float):
+            period = int(pattern or 6)  # llama.cpp's built-in Gemma 3 pattern: 5 local layers, then 1 global
+            layer_types = [FULL if (i + 1) % period == 0 else SLIDING for i in range(n_layers)]
+        else:  # per-layer flags, True = sliding
+            layer_types = [SLIDING if bool(x) else FULL for x in pattern]
+        scale = f.get(f"{a}.attention.scale")
+        # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers) which uses 1/sqrt(hidden/heads)
+        scalar = 1.0 / float(scale) ** 2 if scale else float(hidden // heads if n_layers == 62 else head_dim)
+        scaling = f.get(f"{a}.rope.scaling.type")
+        if scaling not in (None, "none", "linear"):
+            raise ConfigError(f"{f.path}: unsupported {a}.rope.scaling.type {scaling!r}")
+        factor = f.get(f"{a}.rope.scaling.factor") if scaling == "linear" else None
+        embd = f.tensors.get("token_embd.weight")
+        if embd is None:
+            raise ConfigError(f"{f.path}: GGUF has no token_embd.weight")
+        softcap = f.get(f"{a}.final_logit_softcapping")
+        return cls(
+            vocab_size=embd.shape[0],
+            hidden_size=hidden,
+            intermediate_size=int(gguf_need(f, f"{a}.feed_forward_length")),
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(f.get(f"{a}.attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(f.get(f"{a}.context_length", 32768)),
+            rope_theta=float(f.get(f"{a}.rope.freq_base", 1_000_000.0)),
+            rope_local_base_freq=float(f.get(f"{a}.rope.freq_base_swa", 10_000.0)),
+            rope_scaling_factor=float(factor) if factor else 1.0,
+            query_pre_attn_scalar=scalar,
+            sliding_window=int(f.get(f"{a}.attention.sliding_window", 4096)),
+            layer_types=layer_types,
+            final_logit_softcapping=None if softcap is None else float(softcap),
+            tie_word_embeddings="output.weight" not in f.tensors,
+            bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+            pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """transformers 5.x `Gemma3TextConfig` dict (model_type gemma3_text)."""
+        full: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
+        if self.rope_scaling_factor != 1.0:
+            full = {"rope_type": "linear", "rope_theta": float(self.rope_theta), "factor": self.rope_scaling_factor}
+        q = self.query_pre_attn_scalar
+        return {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": float(f"{self.rms_norm_eps:.7g}"),  # GGUF stores float32: 1e-6 reads as 9.99999997e-7
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": {
+                "full_attention": full,
+                "sliding_attention": {"rope_type": "default", "rope_theta": float(self.rope_local_base_freq)},
+            },
+            # transformers types it int; llama.cpp derives it from head_dim unless attention.scale says else
+            "query_pre_attn_scalar": int(q) if float(q).is_integer() else float(q),
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "attn_logit_softcapping": None,
+            "attention_bias": bool(self.attention_bias),
+            "hidden_activation": self.hidden_activation,
+            "tie_word_embeddings": bool(self.tie_word_embeddings),
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
 
 
 # RMSNorm in float32 scaled by (1 + weight) (Gemma's zero-centred weights): the shared layer
@@ -222,10 +303,8 @@ class Gemma3ForCausalLM(nn.Module):
     uses_mrope = False
     position_rows = 1
 
-    def __init__(self, config: Gemma3Config | Any) -> None:
+    def __init__(self, config: Gemma3Config) -> None:
         super().__init__()
-        if not isinstance(config, Gemma3Config):  # e.g. autoglm.models.config.TextConfig from the registry
-            config = Gemma3Config.from_text_config(config)
         self.config = config
         self.vocab_size = config.vocab_size
         self.hidden_size = config.hidden_size
@@ -237,9 +316,8 @@ class Gemma3ForCausalLM(nn.Module):
             None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
-    @classmethod
-    def from_config_dict(cls, d: dict[str, Any]) -> Gemma3ForCausalLM:
-        return cls(Gemma3Config.from_dict(d))
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
+        return rope_positions(num_tokens, spans)
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         # input_ids: [T] -> [T, D]
@@ -261,9 +339,6 @@ class Gemma3ForCausalLM(nn.Module):
             h = layer(h, rope, ctx)
         return self.model.norm(h)
 
-    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
-        return rope_positions(num_tokens, spans)
-
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [N, D] -> [N, V] float32
         if self.lm_head is not None:
@@ -277,3 +352,26 @@ class Gemma3ForCausalLM(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+# --- the architecture interface (autoglm.models.registry) --------------------------------------------------------
+GGUF_ARCH = "gemma3"
+Fixup = Callable[[str, Tensor], Tensor]
+
+
+def from_hf(config: dict[str, Any], *, no_vision: bool = False) -> Gemma3ForCausalLM:
+    # Gemma 3 parses its own config.json fields (per-layer-type RoPE, sliding window pattern).
+    return Gemma3ForCausalLM(Gemma3Config.from_dict(config))
+
+
+def from_gguf(f: GGUFFile) -> Gemma3ForCausalLM:
+    return Gemma3ForCausalLM(Gemma3Config.from_gguf(f))
+
+
+def gguf_fixups(model: nn.Module) -> Fixup:
+    """llama.cpp's converter stores every norm weight as 1 + w (Gemma's zero-centred weights): undo it."""
+    return lambda name, t: t - 1.0 if name.endswith("norm.weight") else t
+
+
+def hf_config(model: nn.Module) -> dict[str, Any]:
+    return model.config.to_hf()  # type: ignore[union-attr,operator]

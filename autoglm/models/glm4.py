@@ -9,8 +9,10 @@ Differences from LLaMA: sandwich norms (post_self_attn / post_mlp), partial rota
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError
@@ -19,8 +21,13 @@ from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
 from autoglm.layers.norm import RMSNorm, add_norm
 from autoglm.layers.rotary import RopeTables, RotaryEmbedding, apply_rope
-from autoglm.models.config import TextConfig
+from autoglm.models.config import TextConfig, gguf_need
 from autoglm.models.positions import MediaSpan, PromptPositions, mrope_positions, rope_positions
+
+if TYPE_CHECKING:
+    from autoglm.gguf.reader import GGUFFile
+
+Fixup = Callable[[str, Tensor], Tensor]
 
 
 class Glm4MLP(nn.Module):
@@ -147,6 +154,9 @@ class Glm4ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.tie_weights()
 
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
+        return mrope_positions(num_tokens, spans) if self.uses_mrope else rope_positions(num_tokens, spans)
+
     def tied_parameters(self) -> dict[str, str]:
         """Parameters that are another parameter (name -> source name); loaders fill only the source."""
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
@@ -163,12 +173,132 @@ class Glm4ForCausalLM(nn.Module):
     ) -> Tensor:
         return self.model(input_ids, positions, ctx, inputs_embeds)
 
-    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
-        return mrope_positions(num_tokens, spans) if self.uses_mrope else rope_positions(num_tokens, spans)
-
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [N, D] -> [N, vocab] float32 (sampling wants full precision)
         return self.lm_head(hidden).float()
+
+
+# --- the architecture interface (autoglm.models.registry) --------------------------------------------------------
+GGUF_ARCH = "glm4"
+
+
+def from_hf(config: dict[str, Any], *, no_vision: bool = False) -> Glm4ForCausalLM:
+    return Glm4ForCausalLM(TextConfig.from_dict(config))
+
+
+def args_from_gguf(f: GGUFFile) -> TextConfig:
+    """GGUF `glm4.*` metadata -> TextConfig (GLM-4.1V's text model when `rope.dimension_sections` is set)."""
+    a = "glm4"
+    hidden = int(gguf_need(f, f"{a}.embedding_length"))
+    heads = int(gguf_need(f, f"{a}.attention.head_count"))
+    head_dim = int(f.get(f"{a}.attention.key_length", hidden // heads))
+    rot = int(f.get(f"{a}.rope.dimension_count", head_dim // 2))
+    sections = f.get(f"{a}.rope.dimension_sections")
+    mrope = [int(x) for x in sections[:3]] if sections is not None and any(int(x) for x in sections) else None
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise ConfigError(f"{f.path}: GGUF has no token_embd.weight")
+    return TextConfig(
+        model_type="glm4v_text" if mrope else "glm4",
+        vocab_size=embd.shape[0],
+        hidden_size=hidden,
+        intermediate_size=int(gguf_need(f, f"{a}.feed_forward_length")),
+        num_hidden_layers=int(gguf_need(f, f"{a}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(f.get(f"{a}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(f.get(f"{a}.context_length", 131072)),
+        rms_norm_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        attention_bias="blk.0.attn_q.bias" in f.tensors,
+        tie_word_embeddings="output.weight" not in f.tensors,
+        rope_theta=float(f.get(f"{a}.rope.freq_base", 10000.0)),
+        partial_rotary_factor=rot / head_dim,
+        mrope_section=mrope,
+        rope_type="mrope" if mrope else "default",
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=f.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def from_gguf(f: GGUFFile) -> Glm4ForCausalLM:
+    return Glm4ForCausalLM(args_from_gguf(f))
+
+
+def interleave_index(n_heads: int, head_dim: int, rotary_dim: int, *, to_interleaved: bool = True) -> Tensor:
+    """Row gather index over q/k rows [H*hd]: per head, the first `rotary_dim` rows go from NeoX halves (evens
+    first, then odds: llama.cpp's M-RoPE layout) to interleaved pairs, or back with to_interleaved=False."""
+    half = rotary_dim // 2
+    per_head = torch.arange(head_dim)
+    if to_interleaved:
+        per_head[0:rotary_dim:2] = torch.arange(half)  # even dims came first
+        per_head[1:rotary_dim:2] = half + torch.arange(half)  # then the odd ones
+    else:
+        per_head[:rotary_dim] = torch.cat([torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2)])
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)
+
+
+def _qk_fixup(model: nn.Module, *, to_interleaved: bool) -> Fixup:
+    cfg = model.config  # type: ignore[union-attr]
+    if not cfg.uses_mrope:  # plain GLM-4: llama.cpp runs it with our (interleaved) layout
+        return lambda _name, t: t
+    hd, rot = int(cfg.head_dim), int(cfg.rotary_dim)
+
+    def fix(name: str, t: Tensor) -> Tensor:
+        if name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            # works on raw GGUF block rows too: a row of blocks moves as a unit
+            return t.index_select(0, interleave_index(t.shape[0] // hd, hd, rot, to_interleaved=to_interleaved))
+        return t
+
+    return fix
+
+
+def gguf_fixups(model: nn.Module) -> Fixup:
+    """GLM-4.1V text (M-RoPE): q/k rows back from llama.cpp's NeoX order to HF's interleaved pairs."""
+    return _qk_fixup(model, to_interleaved=True)
+
+
+def gguf_export_fixups(model: nn.Module) -> Fixup:
+    """GLM-4.1V text (M-RoPE): q/k rows from HF's interleaved pairs to the NeoX order llama.cpp's kernel wants."""
+    return _qk_fixup(model, to_interleaved=False)
+
+
+def hf_config(model: nn.Module) -> dict[str, Any]:
+    """transformers `Glm4Config` dict for a plain GLM-4 model (GLM-4.1V's M-RoPE text model has no text-only class)."""
+    from autoglm.errors import UnsupportedArchitecture
+
+    tc: TextConfig = model.config  # type: ignore[assignment]
+    if tc.uses_mrope:
+        raise UnsupportedArchitecture(
+            "a GLM-4.1V text GGUF (M-RoPE) has no text-only HF architecture to export to",
+            param="glm4.rope.dimension_sections",
+        )
+    assert tc.head_dim is not None
+    return {
+        "architectures": ["Glm4ForCausalLM"],
+        "model_type": "glm4",
+        "vocab_size": tc.vocab_size,
+        "hidden_size": tc.hidden_size,
+        "intermediate_size": tc.intermediate_size,
+        "num_hidden_layers": tc.num_hidden_layers,
+        "num_attention_heads": tc.num_attention_heads,
+        "num_key_value_heads": tc.num_key_value_heads,
+        "head_dim": tc.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": tc.rms_norm_eps,
+        "max_position_embeddings": tc.max_position_embeddings,
+        "attention_bias": bool(tc.attention_bias),
+        "tie_word_embeddings": bool(tc.tie_word_embeddings),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(tc.rope_theta),
+            "partial_rotary_factor": tc.rotary_dim / tc.head_dim,
+        },
+        "partial_rotary_factor": tc.rotary_dim / tc.head_dim,
+        "bos_token_id": tc.bos_token_id,
+        "eos_token_id": tc.eos_token_id,
+        "pad_token_id": tc.pad_token_id,
+    }
 
 
 __all__ = ["Glm4ForCausalLM", "Glm4Model", "Glm4vTextModel", "Glm4DecoderLayer", "Glm4Attention", "Glm4MLP"]

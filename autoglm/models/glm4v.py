@@ -14,6 +14,7 @@ Parameter names (ours) and the checkpoint names that fill them (`checkpoint_to_p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,6 +108,9 @@ class Glm4vForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
     # --- DecoderModel -----------------------------------------------------------------------------------------
+    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
+        return mrope_positions(num_tokens, spans)
+
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.language_model.embed_tokens(input_ids)
 
@@ -119,9 +123,6 @@ class Glm4vForConditionalGeneration(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [N, D] -> [N, vocab] float32
         return self.lm_head(hidden).float()
-
-    def prompt_positions(self, num_tokens: int, spans: Sequence[MediaSpan]) -> PromptPositions:
-        return mrope_positions(num_tokens, spans)
 
     # --- vision -----------------------------------------------------------------------------------------------
     def vision_encoder(self, image_processor: ImageProcessorConfig | None = None) -> VisionEncoder | None:
@@ -190,6 +191,29 @@ def build_glm4v(
         )
     with torch.device("meta"):
         return Glm4vForConditionalGeneration(text, vision, no_vision=no_vision, image_processor=image_processor)
+
+
+# --- the architecture interface (autoglm.models.registry); GGUF text files are `glm4` (autoglm.models.glm4) ----
+VISION_PREFIX = "visual."
+MODULES = ("decoder", "vision")  # device-map keys; the tower may sit on its own device
+GGUF_ARCH = "glm4"  # the text model; `autoglm.gguf.writer.convert_mmproj` writes the tower
+
+
+def gguf_export_fixups(model: nn.Module) -> Any:
+    """The text model's q/k rows in llama.cpp's M-RoPE (NeoX) order, as `autoglm.models.glm4` does."""
+    from autoglm.models.glm4 import gguf_export_fixups as text_fixups
+
+    return text_fixups(model)
+
+
+def from_hf(config: dict[str, Any], *, no_vision: bool = False) -> Glm4vForConditionalGeneration:
+    return build_glm4v(config, no_vision=no_vision)
+
+
+def encoders(model: nn.Module, root: Path) -> dict[str, Any]:
+    """{"image": VisionEncoder} of a filled model (none when it was built without its tower)."""
+    encoder = model.vision_encoder(ImageProcessorConfig.from_dir(root))  # type: ignore[operator]
+    return {} if encoder is None else {encoder.modality: encoder}
 
 
 __all__ = [

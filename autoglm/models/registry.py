@@ -1,8 +1,18 @@
-"""Which model class serves a checkpoint: HF `architectures` and GGUF `general.architecture` -> builders.
+"""Which architecture module serves a checkpoint: ONE table of HF `architectures`, `model_type` fallbacks and GGUF
+`general.architecture` names -> the module (imported lazily, so loading a GLM checkpoint does not import Gemma).
 
-Model modules are imported lazily so that loading a GLM checkpoint does not import Gemma (and vice versa).
-Each HF entry also says how checkpoint tensor names map to our parameter names and which of our names belong to
-the vision tower (dropped when loading with no_vision).
+An architecture module (autoglm/models/<arch>.py) provides, at module level:
+
+    from_hf(config_dict, *, no_vision=False) -> nn.Module     the model for a config.json (build it on `meta`)
+    from_gguf(f: GGUFFile) -> nn.Module                       the text decoder for a GGUF's metadata (on `meta`)
+    gguf_fixups(model) -> (our name, tensor) -> tensor        undo the converter's layout changes (GGUF -> ours)
+    gguf_export_fixups(model) -> (name, tensor) -> tensor     redo them (ours -> GGUF; the converter's layout)
+    hf_config(model) -> dict                                  config.json of a model built from_gguf (export)
+    GGUF_ARCH: str                                            `general.architecture` it writes
+optionally `checkpoint_to_param(name) -> name | None` (checkpoint tensor names -> ours), `MODULES` (module names for
+device maps, default ("decoder",)), `VISION_PREFIX` (our names of the vision tower) and
+`encoders(model, model_dir) -> {modality: Encoder}`.
+Adding an architecture = its module + one row here.
 """
 
 from __future__ import annotations
@@ -11,68 +21,48 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from torch import nn
 
 from autoglm.errors import ConfigError, UnsupportedArchitecture
-from autoglm.models.config import TextConfig
 
 Rename = Callable[[str], "str | None"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    module: str  # autoglm.models.<arch>
+    hf: tuple[str, ...] = ()  # config.json `architectures`
+    model_types: tuple[str, ...] = ()  # config.json `model_type` when `architectures` is absent
+    gguf: tuple[str, ...] = ()  # GGUF `general.architecture`
+
+
+ARCHITECTURES: tuple[Arch, ...] = (
+    Arch("autoglm.models.glm4", ("Glm4ForCausalLM",), ("glm4",), ("glm4",)),
+    Arch("autoglm.models.glm4v", ("Glm4vForConditionalGeneration",), ("glm4v",)),
+    Arch("autoglm.models.gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), ("gemma3",)),
+    Arch("autoglm.models.llama", ("LlamaForCausalLM", "MistralForCausalLM"), ("llama", "mistral"), ("llama",)),
+    Arch("autoglm.models.qwen2", ("Qwen2ForCausalLM",), ("qwen2",), ("qwen2",)),
+    Arch("autoglm.models.qwen3", ("Qwen3ForCausalLM",), ("qwen3",), ("qwen3",)),
+)
 
 
 def _identity(name: str) -> str | None:
     return name
 
 
-def glm4v_rename(name: str) -> str | None:
-    """GLM-4.1V checkpoint tensor name (5.x `model.language_model.*` / `model.visual.*` or older `model.*` /
-    `visual.*`) -> our parameter name; the table lives beside the model in autoglm.models.glm4v."""
-    from autoglm.models.glm4v import checkpoint_to_param
-
-    return checkpoint_to_param(name)
-
-
-def _resolve(module: str, attr: str) -> Any:
+def _import(arch: Arch) -> ModuleType:
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UnsupportedArchitecture(f"{module}.{attr} is not available in this build: {e}") from e
-
-
-def _lazy(module: str, attr: str) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return _resolve(module, attr)(*args, **kwargs)
-
-    return call
-
-
-def _build_glm4(config: dict[str, Any], no_vision: bool) -> nn.Module:
-    from autoglm.models.glm4 import Glm4ForCausalLM
-
-    return Glm4ForCausalLM(TextConfig.from_dict(config))
-
-
-def _build_glm4v(config: dict[str, Any], no_vision: bool) -> nn.Module:
-    return _lazy("autoglm.models.glm4v", "build_glm4v")(config, no_vision=no_vision)
-
-
-def _glm4v_encoders(model: nn.Module, root: Path) -> dict[str, Any]:
-    from autoglm.multimodal.image import ImageProcessorConfig
-
-    encoder = model.vision_encoder(ImageProcessorConfig.from_dir(root))  # type: ignore[operator]
-    return {} if encoder is None else {encoder.modality: encoder}
-
-
-def _build_gemma3(config: dict[str, Any], no_vision: bool) -> nn.Module:
-    # Gemma 3 parses its own config.json fields (per-layer-type RoPE, sliding window pattern).
-    config_cls = _resolve("autoglm.models.gemma3", "Gemma3Config")
-    return _resolve("autoglm.models.gemma3", "Gemma3ForCausalLM")(config_cls.from_dict(config))
+        return importlib.import_module(arch.module)
+    except ImportError as e:
+        raise UnsupportedArchitecture(f"{arch.module} is not available in this build: {e}") from e
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build and fill one HF architecture.
+    """How to build and fill one HF architecture (read from its module).
 
     build(config_json_dict, no_vision) -> model (call it under `torch.device("meta")`)
     rename(checkpoint name) -> our parameter name, or None to drop the tensor on purpose
@@ -81,34 +71,27 @@ class ModelSpec:
     """
 
     architecture: str
-    build: Callable[[dict[str, Any], bool], nn.Module]
-    rename: Rename = _identity
-    vision_prefix: str | None = None
-    encoders: Callable[[nn.Module, Path], dict[str, Any]] | None = None
+    module: ModuleType
 
+    def build(self, config: dict[str, Any], no_vision: bool) -> nn.Module:
+        return self.module.from_hf(config, no_vision=no_vision)
 
-HF_ARCHITECTURES: dict[str, ModelSpec] = {
-    "Glm4ForCausalLM": ModelSpec("Glm4ForCausalLM", _build_glm4),
-    "Glm4vForConditionalGeneration": ModelSpec(
-        "Glm4vForConditionalGeneration", _build_glm4v, glm4v_rename, vision_prefix="visual.", encoders=_glm4v_encoders
-    ),
-    "Gemma3ForCausalLM": ModelSpec("Gemma3ForCausalLM", _build_gemma3),
-}
-# config.json without `architectures`: fall back on model_type
-_MODEL_TYPES = {"glm4": "Glm4ForCausalLM", "glm4v": "Glm4vForConditionalGeneration", "gemma3_text": "Gemma3ForCausalLM"}
+    @property
+    def rename(self) -> Rename:
+        return getattr(self.module, "checkpoint_to_param", _identity)
 
+    @property
+    def vision_prefix(self) -> str | None:
+        return getattr(self.module, "VISION_PREFIX", None)
 
-def _glm4_from_text_config(config: TextConfig) -> nn.Module:
-    from autoglm.models.glm4 import Glm4ForCausalLM
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Module names the model declares (device map keys, `ModuleInfo` rows): `MODULES`, default decoder only."""
+        return tuple(getattr(self.module, "MODULES", ("decoder",)))
 
-    return Glm4ForCausalLM(config)
-
-
-# GGUF `general.architecture` -> builder(TextConfig) of the text decoder (GLM-4.1V text when config.uses_mrope).
-GGUF_ARCHITECTURES: dict[str, Callable[[TextConfig], nn.Module]] = {
-    "glm4": _glm4_from_text_config,
-    "gemma3": _lazy("autoglm.models.gemma3", "Gemma3ForCausalLM"),
-}
+    @property
+    def encoders(self) -> Callable[[nn.Module, Path], dict[str, Any]] | None:
+        return getattr(self.module, "encoders", None)
 
 
 def hf_spec(config: dict[str, Any], *, source: str = "config.json") -> ModelSpec:
@@ -116,33 +99,39 @@ def hf_spec(config: dict[str, Any], *, source: str = "config.json") -> ModelSpec
     archs = config.get("architectures")
     if archs is None:
         mt = config.get("model_type")
-        if mt in _MODEL_TYPES:
-            return HF_ARCHITECTURES[_MODEL_TYPES[mt]]
+        for a in ARCHITECTURES:
+            if mt in a.model_types:
+                return ModelSpec(a.hf[0], _import(a))
         raise ConfigError(
             f"{source}: no 'architectures' (and model_type {mt!r} is not one we know)", param="architectures"
         )
     if isinstance(archs, str):
         archs = [archs]
-    for arch in archs:
-        if arch in HF_ARCHITECTURES:
-            return HF_ARCHITECTURES[arch]
+    for name in archs:
+        for a in ARCHITECTURES:
+            if name in a.hf:
+                return ModelSpec(name, _import(a))
     raise UnsupportedArchitecture(
         f"{source}: unsupported architecture {', '.join(map(str, archs)) or '(empty)'}; "
-        f"supported: {', '.join(sorted(HF_ARCHITECTURES))}",
+        f"supported: {', '.join(supported_architectures())}",
         param="architectures",
     )
 
 
-def gguf_builder(architecture: str) -> Callable[[TextConfig], nn.Module]:
-    """GGUF `general.architecture` -> builder(TextConfig); UnsupportedArchitecture lists the supported ones."""
-    try:
-        return GGUF_ARCHITECTURES[architecture]
-    except KeyError:
-        raise UnsupportedArchitecture(
-            f"unsupported GGUF architecture {architecture!r}; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}",
-            param="general.architecture",
-        ) from None
+def gguf_module(architecture: str, *, source: str = "gguf") -> ModuleType:
+    """GGUF `general.architecture` -> its architecture module; UnsupportedArchitecture lists the supported ones."""
+    for a in ARCHITECTURES:
+        if architecture in a.gguf:
+            return _import(a)
+    raise UnsupportedArchitecture(
+        f"{source}: unsupported GGUF architecture {architecture!r}; supported: {', '.join(gguf_architectures())}",
+        param="general.architecture",
+    )
 
 
 def supported_architectures() -> list[str]:
-    return sorted(HF_ARCHITECTURES)
+    return sorted(n for a in ARCHITECTURES for n in a.hf)
+
+
+def gguf_architectures() -> list[str]:
+    return sorted(n for a in ARCHITECTURES for n in a.gguf)

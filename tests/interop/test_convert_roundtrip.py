@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from autoglm.errors import ModelLoadError
+from autoglm.gguf.reader import GGUFFile
 from autoglm.llm import LLM
 from autoglm.loader import load_model
-from autoglm.loader.gguf_reader import GGUFFile
 from tests.interop.conftest import run_cli
 from tests.interop.helpers import TEXTS, chat_ids, image, ours_and_reference, rel_err
 
@@ -53,7 +53,7 @@ def test_convert_rejects_unknown_outtype_and_non_glm(tmp_path: Path, interop_glm
     with pytest.raises(SystemExit):  # argparse: invalid choice
         run_cli("convert", str(interop_glm4v_dir), "-o", str(tmp_path / "x.gguf"), "--outtype", "q3_k_xs")
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (tmp_path / "other" / "config.json").write_text('{"architectures": ["FalconForCausalLM"]}')
     assert run_cli("convert", str(tmp_path / "other"), "-o", str(tmp_path / "y.gguf")) == 1
     assert not (tmp_path / "y.gguf").exists()
 

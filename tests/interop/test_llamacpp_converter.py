@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autoglm.gguf.reader import GGUFFile
+from autoglm.gguf.writer import convert_mmproj, convert_text
 from autoglm.llm import LLM
-from autoglm.loader.gguf_reader import GGUFFile
-from autoglm.loader.gguf_writer import convert_mmproj, convert_text
 from tests.interop.helpers import TEXTS, chat_ids, image, ours_and_reference, rel_err
 
 # Error allowed relative to the logit scale: f32 is the same arithmetic; q8_0 carries its weight rounding.

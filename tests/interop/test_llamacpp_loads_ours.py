@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autoglm.gguf.reader import GGUFFile
 from autoglm.llm import LLM
-from autoglm.loader.gguf_reader import GGUFFile
 from tests.interop.conftest import run_cli
 from tests.interop.helpers import TEXTS, chat_ids, rel_err
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoglm.layers.attention import Attention, AttentionBackend, AttentionContext, make_backend
+from autoglm.layers.attention import AttentionContext
 from autoglm.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
+from tests.models.harness import check_architecture, tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,11 +73,6 @@ def pair(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, Gemma3ForCaus
     return hf, _ours(hf)
 
 
-def _attach_cache(model: Gemma3ForCausalLM, num_blocks: int, block_size: int) -> AttentionBackend:
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    return make_backend(layers, num_blocks=num_blocks, block_size=block_size, dtype=torch.float32)
-
-
 def test_logits_match_uncached(pair: tuple[torch.nn.Module, Gemma3ForCausalLM]) -> None:
     hf, ours = pair
     ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(1))
@@ -102,43 +98,21 @@ def test_two_sequences_packed_equal_alone(pair: tuple[torch.nn.Module, Gemma3For
     torch.testing.assert_close(packed, torch.cat([alone_a, alone_b]), rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_32_with_paged_cache(pair: tuple[torch.nn.Module, Gemma3ForCausalLM]) -> None:
-    hf, ours = pair
-    prompt = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(3))
-    n_new, block_size = 32, 4
-    with torch.no_grad():
-        # transformers' greedy decode as full forwards (its generate() drifted from its own forward on the tiny
-        # window-5 config in transformers 5.23; the full forward is the reference semantics, = llama.cpp's)
-        seq = prompt[None]
-        for _ in range(n_new):
-            seq = torch.cat([seq, hf(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        ref = seq[0, 7:].tolist()
-        nb = (7 + n_new + block_size - 1) // block_size
-        backend = _attach_cache(ours, nb + 1, block_size)
-        table = torch.arange(1, nb + 1)[None]  # block 0 unused: catches off-by-one block indexing
-
-        def slots(pos: torch.Tensor) -> torch.Tensor:
-            return table[0, pos // block_size] * block_size + pos % block_size
-
-        pos = torch.arange(7)
-        ctx = AttentionContext([7], [7], slot_mapping=slots(pos), block_tables=table, backend=backend)
-        logits = ours.compute_logits(ours(prompt, pos, ctx))
-        out: list[int] = []
-        tok = int(logits[-1].argmax())
-        for step in range(n_new):
-            out.append(tok)
-            p = torch.tensor([7 + step])
-            ctx = AttentionContext([1], [8 + step], slot_mapping=slots(p), block_tables=table, backend=backend)
-            tok = int(ours.compute_logits(ours(torch.tensor([tok]), p, ctx))[-1].argmax())
-        backend.release()
-    assert out == ref
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_harness_paged_cache_and_batched_greedy(tmp_path: Path, name: str) -> None:
+    """The shared harness: load_hf'd checkpoint vs transformers, paged cache through the engine, batched greedy."""
+    check_architecture(
+        tiny_checkpoint(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig, tmp_path, hidden_size=64,
+                        intermediate_size=96, **CONFIGS[name]),
+        transformers.Gemma3ForCausalLM,
+    )
 
 
 def test_hf_safetensors_directory_loads_through_the_registry(tmp_path: Path) -> None:
     import json
 
-    from autoglm.loader.gguf_reader import GGUFFile
-    from autoglm.loader.gguf_tokenizer import build_tokenizer
+    from autoglm.gguf.reader import GGUFFile
+    from autoglm.gguf.tokenizer import build_tokenizer
     from autoglm.loader.hf import load_hf
     from tests.fixtures.gguf import gemma3_to_gguf, tiny_gemma3_hf
 

@@ -89,7 +89,7 @@ def transformers_model(gemma_path: Path) -> torch.nn.Module:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from autoglm.loader.gguf_reader import GGUFFile
+    from autoglm.gguf.reader import GGUFFile
 
     # the name map only needs the parameter names, i.e. the layer count; one pass then returns config + tensors
     n_layers = int(GGUFFile(gemma_path).metadata["gemma3.block_count"])
@@ -119,7 +119,7 @@ def test_top1_agrees_with_transformers_dequantized(
 _RSS_SCRIPT = r"""
 import json, sys, torch
 torch.set_num_threads(1)
-import autoglm.loader.gguf, autoglm.models.gemma3, autoglm.quant.gguf_linear, autoglm.tokenizer.tokenizer
+import autoglm.loader.gguf, autoglm.models.gemma3, autoglm.layers.linear.gguf, autoglm.tokenizer.tokenizer
 from autoglm.layers.attention import AttentionContext
 
 def rss():

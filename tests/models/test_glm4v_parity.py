@@ -92,6 +92,13 @@ def _inputs(loaded: LoadedModel, ids: list[int], images: list[Image.Image]):
     return expanded, _span3(pp, 0, len(expanded)), pp, embeds, items
 
 
+def _prompt_positions(model: Glm4vForConditionalGeneration, n: int, spans: Any) -> PromptPositions:
+    """The decoder's own answer (the contract the engine uses), from spans in slot units (grid after the merge)."""
+    m = model.spatial_merge_size
+    slots = [MediaSpan(s.offset, s.length, (s.grid[0], s.grid[1] // m, s.grid[2] // m)) for s in spans]
+    return model.prompt_positions(n, slots)
+
+
 def _ref_kwargs(ref: Any, expanded: list[int], items: list[EncoderInputs]) -> dict[str, Any]:
     x = torch.tensor([expanded])
     kw: dict[str, Any] = {"input_ids": x, "mm_token_type_ids": (x == ref.config.image_token_id).int()}

@@ -90,7 +90,7 @@ def test_help_does_not_import_torch() -> None:
 
 def test_torch_free_mirrors_match_their_sources() -> None:
     from autoglm.commands import convert, quantize
-    from autoglm.loader.gguf_writer import OUTTYPES
+    from autoglm.gguf.writer import OUTTYPES
     from autoglm.quant.apply import MODES
 
     assert convert.OUTTYPES == OUTTYPES

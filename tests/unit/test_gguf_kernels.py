@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
+from autoglm.gguf.quants import dequantize, quantize
 from autoglm.kernels import REFERENCE, select_kernels
 from autoglm.kernels.cpu import cpu_kernels
 from autoglm.kernels.cpu.ops import CpuKernels
 from autoglm.layers.linear.gguf import GGUFBlockFormat, GGUFEmbedding, GGUFLinear
-from autoglm.loader.quants import dequantize, quantize
 
 Q = GGMLQuantizationType
 K_TYPES = [Q.Q4_K, Q.Q5_K, Q.Q6_K]

@@ -11,8 +11,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 import autoglm.layers.linear.gguf as gl
 from autoglm.errors import UnsupportedQuantType, WeightMismatch
+from autoglm.gguf.quants import dequantize, quantize
 from autoglm.layers.linear.gguf import GGUFEmbedding, GGUFLinear
-from autoglm.loader.quants import dequantize, quantize
 
 Q = GGMLQuantizationType
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from autoglm.errors import CorruptFile, UnsupportedArchitecture, UnsupportedQuantType, WeightMismatch
+from autoglm.gguf.reader import GGUFFile
 from autoglm.layers.attention import AttentionContext
+from autoglm.layers.linear.gguf import GGUFEmbedding, GGUFLinear
 from autoglm.loader.gguf import MISSING_MMPROJ, load_gguf
-from autoglm.loader.gguf_reader import GGUFFile
-from autoglm.quant.gguf_linear import GGUFEmbedding, GGUFLinear
 
 IDS = [2, 40, 283, 284, 285, 7, 301, 302, 299, 100, 12, 265, 266, 297, 298, 303, 290, 291]  # < 306
 
@@ -203,8 +203,8 @@ def test_missing_and_leftover_tensors_are_named(tiny_gemma3_gguf: Path, tmp_path
 
 
 def test_unsupported_architecture_lists_supported(tiny_gemma3_gguf: Path, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedArchitecture, match=r"'llama'.*gemma3.*glm4"):
-        load_gguf(_rewrite(tiny_gemma3_gguf, tmp_path / "llama.gguf", arch="llama"))
+    with pytest.raises(UnsupportedArchitecture, match=r"'falcon'.*gemma3.*glm4.*llama.*qwen2"):
+        load_gguf(_rewrite(tiny_gemma3_gguf, tmp_path / "falcon.gguf", arch="falcon"))
 
 
 def test_unknown_quant_type_names_type_and_tensor(tiny_gemma3_gguf: Path, tmp_path: Path) -> None:
@@ -250,7 +250,7 @@ def test_gemma_builtin_is_assembled_once_atomically(tmp_path: Path, monkeypatch:
 # --- mmproj -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_mmproj(tmp_path_factory: pytest.TempPathFactory, tiny_glm4v_dir: Path) -> Path:
-    from autoglm.loader.gguf_writer import convert_mmproj
+    from autoglm.gguf.writer import convert_mmproj
 
     return convert_mmproj(tiny_glm4v_dir, tmp_path_factory.mktemp("mmproj") / "mmproj-tiny.gguf", outtype="f32")
 

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor, nn
 
+from autoglm.gguf.quants import dequantize, quantize
 from autoglm.kernels.base import Kernels
 from autoglm.kernels.cpu import cpu_kernels
 from autoglm.kernels.cpu.ops import CpuKernels
 from autoglm.kernels.cpu.pack import PACKED_TYPES
 from autoglm.kernels.reference import REFERENCE
 from autoglm.layers.linear.gguf import GGUFBlockFormat, GGUFEmbedding, GGUFLinear, prepare_weights
-from autoglm.loader.quants import dequantize, quantize
 
 Q = GGMLQuantizationType
 PACKED = list(PACKED_TYPES)

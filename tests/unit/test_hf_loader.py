@@ -237,8 +237,10 @@ def test_text_config_spellings() -> None:
     )
     assert (both.image_token_id, both.video_token_id, both.rope_theta) == (7, 10, 5.0)  # top level wins, as in HF
     assert nested.mrope_section == [2, 3, 3] and nested.rotary_dim == 16 and nested.uses_mrope
-    gemma = TextConfig.from_dict(
-        {**base, "model_type": "gemma3_text", "head_dim": 16,
+    from autoglm.models.gemma3 import Gemma3Config
+
+    gemma = Gemma3Config.from_dict(
+        {**base, "model_type": "gemma3_text", "head_dim": 16, "num_hidden_layers": 6,
          "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
     )  # fmt: skip
@@ -353,17 +355,16 @@ def test_missing_shard_named(tmp_path: Path) -> None:
 
 # --- registry and the generic fill helper (shared with the GGUF loader) ----------------------------------------------
 def test_registry_tables() -> None:
-    from autoglm.models.glm4 import Glm4ForCausalLM
-    from autoglm.models.registry import gguf_builder, hf_spec
+    from autoglm.models import glm4, llama, qwen2
+    from autoglm.models.registry import gguf_module, hf_spec
 
     assert hf_spec({"model_type": "glm4"}).architecture == "Glm4ForCausalLM"  # no `architectures`: by model_type
     assert hf_spec({"architectures": ["Foo", "Glm4vForConditionalGeneration"]}).vision_prefix == "visual."
-    cfg = TextConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mrope_section=[1, 1, 0])
-    with torch.device("meta"):
-        model = gguf_builder("glm4")(cfg)
-    assert isinstance(model, Glm4ForCausalLM) and model.uses_mrope
-    with pytest.raises(UnsupportedArchitecture, match=r"'llama'.*gemma3.*glm4"):
-        gguf_builder("llama")
+    assert hf_spec({"architectures": ["MistralForCausalLM"]}).module is llama
+    assert hf_spec({"model_type": "qwen2"}).module is qwen2
+    assert gguf_module("glm4") is glm4 and gguf_module("llama") is llama
+    with pytest.raises(UnsupportedArchitecture, match=r"'falcon'.*gemma3.*glm4.*llama.*qwen2.*qwen3"):
+        gguf_module("falcon")
 
 
 def test_fill_parameters_contract() -> None:

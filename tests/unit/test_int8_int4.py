@@ -20,9 +20,9 @@ from autoglm.quant.apply import (
     apply_quantization,
     finalize_quantization,
     quantization_from_config,
-    quantize_hf_checkpoint,
     quantized_bytes,
 )
+from autoglm.tools.quantize import quantize_hf_checkpoint
 
 BF16_EPS = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
 

@@ -2,7 +2,7 @@
 
 Each case builds a tiny pybind11 extension through the production `build_extension` (the same lock, child compile
 and atomic rename as the GGUF kernels; only the source differs, so a case costs seconds, not minutes) into a fresh
-cache (`XDG_CACHE_HOME`, which `autoglm.default_model.cache_dir()` reads) in separate processes.
+cache (`XDG_CACHE_HOME`, which `autoglm.builtins.cache_dir()` reads) in separate processes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoglm.plan import AUTOGLM_PHONE_9B, RUNTIME_BASE_BYTES, parse_bytes, plan_config, plan_model
+from autoglm.tools.plan import AUTOGLM_PHONE_9B, RUNTIME_BASE_BYTES, parse_bytes, plan_config, plan_model
 
 TINY = {
     "architectures": ["Glm4ForCausalLM"],

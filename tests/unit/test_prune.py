@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoglm.quant.prune import channel_importance, kept_size, perplexity, prune_checkpoint
+from autoglm.tools.prune import channel_importance, kept_size, perplexity, prune_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_pruned_checkpoint_equals_masked_original(
     arch: str, tiny_glm4_dir: Path, tiny_gemma3_dir: Path, tmp_path: Path
 ) -> None:
     from autoglm.loader.hf import load_hf
-    from autoglm.quant.prune import _forward_logits
+    from autoglm.tools.prune import _forward_logits
 
     src = tiny_glm4_dir if arch == "glm4" else tiny_gemma3_dir
     config = json.loads((src / "config.json").read_text())
@@ -123,7 +123,7 @@ def test_ratio_zero_is_identity_and_perplexity_matches_manual(tiny_glm4_dir: Pat
     held = _ids(vocab, 40, 5)
     report = prune_checkpoint(tiny_glm4_dir, tmp_path / "same", 0.0, eval_text=held, window=40)
     assert report.perplexity_before == pytest.approx(report.perplexity_after, rel=1e-6)
-    from autoglm.quant.prune import _forward_logits
+    from autoglm.tools.prune import _forward_logits
 
     model = load_hf(tiny_glm4_dir, dtype="float32").decoder
     ids = torch.tensor(held)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from autoglm.errors import UnsupportedArchitecture
+from autoglm.gguf.export import export_hf, is_gguf_file
 from autoglm.loader.gguf import load_gguf
-from autoglm.loader.gguf_export import export_hf, is_gguf_file
 from autoglm.loader.hf import load_hf
-from autoglm.quant.prune import _forward_logits, prune_checkpoint
+from autoglm.tools.prune import _forward_logits, prune_checkpoint
 
 
 @pytest.fixture(autouse=True)

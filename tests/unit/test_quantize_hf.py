@@ -107,7 +107,7 @@ def test_quantize_mode_follows_the_input_not_its_name(
     tiny_glm4_dir: Path, tiny_gemma3_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import autoglm
-    from autoglm.quant.int8 import Int8Linear
+    from autoglm.layers.linear.int8 import Int8Linear
 
     # an HF directory named like a GGUF file is still an HF directory
     odd = tmp_path / "model.gguf"

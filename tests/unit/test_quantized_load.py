@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from autoglm.errors import ModelLoadError
+from autoglm.layers.linear.int4 import Int4Linear
+from autoglm.layers.linear.int8 import Int8Linear
 from autoglm.llm import LLM
 from autoglm.loader import load_model
-from autoglm.quant.int4 import Int4Linear
-from autoglm.quant.int8 import Int8Linear
 
 PROMPT = "hello world, this is a test of quantized loading"
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from autoglm.commands import quantize as quantize_cmd
 from autoglm.errors import CorruptFile, UnsupportedQuantType
-from autoglm.loader.quants import (
+from autoglm.gguf.quants import (
     SUPPORTED_TYPES,
     QuantMix,
     dequantize,
@@ -94,7 +94,7 @@ def test_dequantize_large_tensor_exact() -> None:
 
 
 def test_dequantize_chunk_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
-    import autoglm.quant.gguf_blocks as blocks
+    import autoglm.gguf.blocks as blocks
 
     monkeypatch.setattr(blocks, "_CHUNK_BLOCKS", 3)
     rng = np.random.default_rng(2)

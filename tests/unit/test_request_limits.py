@@ -7,8 +7,8 @@ import json
 import pytest
 
 from autoglm.builtins import builtin_path
-from autoglm.loader.gguf_reader import GGUFFile
-from autoglm.loader.gguf_tokenizer import build_tokenizer
+from autoglm.gguf.reader import GGUFFile
+from autoglm.gguf.tokenizer import build_tokenizer
 from autoglm.server.limits import body_problem, json_depth
 from autoglm.tokenizer.literal import client_spans, client_texts, encode_prompt
 from autoglm.tokenizer.tokenizer import Tokenizer

@@ -89,7 +89,7 @@ def _cpu_key() -> str:
 
 def default_root() -> Path:
     """`<autoglm cache>/kernels` (`$XDG_CACHE_HOME/autoglm`, else `~/.cache/autoglm`)."""
-    from autoglm.default_model import cache_dir
+    from autoglm.builtins import cache_dir
 
     return cache_dir() / "kernels"
 

@@ -18,9 +18,9 @@ from gguf import GGMLQuantizationType
 from torch import Tensor, nn
 
 from autoglm.errors import WeightMismatch
+from autoglm.gguf.blocks import as_byte_tensor, block_layout, check_type, dequantize_blocks, row_nbytes
 from autoglm.kernels.base import Kernels
 from autoglm.kernels.reference import REFERENCE
-from autoglm.quant.gguf_blocks import as_byte_tensor, block_layout, check_type, dequantize_blocks, row_nbytes
 
 # matmul dequantizes at most this many weight elements at a time, so a 150k-row lm_head never gets a float copy
 _MATMUL_CHUNK_ELEMENTS = 1 << 24

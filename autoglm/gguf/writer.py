@@ -1,12 +1,13 @@
-"""HF model directory -> GGUF: the text model (`glm4`) and the vision projector (`mmproj`, projector type `glm4v`).
+"""HF model directory -> GGUF: the text model (any registry architecture with a `GGUF_ARCH`) and the vision
+projector (`mmproj`, projector type `glm4v`).
 
 Writes what llama.cpp's `convert_hf_to_gguf.py` writes for `Glm4ForCausalLM` / `Glm4vForConditionalGeneration`
 (names, metadata keys, layouts; `tests/interop/test_convert.py` compares the two files key by key and tensor by
 tensor), with our own quantizers for the types the converter cannot write (Q4_K_M). What the converter does and we
 mirror:
 - tensor names from the `gguf` package's tables (`get_tensor_name_map`), `language_model.` stripped;
-- GLM-4.1V text (M-RoPE): q/k rows of the rotary part permuted from interleaved pairs to NeoX halves, because
-  llama.cpp's M-RoPE kernel only rotates NeoX-style (`neox_permute`);
+- layouts the converter changes, from the architecture module (`gguf_export_fixups`: GLM-4.1V text q/k rows to
+  NeoX halves, Llama q/k rows to interleaved pairs, Gemma norms + 1);
 - vision: the Conv3d patch kernel split along time into `v.patch_embd.weight` / `.weight.1`;
 - types: 1-D tensors, norms, biases and position tables stay F32; patch/merger convolutions F32 (F16 for f16);
   rows that are not whole blocks fall back (Q8_0 -> F16, K-quants as llama.cpp's quantizer does).
@@ -27,16 +28,17 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
-from torch import Tensor
+from torch import Tensor, nn
 
 from autoglm.errors import ConfigError, ModelLoadError, UnsupportedArchitecture, WeightMismatch
-from autoglm.loader.quants import QuantMix, quantize, row_nbytes
+from autoglm.gguf.quants import QuantMix, quantize, row_nbytes
+from autoglm.models.registry import ModelSpec, hf_spec
 
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 
+_ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 OUTTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
-TEXT_ARCHITECTURES = ("Glm4ForCausalLM", "Glm4vForConditionalGeneration")
 # The projector is small and image quality is sensitive to it: a q4_k_m model gets a Q8_0 mmproj (as published).
 MMPROJ_OUTTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_k_m": "q8_0"}
 
@@ -68,13 +70,20 @@ class HFCheckpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or []
-        arch = archs[0] if archs else ""
-        if arch not in TEXT_ARCHITECTURES:
-            raise UnsupportedArchitecture(
-                f"{self.path}: architecture {arch!r} cannot be converted (supported: {', '.join(TEXT_ARCHITECTURES)})"
-            )
-        return arch
+        return self.spec.architecture
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The registry's spec of the checkpoint; its module must say which GGUF architecture it writes."""
+        spec = hf_spec(self.config, source=str(self.path / "config.json"))
+        if getattr(spec.module, "gguf_export_fixups", None) is None:
+            raise UnsupportedArchitecture(f"{self.path}: {spec.architecture} has no GGUF architecture to convert to")
+        return spec
+
+    def meta_model(self) -> nn.Module:
+        """The model built on `meta` from config.json (its shapes and the export layout, no weights)."""
+        with torch.device("meta"):
+            return self.spec.build(self.config, True)
 
     def names(self) -> list[str]:
         return sorted(self.where)
@@ -100,16 +109,6 @@ def rope_parameters(hp: dict[str, Any]) -> dict[str, Any]:
     if "rope_type" not in rp and "type" in rp:
         rp["rope_type"] = rp["type"]
     return rp
-
-
-def neox_permute(w: Tensor, head_dim: int, rotary_dim: int) -> Tensor:
-    """Rows of q/k (weight [H*hd, D] or bias [H*hd]): per head, rotary pairs (0,1),(2,3).. -> halves (0,2,..|1,3,..).
-
-    HF's GLM-4.1V rotates interleaved pairs; llama.cpp's M-RoPE rotates NeoX halves, so the converter reorders the
-    rows once and the two agree (the GGUF loader undoes it: `gguf_names.neox_to_interleaved_rows`)."""
-    rows = w.reshape(-1, head_dim, *w.shape[1:])  # [H, hd, ...]
-    rot, rest = rows[:, :rotary_dim], rows[:, rotary_dim:]
-    return torch.cat([rot[:, 0::2], rot[:, 1::2], rest], dim=1).reshape(w.shape)
 
 
 # --- planning -------------------------------------------------------------------------------------------------
@@ -150,12 +149,9 @@ def _mmproj_type(mix: QuantMix, name: str, shape: tuple[int, ...]) -> GGMLQuanti
 def plan_text(ckpt: HFCheckpoint, mix: QuantMix) -> list[TensorPlan]:
     hp = text_hparams(ckpt.config)
     n_layers = int(hp["num_hidden_layers"])
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4, n_layers)
-    rp = rope_parameters(hp)
-    n_head = int(hp["num_attention_heads"])
-    head_dim = int(hp.get("head_dim") or hp["hidden_size"] // n_head)
-    rotary_dim = int(head_dim * float(rp.get("partial_rotary_factor", 0.5)))
-    mrope = "mrope_section" in rp
+    arch = ckpt.spec.module.GGUF_ARCH
+    tmap = gguf.get_tensor_name_map(_ARCH_BY_NAME[arch], n_layers)
+    fix = ckpt.spec.module.gguf_export_fixups(ckpt.meta_model())  # the converter's layout (q/k order, norms)
     tied = bool(hp.get("tie_word_embeddings", False))
     plans: list[TensorPlan] = []
     for hf_name in ckpt.names():
@@ -164,14 +160,11 @@ def plan_text(ckpt: HFCheckpoint, mix: QuantMix) -> list[TensorPlan]:
         short = hf_name.replace("language_model.", "")
         name = tmap.get_name(short, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise WeightMismatch(f"{ckpt.path}: tensor {hf_name!r} has no GGUF name for architecture glm4")
+            raise WeightMismatch(f"{ckpt.path}: tensor {hf_name!r} has no GGUF name for architecture {arch}")
         shape = ckpt.shape(hf_name)
 
-        def make(n: str = hf_name, gname: str = name) -> Tensor:
-            t = ckpt.tensor(n)
-            if mrope and (".attn_q." in gname or ".attn_k." in gname):
-                t = neox_permute(t, head_dim, rotary_dim)
-            return t
+        def make(n: str = hf_name) -> Tensor:
+            return fix(n, ckpt.tensor(n))
 
         plans.append(TensorPlan(name, shape, _text_type(mix, name, shape, n_layers, tied), make))
     return plans
@@ -220,7 +213,7 @@ def _meta_model(w: GGUFWriter, ckpt: HFCheckpoint, plans: list[TensorPlan], mode
     meta.set_gguf_meta_model(w)
 
 
-def _text_params(w: GGUFWriter, hp: dict[str, Any], mix: QuantMix) -> None:
+def _text_params(w: GGUFWriter, hp: dict[str, Any], mix: QuantMix, rotary_dim: int) -> None:
     rp = rope_parameters(hp)
     n_head = int(hp["num_attention_heads"])
     w.add_block_count(int(hp["num_hidden_layers"]))
@@ -251,8 +244,13 @@ def _text_params(w: GGUFWriter, hp: dict[str, Any], mix: QuantMix) -> None:
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
     w.add_file_type(mix.file_type)
-    head_dim = int(hp.get("head_dim") or int(hp["hidden_size"]) // n_head)
-    w.add_rope_dimension_count(int(head_dim * float(rp.get("partial_rotary_factor", 0.5))))
+    w.add_rope_dimension_count(rotary_dim)
+
+
+def _rotary_dim(model: nn.Module) -> int:
+    """RoPE dims per head: GLM's partial rotary, else the whole head."""
+    cfg = model.config  # type: ignore[union-attr]
+    return int(getattr(cfg, "rotary_dim", 0) or cfg.head_dim)
 
 
 # GLM-4's split regex (tokenizer.json spelling); llama.cpp implements it as the "glm4" pre-tokenizer.
@@ -262,22 +260,36 @@ GLM4_SPLIT_REGEX = (
 )
 
 
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def _pre_tokenizer(data: dict[str, Any], path: Path) -> str:
-    """`tokenizer.ggml.pre` from the pre-tokenizer itself (llama.cpp's converter hashes known vocabularies instead;
-    for GLM-4's split regex + byte-level both give "glm4")."""
+    """`tokenizer.ggml.pre` from the pre-tokenizer itself (llama.cpp's converter hashes known vocabularies instead):
+    GLM-4's = Llama 3's split regex + byte-level -> "glm4" ("llama-bpe" when the BPE ignores merges, as Llama 3's
+    does), Qwen2's -> "qwen2", byte-level alone -> "gpt-2", byte-level after single digits -> "smollm"."""
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
     regexes = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
-    if regexes == [GLM4_SPLIT_REGEX] and any(s.get("type") == "ByteLevel" for s in steps):
-        return "glm4"
-    raise ConfigError(f"{path}: pre-tokenizer {regexes} is not GLM-4's; no llama.cpp pre-tokenizer name for it")
+    byte_level = "ByteLevel" in kinds
+    if regexes == [GLM4_SPLIT_REGEX] and byte_level:
+        return "llama-bpe" if data.get("model", {}).get("ignore_merges") else "glm4"
+    if regexes == [QWEN2_SPLIT_REGEX] and byte_level:
+        return "qwen2"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    raise ConfigError(f"{path}: pre-tokenizer {kinds} {regexes} has no llama.cpp pre-tokenizer name we know")
 
 
 def _looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
 
 
-def _vocab(w: GGUFWriter, ckpt: HFCheckpoint, vocab_size: int) -> None:
+def _vocab(w: GGUFWriter, ckpt: HFCheckpoint, vocab_size: int, arch: str) -> None:
     """BPE vocabulary from tokenizer.json: tokens padded to the embedding rows, types, merges, specials, template."""
     tok_path = ckpt.path / "tokenizer.json"
     if not tok_path.is_file():
@@ -310,11 +322,12 @@ def _vocab(w: GGUFWriter, ckpt: HFCheckpoint, vocab_size: int) -> None:
     w.add_token_types(types)
     special = gguf.SpecialVocab(ckpt.path, load_merges=True)
     by_text = {a["content"]: i for i, a in added.items()}
-    # GLM-4's fixed roles, as the converter sets them: <|endoftext|> is eos/unk/bos, <|user|> ends a turn
-    roles = (("eos", "<|endoftext|>"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("bos", "<|endoftext|>"))
-    for role, text in roles:
-        if text in by_text:
-            special.special_token_ids[role] = by_text[text]
+    if arch == "glm4":
+        # GLM-4's fixed roles, as the converter sets them: <|endoftext|> is eos/unk/bos, <|user|> ends a turn
+        roles = (("eos", "<|endoftext|>"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("bos", "<|endoftext|>"))
+        for role, text in roles:
+            if text in by_text:
+                special.special_token_ids[role] = by_text[text]
     post = data.get("post_processor") or {}
     if post.get("type") == "ByteLevel":  # a byte-level post-processor adds nothing (the converter's gguf-py reads so)
         special.add_special_token.setdefault("bos", False)
@@ -394,21 +407,23 @@ def _progress(plans: list[TensorPlan], enabled: bool, desc: str) -> Iterator[np.
 def convert_text(
     hf_dir: str | Path, out: str | Path, *, outtype: str = "f16", model_name: str | None = None, progress: bool = False
 ) -> Path:
-    """Write the text model of `hf_dir` (GLM-4 / GLM-4.1V) as a `glm4` GGUF at `out`; -> `out`."""
+    """Write the text model of `hf_dir` (GLM-4 / GLM-4.1V -> `glm4`, Llama -> `llama`, Qwen2/3, Gemma 3) as a GGUF
+    at `out`; -> `out`."""
     mix = _mix(outtype)
     ckpt = HFCheckpoint(hf_dir)
     ckpt.architecture  # noqa: B018 (raises UnsupportedArchitecture)
     hp = text_hparams(ckpt.config)
     plans = plan_text(ckpt, mix)
     vocab_size = int(hp["vocab_size"])
+    model = ckpt.meta_model()
 
     def metadata(w: GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
         _meta_model(w, ckpt, plans, model_name)
-        _text_params(w, hp, mix)
-        _vocab(w, ckpt, vocab_size)
+        _text_params(w, hp, mix, _rotary_dim(model))
+        _vocab(w, ckpt, vocab_size, ckpt.spec.module.GGUF_ARCH)
 
-    return _write(Path(out), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GLM4], plans, metadata, progress, "text")
+    return _write(Path(out), ckpt.spec.module.GGUF_ARCH, plans, metadata, progress, "text")
 
 
 def convert_mmproj(
@@ -436,4 +451,4 @@ def _mix(outtype: str) -> QuantMix:
     return QuantMix.parse(outtype)
 
 
-__all__ = ["OUTTYPES", "convert_mmproj", "convert_text", "neox_permute"]
+__all__ = ["OUTTYPES", "convert_mmproj", "convert_text"]

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from autoglm.errors import ConfigError, ModelLoadError
-from autoglm.loader.gguf_reader import GGUFFile
-from autoglm.loader.quants import dequantize
+from autoglm.gguf.quants import dequantize
+from autoglm.gguf.reader import GGUFFile
 from autoglm.loader.weights import expected_tensors, fill_parameters
 from autoglm.models.config import VisionConfig
 from autoglm.models.glm4v import IMAGE_PLACEHOLDER, VisionEncoder

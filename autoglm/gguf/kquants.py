@@ -15,7 +15,7 @@ import torch
 from gguf import QK_K, GGMLQuantizationType
 from torch import Tensor
 
-from autoglm.quant.gguf_blocks import f16_bytes
+from autoglm.gguf.blocks import f16_bytes
 
 Q = GGMLQuantizationType
 

@@ -1,9 +1,9 @@
 """Memory planner: will a model fit in this much RAM at this context, and if not, what to change.
 
 From `config.json` alone (no weights read), from a GGUF's metadata and tensor types, or from a built-in config
-(`autoglm-phone-9b`). Counts parameters per module analytically (GLM-4, GLM-4.1V text + vision tower, Gemma 3 text;
-checked against transformers' models in tests), prices them per weight format, adds the KV cache at the context and
-a runtime overhead estimate.
+(`autoglm-phone-9b`). Builds the registry's model on `meta` and sums its real parameter shapes per module (any
+architecture we load; checked against transformers' models in tests), prices them per weight format, adds the KV
+cache at the context and a runtime overhead estimate.
 
 Formats: none (the checkpoint dtype), int8 / int4 (our HF path: `autoglm.quant.apply` defaults — vision tower and
 embeddings stay dense, lm_head int8 under int4), q8_0 / q4_k_m (GGUF: llama.cpp's per-tensor types incl. Q4_K_M's
@@ -173,75 +173,58 @@ def _text_section(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe_config(config: dict[str, Any], *, no_vision: bool = False) -> tuple[str, list[Tensor2D], dict[str, int]]:
-    """(architecture, weights, attention dims {layers, kv_heads, head_dim}) from a config.json dict."""
-    t = _text_section(config)
-    arch = (config.get("architectures") or [t.get("model_type", "?")])[0]
-    try:
-        d, n_layers, vocab = int(t["hidden_size"]), int(t["num_hidden_layers"]), int(t["vocab_size"])
-        heads = int(t["num_attention_heads"])
-        inter = int(t["intermediate_size"])
-    except KeyError as e:
-        raise ConfigError(f"config.json has no {e.args[0]!r}", param=e.args[0]) from e
-    kv = int(t.get("num_key_value_heads") or heads)
-    hd = int(t.get("head_dim") or d // heads)
-    gemma = "gemma" in str(t.get("model_type", "")) or "Gemma" in arch
-    bias = bool(t.get("attention_bias", not gemma and "Glm" in arch))
-    out: list[Tensor2D] = [Tensor2D("token_embd.weight", (vocab, d), "embeddings", linear=False)]
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        out += [
-            Tensor2D(p + "attn_q.weight", (heads * hd, d), "attention", i),
-            Tensor2D(p + "attn_k.weight", (kv * hd, d), "attention", i),
-            Tensor2D(p + "attn_v.weight", (kv * hd, d), "attention", i),
-            Tensor2D(p + "attn_output.weight", (d, heads * hd), "attention", i),
-            Tensor2D(p + "ffn_gate.weight", (inter, d), "mlp", i),
-            Tensor2D(p + "ffn_up.weight", (inter, d), "mlp", i),
-            Tensor2D(p + "ffn_down.weight", (d, inter), "mlp", i),
-            Tensor2D(p + "norms", (4 * d + (2 * hd if gemma else 0),), "norms", i, linear=False),
-        ]
-        if bias:
-            out.append(Tensor2D(p + "attn_qkv.bias", ((heads + 2 * kv) * hd,), "attention", i, linear=False))
-    out.append(Tensor2D("output_norm.weight", (d,), "norms", linear=False))
-    if not t.get("tie_word_embeddings", config.get("tie_word_embeddings", gemma)):
-        out.append(Tensor2D("output.weight", (vocab, d), "lm_head"))
-    v = config.get("vision_config")
-    if v and not no_vision and not gemma:
-        out += _glm4v_vision(v)
-    return arch, out, {"layers": n_layers, "kv_heads": kv, "head_dim": hd}
+    """(architecture, weights, attention dims {layers, kv_heads, head_dim}) from a config.json dict: the registry's
+    model is built on `meta` and its real parameter shapes are listed (a tied lm_head counted once)."""
+    import torch
+
+    from autoglm.layers.attention import Attention
+    from autoglm.models.registry import hf_spec
+
+    spec = hf_spec(config)
+    with torch.device("meta"):
+        model = spec.build(config, no_vision)
+    vp = spec.vision_prefix
+    attns = [m for n, m in model.named_modules() if isinstance(m, Attention) and not (vp and n.startswith(vp))]
+    names = _gguf_names(spec.module, len(attns), [n for n, _ in model.named_parameters()])
+    out: list[Tensor2D] = []
+    for name, p in model.named_parameters():  # deduplicated: a tied lm_head is the embedding
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if vp is not None and name.startswith(vp):
+            module = "vision"
+        elif "embed_tokens" in name:
+            module = "embeddings"
+        elif name.startswith("lm_head"):
+            module = "lm_head"
+        elif "norm" in name:
+            module = "norms"
+        elif ".self_attn." in name:
+            module = "attention"
+        else:
+            module = "mlp"
+        linear = p.dim() == 2 and module not in ("embeddings", "norms")
+        out.append(
+            Tensor2D(names.get(name, name), tuple(p.shape), module, int(layer.group(1)) if layer else None, linear)
+        )
+    attn = {"layers": len(attns), "kv_heads": attns[0].num_kv_heads, "head_dim": attns[0].head_dim}
+    return spec.architecture, out, attn
 
 
-def _glm4v_vision(v: dict[str, Any]) -> list[Tensor2D]:
-    """GLM-4.1V vision tower + merger (transformers' Glm4vVisionModel layout)."""
-    h, depth = int(v.get("hidden_size", 1536)), int(v.get("depth", 24))
-    out_h, inter = int(v.get("out_hidden_size", 4096)), int(v.get("intermediate_size", 13696))
-    ps, tps = int(v.get("patch_size", 14)), int(v.get("temporal_patch_size", 2))
-    ms, ch = int(v.get("spatial_merge_size", 2)), int(v.get("in_channels", 3))
-    img = v.get("image_size", 336)
-    img = int(img[0] if isinstance(img, (list, tuple)) else img)
-    qkv_bias = 3 * h if v.get("attention_bias", False) else 0
+def _gguf_names(module: Any, n_layers: int, params: list[str]) -> dict[str, str]:
+    """Our parameter name -> the GGUF tensor name llama.cpp would write (the Q4_K_M recipe is keyed by it)."""
+    import gguf
 
-    def t(name: str, shape: tuple[int, ...], linear: bool = True) -> Tensor2D:
-        return Tensor2D("v." + name, shape, "vision", linear=linear)
-
-    out = [
-        t("patch_embd", (h * ch * tps * ps * ps + h,), linear=False),
-        t("position_embd", ((img // ps) ** 2, h), linear=False),
-        t("norms", (h * 2 + 2 * out_h,), linear=False),  # post-conv, post-layernorm, merger LayerNorm (w + b)
-        t("downsample", (out_h * h * ms * ms + out_h,), linear=False),
-        t("merger.proj", (out_h, out_h)),
-        t("merger.gate", (inter, out_h)),
-        t("merger.up", (inter, out_h)),
-        t("merger.down", (out_h, inter)),
-    ]
-    for i in range(depth):
-        out += [
-            t(f"blk.{i}.attn_qkv", (3 * h, h)),
-            t(f"blk.{i}.attn_out", (h, h)),
-            t(f"blk.{i}.ffn_gate", (out_h, h)),
-            t(f"blk.{i}.ffn_up", (out_h, h)),
-            t(f"blk.{i}.ffn_down", (h, out_h)),
-            t(f"blk.{i}.norms", (2 * h + qkv_bias,), linear=False),
-        ]
+    arch = getattr(module, "GGUF_ARCH", None)
+    by_name = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in by_name:
+        return {}
+    tmap = gguf.get_tensor_name_map(by_name[arch], n_layers)
+    out: dict[str, str] = {}
+    for p in params:
+        g = tmap.get_name(p, try_suffixes=(".weight", ".bias"))
+        if g is None and p.startswith("language_model."):  # GLM-4.1V: our text model sits under language_model
+            g = tmap.get_name("model." + p.removeprefix("language_model."), try_suffixes=(".weight", ".bias"))
+        if g is not None:
+            out[p] = g
     return out
 
 
@@ -260,7 +243,7 @@ def _gguf_type(w: Tensor2D, quant: str, n_layers: int) -> str:
         return "Q8_0" if w.shape[-1] % 32 == 0 else "F16"
     name = w.name if w.module != "lm_head" else "output.weight"
     try:
-        from autoglm.loader.quants import q4_k_m_type_for
+        from autoglm.gguf.quants import q4_k_m_type_for
 
         return q4_k_m_type_for(name, w.layer, n_layers, n_cols=w.shape[-1]).name
     except ImportError:  # the GGUF block-format module is optional for planning

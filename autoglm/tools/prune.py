@@ -176,10 +176,10 @@ def prune_checkpoint(
     `eval_text` (held out; text or ids) measures perplexity before and after — after by loading `dst` back, so the
     written checkpoint is what is measured. Texts need the checkpoint's tokenizer; without one they are ignored.
     A GGUF file is first exported to a float32 HF directory beside `dst` (removed afterwards) with the GGUF loader's
-    conventions (`autoglm.loader.gguf_export`), so "before" is the dequantized GGUF model."""
-    from autoglm.loader.gguf_export import export_hf, is_gguf_file
+    conventions (`autoglm.gguf.export`), so "before" is the dequantized GGUF model."""
+    from autoglm.gguf.export import export_hf, is_gguf_file
     from autoglm.loader.hf import iter_safetensors, load_hf, safetensors_files
-    from autoglm.quant.apply import ShardedWriter, copy_side_files
+    from autoglm.tools.quantize import ShardedWriter, copy_side_files
 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():

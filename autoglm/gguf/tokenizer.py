@@ -37,6 +37,8 @@ _QWEN2 = [
     "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?"
     "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 ]
+_STARCODER = ["\\p{N}", _GPT2[0]]  # digits split one by one first (StarCoder, SmolLM, Command-R, ...)
+_FALCON = ["[\\p{P}\\$\\+<=>\\^~\\|`]+", _GPT2[0], "[0-9][0-9][0-9]"]
 _DEFAULT = [
     "[\\p{P}\\$\\+<=>\\^~\\|]+",
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
@@ -53,7 +55,22 @@ BPE_PRE_TOKENIZERS: dict[str, list[str]] = {
     "smaug-bpe": _LLAMA3,
     "chatglm-bpe": _LLAMA3,
     "glm4": _LLAMA3,
+    "falcon3": _LLAMA3,
     "qwen2": _QWEN2,
+    "stablelm2": _QWEN2,
+    "deepseek-r1-qwen": _QWEN2,
+    "smollm": _STARCODER,
+    "starcoder": _STARCODER,
+    "refact": _STARCODER,
+    "command-r": _STARCODER,
+    "codeshell": _STARCODER,
+    "exaone": _STARCODER,
+    "minerva-7b": _STARCODER,
+    "mpt": _GPT2,
+    "olmo": _GPT2,
+    "jais": _GPT2,
+    "phi-2": _GPT2,
+    "falcon": _FALCON,
 }
 # llama.cpp matches a whole pre-tokenized word against the vocab before merging only for these
 _IGNORE_MERGES = {"llama3", "llama-bpe"}

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from torch import Tensor
 
 from autoglm.errors import UnsupportedQuantType
-from autoglm.quant.gguf_blocks import (
+from autoglm.gguf.blocks import (
     ENCODERS,
     SUPPORTED_TYPES,
     as_byte_tensor,
@@ -27,7 +27,7 @@ from autoglm.quant.gguf_blocks import (
     dequantize_blocks,
     row_nbytes,
 )
-from autoglm.quant.kquants import K_ENCODERS
+from autoglm.gguf.kquants import K_ENCODERS
 
 __all__ = [
     "SUPPORTED_TYPES",
