@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.assembly import AssetFile, Chunk, assemble, is_verified, requirements
-from autoglm.errors import ModelLoadError, UnsupportedArchitecture
+from autoglm.errors import ModelLoadError
 
 log = logging.getLogger("autoglm.builtins")
 
@@ -153,13 +153,9 @@ def builtin_names(table: Sequence[BuiltinAsset] = BUILTINS) -> list[str]:
 def _loadable(asset: BuiltinAsset) -> bool:
     if asset.kind != TEXT_GGUF or asset.architecture is None:
         return True
-    from autoglm.models.registry import gguf_builder
+    from autoglm.models.registry import gguf_architectures
 
-    try:
-        gguf_builder(asset.architecture)
-    except UnsupportedArchitecture:
-        return False
-    return True
+    return asset.architecture in gguf_architectures()
 
 
 def default_builtin(kind: str = TEXT_GGUF, table: Sequence[BuiltinAsset] = BUILTINS) -> BuiltinAsset:
