@@ -54,16 +54,21 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 
 class _Content:
-    """Content with trailing whitespace held back: whitespace before a tool call is not content."""
+    """Content with trailing whitespace held back (whitespace before a tool call is not content) and leading
+    whitespace dropped (GLM-4.5 starts its answer with a newline after `<think></think>`)."""
 
     def __init__(self) -> None:
         self.pending = ""
+        self.started = False
 
     def add(self, out: StreamDelta, text: str) -> None:
         text = self.pending + text
+        if not self.started:
+            text = text.lstrip()
         body = text.rstrip()
         self.pending = text[len(body):]
         out.content += body
+        self.started = self.started or bool(body)
 
     def drop(self) -> str:
         pending, self.pending = self.pending, ""
