@@ -62,6 +62,26 @@ def _hermes(functions: list[dict[str, Any]], many: bool, tag: _Markup) -> str:
     return ('start: call ("\\n" call)*\n' if many else "start: call\n") + call + "\n"
 
 
+_RAW_STRING_KEYS = {"type", "description", "title", "default", "examples", "minLength", "maxLength", "enum", "const",
+                    "pattern"}
+
+
+def _raw_string(fn: str, key: str, sub: Mapping[str, Any]) -> str:
+    """A GLM-4.5 string value is written raw (no quotes), so its JSON-schema constraints become a Lark expression."""
+    unknown = sorted(set(sub) - _RAW_STRING_KEYS)
+    if unknown:
+        raise InvalidRequest(f"tools: parameter {key!r} of {fn!r}: {', '.join(unknown)} cannot be enforced on a raw "
+                             "string value in this model's tool-call format", param="tools")
+    if "const" in sub or "enum" in sub:
+        values = [sub["const"]] if "const" in sub else list(sub["enum"])
+        return "(" + " | ".join(_lit(str(v)) for v in values) + ")"
+    if "pattern" in sub:
+        return "/" + str(sub["pattern"]).replace("/", "\\/") + "/"
+    low, high = int(sub.get("minLength", 0)), sub.get("maxLength")
+    # no "<": the value ends at </arg_value>
+    return f"/[^<]{{{low},{int(high)}}}/" if high is not None else ("/[^<]*/" if low == 0 else f"/[^<]{{{low},}}/")
+
+
 def _glm45(functions: list[dict[str, Any]], many: bool, tag: _Markup) -> str:
     rules = []
     for i, fn in enumerate(functions):
@@ -70,7 +90,8 @@ def _glm45(functions: list[dict[str, Any]], many: bool, tag: _Markup) -> str:
         raw = string_parameters(fn)
         args = []
         for key, sub in (schema.get("properties") or {}).items():
-            value = "STRING_VALUE" if key in raw else _json(sub if isinstance(sub, Mapping) else {})
+            sub = sub if isinstance(sub, Mapping) else {}
+            value = _raw_string(fn["name"], key, sub) if key in raw else _json(sub)
             arg = (f'{tag("<arg_key>")} {_lit(key)} {tag("</arg_key>")} "\\n" {tag("<arg_value>")} {value} '
                    f'{tag("</arg_value>")} "\\n"')
             args.append(f"({arg})" if key in required else f"({arg})?")
@@ -78,8 +99,7 @@ def _glm45(functions: list[dict[str, Any]], many: bool, tag: _Markup) -> str:
     names = " | ".join(f"fn{i}" for i in range(len(functions)))
     # the template puts a newline between `<think></think>` and the first call
     head = 'start: "\\n"? call ("\\n" call)*\n' if many else 'start: "\\n"? call\n'
-    return (head + f'call: {tag("<tool_call>")} ({names}) {tag("</tool_call>")}\n' + "\n".join(rules)
-            + "\nSTRING_VALUE: /[^<]*/\n")
+    return head + f'call: {tag("<tool_call>")} ({names}) {tag("</tool_call>")}\n' + "\n".join(rules) + "\n"
 
 
 def _glm4(functions: list[dict[str, Any]], tag: _Markup) -> str:
