@@ -109,13 +109,15 @@ def _glm4(functions: list[dict[str, Any]], tag: _Markup) -> str:
 
 
 def tool_call_grammar(tool_format: ToolFormat, tools: Sequence[Any] | None, tool_choice: Any,
-                      tokenizer: Tokenizer) -> GrammarSpec | None:
+                      tokenizer: Tokenizer, *, parallel_tool_calls: bool = True) -> GrammarSpec | None:
     """The grammar a `tool_choice` imposes: None for "none" / "auto" / absent; for "required" one or more calls
-    (one for GLM-4-0414, whose format has a single call per turn) of any tool; for a named function exactly one call
-    of it. Unknown names or a forced call without tools -> InvalidRequest."""
+    of any tool (exactly one with `parallel_tool_calls=False`, and for GLM-4-0414, whose format has one call per
+    turn); for a named function exactly one call of it. Unknown names or a forced call without tools ->
+    InvalidRequest."""
     if tool_choice in (None, "none", "auto"):
         return None
     functions, many = _chosen(tools, tool_choice)
+    many = many and parallel_tool_calls
     tag = _Markup(tokenizer)
     if isinstance(tool_format, HermesToolFormat):
         return GrammarSpec.lark(_hermes(functions, many, tag))

@@ -145,6 +145,35 @@ def test_forced_tool_calls_parse_and_validate(fmt: ToolFormat, choice: Any, tok:
             jsonschema.validate(json.loads(call.arguments), schemas[call.name])
 
 
+def test_parallel_tool_calls_false_allows_one_call(tok: Tokenizer, compiler: GrammarCompiler) -> None:
+    spec = tool_call_grammar(HermesToolFormat(), TOOLS, "required", tok, parallel_tool_calls=False)
+    grammar = compiler.compile(spec)  # type: ignore[arg-type]
+    for seed in range(4):
+        assert len(HermesToolFormat().parse(sample(grammar.new_state(), tok, compiler, seed), TOOLS).tool_calls) == 1
+
+
+def test_glm45_raw_string_constraints_that_cannot_be_enforced_are_400s(tok: Tokenizer) -> None:
+    tools = [{"type": "function", "function": {"name": "mail", "parameters": {
+        "type": "object", "properties": {"to": {"type": "string", "format": "email"}}}}}]
+    with pytest.raises(InvalidRequest, match="format"):
+        tool_call_grammar(Glm45ToolFormat(), tools, "required", tok)
+
+
+def test_batched_fill_equals_row_by_row(tok: Tokenizer, compiler: GrammarCompiler) -> None:
+    grammars = [compiler.compile(GrammarSpec.json_schema(SCHEMA)), compiler.compile(GrammarSpec.regex("[0-9]+x")),
+                compiler.compile(GrammarSpec.choice(["yes", "no"]))]
+    states = [g.new_state() for g in grammars]
+    states[0].accept_tokens(tok.encode('{"city": "Ro', add_special_tokens=False))
+    one = allocate_token_bitmask(3, compiler.vocab_size)
+    for i, st in enumerate(states):
+        st.fill_mask(one[i])
+    batched = allocate_token_bitmask(4, compiler.vocab_size)
+    compiler.fill_masks(states, batched, [2, 0, 3])
+    assert torch.equal(batched[[2, 0, 3]], one) and bool((batched[1] == -1).all())  # row 1 untouched
+    with pytest.raises(ValueError, match="rows"):
+        compiler.fill_masks(states, batched, [0, 1])
+
+
 def test_tool_choice_none_and_auto_impose_nothing(tok: Tokenizer) -> None:
     for choice in (None, "none", "auto"):
         assert tool_call_grammar(HermesToolFormat(), TOOLS, choice, tok) is None
