@@ -18,6 +18,7 @@ from autoglm.server.metrics import Metrics
 
 if TYPE_CHECKING:
     from autoglm.models.loaded import LoadedModel
+    from autoglm.server.constraints import ModelConstraints
     from autoglm.server.speech_service import SpeechService
 
 
@@ -32,6 +33,7 @@ class ServerState:
     speech: SpeechService | None = None  # when a speech module is loaded
     speech_unavailable: str | None = None  # why there is none (named in input_audio / /v1/audio/* refusals)
     started: float = field(default_factory=time.time)
+    constraints: ModelConstraints | None = None  # tool format + grammar compiler, built on first use
 
     @property
     def media(self) -> MediaPolicy:
