@@ -23,7 +23,6 @@ from autoglm.tokenizer.tool_parsers import ToolFormat, detect_tool_format
 if TYPE_CHECKING:
     from autoglm.models.loaded import LoadedModel
     from autoglm.server.protocol import ChatCompletionRequest
-    from autoglm.server.state import ServerState
 
 
 class ModelConstraints:
@@ -52,18 +51,6 @@ class ModelConstraints:
             return compiler.compile(spec)
 
 
-_CREATE_LOCK = threading.Lock()  # guards one-time creation only; the object lives on the ServerState
-
-
-def model_constraints(state: ServerState) -> ModelConstraints:
-    """The serving model's constraints, created on first use and kept on the server state."""
-    model = state.ready_model()
-    with _CREATE_LOCK:
-        if state.constraints is None or state.constraints.model is not model:
-            state.constraints = ModelConstraints(model)
-        return state.constraints
-
-
 @dataclass
 class ChatConstraints:
     """messages: ready for the template; tools: passed to the template (None: not rendered); tool_format: parses
@@ -75,10 +62,9 @@ class ChatConstraints:
     grammar: CompiledGrammar | None
 
     @classmethod
-    def build(cls, body: ChatCompletionRequest, state: ServerState, messages: list[dict[str, Any]]
+    def build(cls, body: ChatCompletionRequest, mc: ModelConstraints, messages: list[dict[str, Any]]
               ) -> ChatConstraints:
         """Blocking; every problem -> InvalidRequest (400) naming the field."""
-        mc = model_constraints(state)
         model = mc.model
         choice = _tool_choice(body.tool_choice)
         tools = body.tools or None

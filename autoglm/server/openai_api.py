@@ -87,7 +87,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     kwargs = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k != "enable_thinking"}
     messages = [m.to_engine() for m in body.messages]
     messages = await transcribe_audio_parts(messages, state)  # input_audio -> text (speech module)
-    constraints = await asyncio.to_thread(ChatConstraints.build, body, state, messages)
+    constraints = await asyncio.to_thread(ChatConstraints.build, body, state.output_constraints(), messages)
     params.grammar = constraints.grammar
     prompt = await asyncio.to_thread(
         build_chat_prompt, model, constraints.messages, enable_thinking=thinking, chat_template_kwargs=kwargs,
