@@ -60,6 +60,7 @@ class ChatConstraints:
     tools: list[dict[str, Any]] | None
     tool_format: ToolFormat | None
     grammar: CompiledGrammar | None
+    keep_special_tokens: bool = False  # the format's markup is special tokens: detokenize with them kept
 
     @classmethod
     def build(cls, body: ChatCompletionRequest, mc: ModelConstraints, messages: list[dict[str, Any]]
@@ -89,7 +90,9 @@ class ChatConstraints:
                                  "send one", param=so.param)
         spec = spec or so
         grammar = mc.compile(spec) if spec is not None else None
-        return cls(msgs, tools if choice != "none" else None, fmt, grammar)
+        keep = fmt is not None and any(model.tokenizer.token_to_id(tag) in model.tokenizer.special_ids
+                                       for tag in fmt.markup)
+        return cls(msgs, tools if choice != "none" else None, fmt, grammar, keep)
 
 
 def _tool_choice(value: Any) -> Any:

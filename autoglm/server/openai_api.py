@@ -89,6 +89,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     messages = await transcribe_audio_parts(messages, state)  # input_audio -> text (speech module)
     constraints = await asyncio.to_thread(ChatConstraints.build, body, state.output_constraints(), messages)
     params.grammar = constraints.grammar
+    if constraints.keep_special_tokens:  # else `<tool_call>` would vanish before the parser sees it (as vLLM does)
+        params.skip_special_tokens = False
     prompt = await asyncio.to_thread(
         build_chat_prompt, model, constraints.messages, enable_thinking=thinking, chat_template_kwargs=kwargs,
         content_format="string", media_policy=state.media, max_media=state.config.limit_mm_per_prompt,
