@@ -71,6 +71,9 @@ class ChatConstraints:
         tools = body.tools or None
         if tools is not None:
             tool_functions(tools)  # validate names / shapes
+        if tools is None and choice not in (None, "none", "auto"):
+            raise InvalidRequest(f"tool_choice {body.tool_choice!r} requires a call but the request has no tools",
+                                 param="tool_choice")
         fmt = mc.tool_format if tools is not None and choice != "none" else None
         if tools is not None and choice not in (None, "none", "auto") and fmt is None:
             raise InvalidRequest(f"tool_choice {body.tool_choice!r}: model {model.name!r} has no tool-call format in "

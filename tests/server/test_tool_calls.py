@@ -150,9 +150,17 @@ def test_bad_schema_is_400(client: openai.OpenAI, fmt: dict[str, Any]) -> None:
     assert "response_format" in str(info.value)
 
 
-def test_forced_call_with_unknown_name_is_400(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize("kw", [
+    {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+    {"tool_choice": "required"},
+    {"tools": [WEATHER], "tool_choice": "sometimes"},
+    {"tools": [{"type": "function", "function": {"name": ""}}]},
+    {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+    {"extra_body": {"guided_regex": "[a-z]+", "guided_choice": ["a", "b"]}},
+])
+def test_bad_tool_or_constraint_requests_are_400(client: openai.OpenAI, kw: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError):
-        _chat(client, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}})
+        _chat(client, **kw)
 
 
 def test_n_choices(client: openai.OpenAI) -> None:
