@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autoglm.engine.grammar import CompiledGrammar, GrammarCompiler, GrammarSpec
-from autoglm.engine.structured_output import structured_output_spec
 from autoglm.engine.tool_grammar import tool_call_grammar
 from autoglm.errors import InvalidRequest
 from autoglm.tokenizer.tool_calls import tool_functions
@@ -83,11 +82,7 @@ class ChatConstraints:
         if fmt is not None:
             spec = tool_call_grammar(fmt, tools, choice, model.tokenizer,
                                      parallel_tool_calls=body.parallel_tool_calls is not False)
-        so = structured_output_spec(
-            response_format=body.response_format, structured_outputs=body.structured_outputs,
-            guided_json=body.guided_json, guided_regex=body.guided_regex, guided_choice=body.guided_choice,
-            guided_grammar=body.guided_grammar,
-        )
+        so = body.output_spec()
         if spec is not None and so is not None:
             raise InvalidRequest(f"tool_choice {body.tool_choice!r} and {so.param} both constrain the output; "
                                  "send one", param=so.param)

@@ -114,6 +114,8 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     params = body.sampling_params()
     model = state.ready_model()
     prompt = await asyncio.to_thread(build_text_prompt, model, body.single_prompt())
+    if (spec := body.output_spec()) is not None:
+        params.grammar = await asyncio.to_thread(state.output_constraints().compile, spec)
     gens = await _start_choices(body.n, prompt, params, lambda i: Generation(
         state, request, rid=rid, endpoint="completions", model_name=name, stream=body.stream, mode="merged",
         arrival=arrival, keepalive=state.config.sse_keepalive, choice=i))

@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from autoglm.engine.grammar import GrammarSpec
 from autoglm.engine.sampling_params import SamplingParams
+from autoglm.engine.structured_output import structured_output_spec
 from autoglm.errors import InvalidRequest
 
 # Template variables the server sets itself: a client passing them in chat_template_kwargs would override the
@@ -149,6 +151,21 @@ class _SamplingFields(_Lenient):
     skip_special_tokens: bool = True
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, like OpenAI) -> bias in [-100, 100]
+    # structured outputs (engine/structured_output.py maps them to one grammar)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM: json / json_object / regex / choice / grammar
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def output_spec(self) -> GrammarSpec | None:
+        """The request's structured-output constraint (None: free text); a bad one -> InvalidRequest."""
+        return structured_output_spec(
+            response_format=self.response_format, structured_outputs=self.structured_outputs,
+            guided_json=self.guided_json, guided_regex=self.guided_regex, guided_choice=self.guided_choice,
+            guided_grammar=self.guided_grammar,
+        )
 
     def check_n(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -204,12 +221,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None  # "auto" (default with tools) | "none" | "required" | {"type": "function", ...}
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None  # vLLM: json / json_object / regex / choice / grammar
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -194,3 +194,12 @@ def test_models_retrieve(client: openai.OpenAI) -> None:
     assert model.id == NAME and model.object == "model"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+def test_completions_guided_regex_and_n(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=NAME, prompt="The answer is", max_tokens=8, temperature=1, seed=4, n=2,
+                                  extra_body={"guided_regex": "[0-9]{1,3}"})
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.text.isdigit() and len(c.text) <= 3
+        assert c.finish_reason == "stop"
