@@ -15,9 +15,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,6 +38,8 @@ from autoglm.tokenizer.tool_calls import StreamDelta
 from autoglm.tokenizer.tool_parsers import ToolCallStream, ToolFormat
 
 log = logging.getLogger("autoglm.server")
+
+T = TypeVar("T")
 
 
 def _authorized(request: Request) -> None:
@@ -183,7 +185,7 @@ class _OpenAIFormat:
         )
 
     async def json(self) -> JSONResponse:
-        done = await asyncio.gather(*(g.collect() for g in self.gens))
+        done = await _all_or_none([g.collect() for g in self.gens])
         usage = _usage(_total([d.usage for d in done]))
         name = self.gen.model_name
         choices: list[dict[str, Any]] = []
@@ -331,6 +333,20 @@ async def _merged(streams: list[AsyncGenerator[Event, None]]) -> AsyncIterator[t
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _all_or_none(works: list[Awaitable[T]]) -> list[T]:
+    """Every result, or the first error with the other works cancelled (their engine requests aborted)."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        raise
 
 
 def _total(usages: list[Usage]) -> Usage:
