@@ -102,6 +102,8 @@ class Engine:
         )
         if timeout is not None:
             req.deadline = req.arrival_time + timeout
+        if params.grammar is not None:
+            req.grammar_state = params.grammar.new_state()
         return req
 
     def _check_prompt(self, prompt: PromptInputs) -> None:
@@ -255,11 +257,29 @@ class Engine:
             req.logprobs.extend(logprobs)
             delta = req.output.add_token(token)
             status = self._status(req)
+            grammar = req.grammar_state
+            if grammar is not None and status is None:
+                if not grammar.accept(token):
+                    return self._grammar_failed(req, token)
+                if grammar.is_terminated():  # complete: only end-of-sequence could follow
+                    status = RequestStatus.FINISHED_STOPPED
         if status is not None:
             delta += req.output.finish()
             self.scheduler.finish(req, status)
             self.requests.pop(req.request_id, None)
         return self._output(req, new_ids, delta, logprobs)
+
+    def _grammar_failed(self, req: Request, token: int) -> RequestOutput:
+        """The sampled token broke the request's grammar (the mask should make this impossible): end it alone."""
+        why = req.grammar_state.error if req.grammar_state is not None else None
+        final = self.abort(req.request_id)
+        assert final is not None
+        final.error = RequestFailed(
+            f"request {req.request_id}: token {token} does not follow the output grammar ({why or 'refused'})",
+            code="grammar_violation",
+        )
+        self.num_failed += 1
+        return final
 
     def _status(self, req: Request) -> RequestStatus | None:
         if req.output.stopped:

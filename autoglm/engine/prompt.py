@@ -96,6 +96,7 @@ def build_chat_prompt(
     media_policy: MediaPolicy | None = None,
     add_generation_prompt: bool = True,
     max_media: int | None = None,
+    tools: Sequence[Any] | None = None,
 ) -> PromptInputs:
     """OpenAI-style messages -> PromptInputs (template rendered, media routed, preprocessed, placeholders expanded).
 
@@ -103,6 +104,7 @@ def build_chat_prompt(
     template variable when the template has one, else by prefilling an empty `<think></think>`.
     media_policy: where media may come from (None: in-memory objects and data URLs only; the server passes its
     policy, the Python API allows local paths). max_media: at most this many items per modality.
+    tools: OpenAI tool definitions, passed to the template (it decides how the model sees them).
     """
     if not messages:
         raise InvalidRequest("messages must not be empty", param="messages")
@@ -119,7 +121,7 @@ def build_chat_prompt(
 
     parts = media_parts(model, messages)  # before rendering: an unservable part is a clean 400
     _check_counts(parts, max_media)
-    text = template.render(messages, add_generation_prompt=add_generation_prompt,
+    text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
                            content_format=content_format, **kwargs)  # type: ignore[arg-type]
     if enable_thinking is False and not template.supports_enable_thinking and add_generation_prompt:
         tok = model.tokenizer

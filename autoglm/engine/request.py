@@ -23,6 +23,7 @@ from autoglm.engine.sampling_params import SamplingParams
 from autoglm.models.positions import PromptPositions
 
 if TYPE_CHECKING:
+    from autoglm.engine.grammar import GrammarState
     from autoglm.engine.prompt import PromptInputs
 
 
@@ -62,6 +63,7 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # tokens served from the prefix cache (all admissions)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix caching: chained hash per full block
+    grammar_state: GrammarState | None = None  # params.grammar's position for this sequence (new at admission)
 
     arrival_time: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() past which the request is ended (request_timeout)

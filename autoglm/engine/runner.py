@@ -38,6 +38,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.encoder_cache = EncoderCache(encoder_cache_memory)
         self.num_encoder_runs = 0  # encoder calls (one per media item not found in any cache)
+        self._bitmask: Tensor | None = None  # grammar masks of one step's constrained rows, reused across steps
 
     def release(self) -> None:
         self.backend.release()
@@ -93,9 +94,19 @@ class ModelRunner:
         if not samplers:
             return []
         logits = self.decoder.compute_logits(hidden[logit_rows])  # [S, V]
-        rows = [_sampling_row(r) for r in samplers]
+        rows = [_sampling_row(r, self._grammar_mask(r, i, len(samplers))) for i, r in enumerate(samplers)]
         tokens, logprobs = self.sampler(logits, rows)
         return list(zip(samplers, tokens, logprobs, strict=True))
+
+    def _grammar_mask(self, req: Request, row: int, batch: int) -> Tensor | None:
+        """Row `row` of a reused CPU bitmask filled from the request's grammar; None for a free request."""
+        state = req.grammar_state
+        if state is None:
+            return None
+        if self._bitmask is None or self._bitmask.shape[0] < batch or self._bitmask.shape[1] != state.width:
+            self._bitmask = torch.empty((max(batch, 8), state.width), dtype=torch.int32)  # [B, vocab / 32]
+        state.fill_mask(self._bitmask[row])
+        return self._bitmask[row]
 
     def _pack_positions(self, positions: list[Tensor]) -> Tensor:
         if all(p.dim() == 1 for p in positions):
@@ -141,7 +152,7 @@ class ModelRunner:
         return emb.to(self.device, self.dtype)
 
 
-def _sampling_row(req: Request) -> SamplingRow:
+def _sampling_row(req: Request, token_bitmask: Tensor | None = None) -> SamplingRow:
     p = req.params
     return SamplingRow(
         temperature=float(p.temperature or 0.0),
@@ -156,4 +167,5 @@ def _sampling_row(req: Request) -> SamplingRow:
         generator=req.generator,
         logprobs=p.logprobs,
         logit_bias=p.logit_bias,
+        token_bitmask=token_bitmask,
     )

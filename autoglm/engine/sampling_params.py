@@ -43,6 +43,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top-k alternatives
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI: -100..100)
     skip_special_tokens: bool = True
+    # a CompiledGrammar (engine/grammar.py) the output must follow: tool_choice, response_format, guided_*
+    grammar: Any = None
 
     def resolve(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         """Fill unset fields from `defaults` (generation_config.json) then built-ins, and validate."""

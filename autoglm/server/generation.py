@@ -114,10 +114,12 @@ class Generation:
     """One completion request in flight (see the module docstring for the contract)."""
 
     def __init__(self, state: ServerState, request: Request, *, rid: str, endpoint: str, model_name: str,
-                 stream: bool, mode: str, arrival: float, keepalive: float | None = None) -> None:
+                 stream: bool, mode: str, arrival: float, keepalive: float | None = None, choice: int = 0) -> None:
         self.state = state
         self.request = request
         self.rid = rid
+        self.choice = choice  # n > 1: choice i is engine request `rid-i` (choice 0 keeps `rid`)
+        self.engine_id = rid if choice == 0 else f"{rid}-{choice}"
         self.endpoint = endpoint
         self.model_name = model_name
         self.stream = stream
@@ -150,7 +152,7 @@ class Generation:
         model = self.state.ready_model()
         params = params.resolve(model.generation_defaults)
         engine = self.state.ready_engine()
-        self._outputs = engine.generate(self.rid, prompt, params)
+        self._outputs = engine.generate(self.engine_id, prompt, params)
         self.state.metrics.in_flight.inc()
         try:
             if self.stream:
@@ -171,6 +173,16 @@ class Generation:
             await self._close()
             self._record(getattr(exc, "status", 500))
             raise
+
+    async def cancel(self) -> None:
+        """Abort a started generation whose events will never be read (another choice of its request failed)."""
+        if self._outputs is None:
+            return
+        await self._cancel_pending()
+        await self._close()
+        self._outputs = None
+        self.state.metrics.in_flight.dec()
+        self._record(499)
 
     # --- events ---------------------------------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[Event]:
@@ -287,7 +299,7 @@ class Generation:
         self.request.state.metrics_recorded = True  # errors_http records only what we did not
         now = time.monotonic()
         self.state.metrics.record(RequestRecord(
-            request_id=self.rid, endpoint=self.endpoint, model=self.model_name, status=status,
+            request_id=self.engine_id, endpoint=self.endpoint, model=self.model_name, status=status,
             started=self.started_wall, duration_s=now - self.arrival,
             ttft_s=None if self.first_token is None else self.first_token - self.arrival,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,

@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from autoglm.engine.grammar import GrammarSpec
 from autoglm.engine.sampling_params import SamplingParams
+from autoglm.engine.structured_output import structured_output_spec
 from autoglm.errors import InvalidRequest
 
 # Template variables the server sets itself: a client passing them in chat_template_kwargs would override the
@@ -19,6 +21,7 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
     "messages", "add_generation_prompt", "tools", "documents", "continue_final_message", "bos_token", "eos_token",
     "pad_token", "unk_token", "raise_exception", "strftime_now", "tojson",
 })
+MAX_N = 16  # choices per request (each is one engine sequence sharing the prompt's cached blocks)
 
 
 def find_lone_surrogate(value: Any, path: str = "") -> str | None:
@@ -99,6 +102,8 @@ class ChatMessage(_Lenient):
     name: str | None = None
     reasoning_content: str | None = None  # accepted on assistant history (llama.cpp / DeepSeek name)
     reasoning: str | None = None  # accepted on assistant history (vLLM / Ollama name)
+    tool_calls: list[dict[str, Any]] | None = None  # assistant history: the calls it made
+    tool_call_id: str | None = None  # role "tool": which call this result answers
 
     def to_engine(self) -> dict[str, Any]:
         """The OpenAI-style dict `build_chat_prompt` takes ("developer" is a system turn for chat templates)."""
@@ -112,6 +117,10 @@ class ChatMessage(_Lenient):
             out["reasoning_content"] = reasoning
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
 
 
@@ -142,10 +151,25 @@ class _SamplingFields(_Lenient):
     skip_special_tokens: bool = True
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, like OpenAI) -> bias in [-100, 100]
+    # structured outputs (engine/structured_output.py maps them to one grammar)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM: json / json_object / regex / choice / grammar
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def output_spec(self) -> GrammarSpec | None:
+        """The request's structured-output constraint (None: free text); a bad one -> InvalidRequest."""
+        return structured_output_spec(
+            response_format=self.response_format, structured_outputs=self.structured_outputs,
+            guided_json=self.guided_json, guided_regex=self.guided_regex, guided_choice=self.guided_choice,
+            guided_grammar=self.guided_grammar,
+        )
 
     def check_n(self) -> None:
-        if self.n != 1:
-            raise InvalidRequest(f"only n=1 is supported, got n={self.n}", param="n")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidRequest(f"n must be between 1 and {MAX_N}, got n={self.n}", param="n")
 
     def base_sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -193,10 +217,10 @@ class ChatCompletionRequest(_SamplingFields):
     enable_thinking: bool | None = None
     return_reasoning: bool | None = None
     reasoning_format: str | None = None
-    # Accepted so that common clients do not fail; we do not implement tool calling or JSON mode yet.
+    # Tool calling and structured outputs (server/constraints.py validates and compiles them).
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: Any = None  # "auto" (default with tools) | "none" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -38,14 +38,14 @@ def chat_completion(cid: str, created: int, model: str, content: str, reasoning:
 
 def chat_chunk(cid: str, created: int, model: str, delta: dict[str, Any] | None, *,
                finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
-               usage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`delta=None` makes the final usage-only chunk (`choices: []`)."""
+               usage: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
+    """`delta=None` makes the final usage-only chunk (`choices: []`). `index`: the choice (n > 1)."""
     chunk: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     if delta is None:
         chunk["choices"] = []
         chunk["usage"] = usage
     else:
-        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
+        chunk["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
     return chunk
 
 
@@ -62,14 +62,14 @@ def text_completion(cid: str, created: int, model: str, text: str, finish_reason
 
 
 def completion_chunk(cid: str, created: int, model: str, text: str | None, *, finish_reason: str | None = None,
-                     logprobs: dict[str, Any] | None = None, usage: dict[str, Any] | None = None
+                     logprobs: dict[str, Any] | None = None, usage: dict[str, Any] | None = None, index: int = 0
                      ) -> dict[str, Any]:
     chunk: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model}
     if text is None:
         chunk["choices"] = []
         chunk["usage"] = usage
     else:
-        chunk["choices"] = [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
+        chunk["choices"] = [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
     return chunk
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ from fastapi import Request
 from autoglm.errors import AuthenticationError, ModelNotFound, ServiceUnavailable
 from autoglm.multimodal.media import MediaPolicy
 from autoglm.server.config import ARTICLE_MODEL_NAME, ServerConfig
+from autoglm.server.constraints import ModelConstraints
 from autoglm.server.engine_client import EngineClient
 from autoglm.server.health import HealthChecker
 from autoglm.server.metrics import Metrics
@@ -32,6 +34,8 @@ class ServerState:
     speech: SpeechService | None = None  # when a speech module is loaded
     speech_unavailable: str | None = None  # why there is none (named in input_audio / /v1/audio/* refusals)
     started: float = field(default_factory=time.time)
+    constraints: ModelConstraints | None = None  # tool format + grammar compiler, built on first use
+    _constraints_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def media(self) -> MediaPolicy:
@@ -67,6 +71,14 @@ class ServerState:
         if self.model is None or self.engine is None:
             raise ServiceUnavailable(self.load_error or "the model is still loading; retry when /health/ready is 200")
         return self.model
+
+    def output_constraints(self) -> ModelConstraints:
+        """The serving model's tool format and grammar compiler (created on first use, kept here)."""
+        model = self.ready_model()
+        with self._constraints_lock:
+            if self.constraints is None or self.constraints.model is not model:
+                self.constraints = ModelConstraints(model)
+            return self.constraints
 
     def ready_engine(self) -> EngineClient:
         if self.model is None or self.engine is None:

@@ -56,7 +56,7 @@ CASES: list[tuple[str, Any, int, str, str | None]] = [
      f"maximum context length is {MAX_MODEL_LEN} tokens", "max_tokens"),
     ("prompt over context", _chat(messages=[{"role": "user", "content": "hello world " * MAX_MODEL_LEN}],
                                   max_tokens=None), 400, "maximum context length", "messages"),
-    ("n > 1", _chat(n=2), 400, "n=1", "n"),
+    ("n too large", _chat(n=17), 400, "n must be between 1 and 16", "n"),
     ("top_p out of range", _chat(top_p=1.5), 400, "top_p", "top_p"),
     ("bad reasoning_format", _chat(reasoning_format="sideways"), 400, "reasoning_format", "reasoning_format"),
     ("bad base64", _chat(messages=_image_msg("data:image/png;base64,%%%not base64%%%")), 400,
