@@ -105,7 +105,7 @@ def transformers_model(gemma_path: Path) -> torch.nn.Module:
 
 
 def test_top1_agrees_with_transformers_dequantized(
-    our_top1: list[list[int]], transformers_model: torch.nn.Module
+    gemma: LoadedModel, our_top1: list[list[int]], transformers_model: torch.nn.Module
 ) -> None:
     ref = []
     with torch.no_grad():
@@ -113,7 +113,12 @@ def test_top1_agrees_with_transformers_dequantized(
             ref.append(transformers_model(torch.tensor([p["ids"]])).logits[0].argmax(-1).tolist())
     same, total = _agreement(our_top1, ref)
     print(f"\ntop-1 agreement with transformers (dequantized float32): {same}/{total} = {same / total:.2%}")
-    assert same / total >= 0.995
+    from autoglm.layers.linear.gguf import GGUFLinear
+
+    # Prefill GEMMs run in bfloat16 on CPUs with BF16 dot products (2x faster; weights and activations rounded to
+    # 2^-9): one near-tie of 163 flips there (162/163 measured on a Xeon with avx512_bf16), none in float32.
+    bf16 = any(getattr(m.impl, "prefill_bf16", False) for m in gemma.decoder.modules() if isinstance(m, GGUFLinear))
+    assert same / total >= (0.99 if bf16 else 0.995)
 
 
 _RSS_SCRIPT = r"""

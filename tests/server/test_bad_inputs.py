@@ -75,7 +75,7 @@ CASES: list[tuple[str, Any, int, str, str | None]] = [
      "--allow-remote-media", "image_url"),
     ("audio without speech module", _chat(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": _b64(b"RIFF0000WAVE"), "format": "wav"}}]}]),
-     400, "no encoder loaded", "messages"),
+     400, "input_audio parts need a speech module", "messages"),
     ("completion prompt empty", {"model": SERVED_NAMES[0], "prompt": ""}, 400, "prompt", "prompt"),
     # hostile values that used to be 500s or to fail every request in the batch
     ("top_k 2**63", _chat(top_k=2**63), 400, "top_k must be below 2**31", "top_k"),

@@ -36,7 +36,8 @@ _RSS_SCRIPT = textwrap.dedent(
     import autoglm
     from autoglm.llm import LLM  # import everything a load uses before the baseline
     from autoglm.loader import hf, load_model  # noqa: F401
-    from autoglm.quant import apply, int4, int8
+    from autoglm.layers.linear import int4, int8
+    from autoglm.quant import apply
     from autoglm.tokenizer import tokenizer  # noqa: F401
     def hwm():  # this process's own peak RSS (ru_maxrss would include the parent's RSS at fork)
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
