@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from autoglm.engine.sampling_params import SamplingParams
+from autoglm.engine.structured_output import structured_output_spec
 from autoglm.errors import AutoGLMError, ContextTooLong, InvalidRequest
 from autoglm.server import ollama_models
 from autoglm.server.errors_http import request_id_of
@@ -339,9 +340,7 @@ async def _complete(request: Request, body: dict[str, Any], *, chat: bool) -> Re
     state = get_state(request)
     rid = request_id_of(request)
     served = await asyncio.to_thread(ollama_models.resolve, state, body.get("model"))
-    if body.get("format"):
-        raise InvalidRequest("format (JSON mode / schemas) is not supported yet: no structured outputs",
-                             param="format")
+    spec = structured_output_spec(ollama_format=body.get("format"))  # "json" or a JSON schema (400 otherwise)
     messages = body.get("messages") if chat else None
     prompt_text = "" if chat else str(body.get("prompt") or "")
     if (chat and not messages) or (not chat and not prompt_text and not body.get("images")):
@@ -366,6 +365,8 @@ async def _complete(request: Request, body: dict[str, Any], *, chat: bool) -> Re
     prompt = await asyncio.to_thread(_prompt, state, served, list(messages or []), enable_thinking=enable_thinking,
                                      tools=body.get("tools"), raw_text=raw, suffix=body.get("suffix"))
     params = _check_context(state, len(prompt.token_ids), params, num_ctx)
+    if spec is not None:  # the same grammar engine as /v1's response_format: a token mask in the batched sampler
+        params.grammar = await asyncio.to_thread(state.output_constraints().compile, spec)
     gen = Generation(state, request, rid=rid, endpoint="chat" if chat else "completions", model_name=served.name,
                      stream=body.get("stream", True) is not False, mode=mode, arrival=arrival)
     await gen.start(prompt, params)  # every rejection is a clean error status here, before any byte

@@ -182,7 +182,10 @@ def test_errors(client: ollama.Client, env: Env) -> None:
     status, message = error(lambda: client.chat(model="autoglm-phone-9b", messages=[{"role": "user", "content": "x"}],
                                                 options={"num_ctx": "big"}))
     assert status == 400 and message == "invalid value for parameter 'num_ctx': 'big' is not an integer"
-    status, message = error(lambda: client.generate(model="autoglm-phone-9b", prompt="x", format="json"))
+    r = httpx.post(f"{env.server.base_url}/api/generate", json={"model": "autoglm-phone-9b", "prompt": "x",
+                                                               "format": "yaml", "stream": False})
+    assert r.status_code == 400 and r.json() == {"error": 'format must be "json" or a JSON schema object'}
+    status, message = error(lambda: client.generate(model="autoglm-phone-9b", prompt="x", format={"type": "frob"}))
     assert status == 400 and "format" in message
     r = httpx.post(f"{env.server.base_url}/api/chat", json={"messages": []})
     assert r.status_code == 400 and r.json() == {"error": "model is required"}
@@ -270,3 +273,19 @@ def test_cli_list_show_ps_run(env: Env) -> None:
                           text=True, timeout=600)  # the chat loop: one reply line per input line, /bye ends it
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("\n") >= 2
+
+
+def test_format_schema_constrains_the_reply(env: Env) -> None:
+    """`format` (a JSON schema) goes through the same grammar engine as /v1's response_format."""
+    import json
+
+    import jsonschema
+
+    client = ollama.Client(host=env.server.base_url)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    for seed in (1, 2):
+        reply = client.generate(model="autoglm-phone-9b", prompt="Answer in JSON.", format=schema,
+                                options={"num_predict": 64, "temperature": 1.0, "seed": seed})
+        assert reply.done_reason == "stop", reply
+        jsonschema.validate(json.loads(reply.response), schema)
