@@ -24,6 +24,7 @@ from tests.fixtures.server import REPO_ROOT, ServerProcess
 README = REPO_ROOT / "README.md"
 SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip\s*(.*?)\s*-->")
 FENCE = re.compile(r"^```(\w*)\s*$")
+CURL = re.compile(r"\bcurl\b[^\n]*http://127\.0\.0\.1:8000")
 PY_CLIENTS = re.compile(r"^\s*(from|import)\s+(openai|langchain_openai|ollama|autoglm)\b", re.M)
 EXAMPLE_TIMEOUT = 600
 
@@ -57,7 +58,7 @@ def readme_examples(text: str) -> list[Example]:
         code = "\n".join(lines[start + 1:j]) + "\n"
         prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
         skip = SKIP_MARK.search(prev)
-        wanted = (lang == "bash" and "curl http://127.0.0.1:8000" in code) or (
+        wanted = (lang == "bash" and CURL.search(code) is not None) or (
             lang == "python" and PY_CLIENTS.search(code) is not None)
         if wanted:
             out.append(Example(lang, start + 1, code, (skip.group(1) or "marked") if skip else None))
