@@ -39,6 +39,7 @@ def test_article_langchain_snippet(default_server: ServerProcess) -> None:
     response = chat_model.invoke("你是谁?")
     elapsed = time.monotonic() - started
     print(response)
+    print(f"answered in {elapsed:.1f} s")
     # --- end of the article's code ---
 
     text = response.content
