@@ -41,7 +41,7 @@ log = logging.getLogger("autoglm.kernels")
 
 DEFAULT_TIMEOUT_S = 900.0  # a first build of the GGUF kernels takes ~1-4 min on 2 busy cores
 TIMEOUT_ENV = "AUTOGLM_KERNEL_BUILD_TIMEOUT"
-_FIRST_ESTIMATE_S = 120  # shown before any build on this machine has been timed
+_FIRST_ESTIMATE_S = 60  # shown before any build on this machine has been timed
 PROGRESS_S = 30.0  # seconds between "N of M sources compiled" lines during a build
 _POLL_S = 0.2
 
