@@ -14,5 +14,6 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.gguf",
     "tests.fixtures.server",
+    "tests.fixtures.default_server",
     "tests.fixtures.conformer",
 ]

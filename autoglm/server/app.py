@@ -113,9 +113,13 @@ def _prepare_weights(model: LoadedModel) -> None:
     from autoglm.layers.linear.gguf import prepare_weights
 
     started = time.monotonic()
+    log.info("Packing GGUF weights for the CPU kernels (once per start)")
     n = prepare_weights(model.decoder)
     if n:
-        log.info("Packed %d GGUF weights for the CPU kernels in %.2f s", n, time.monotonic() - started)
+        # Unique tensors only: a tied lm_head shares its embedding's packed copy.
+        packed = {t.data_ptr(): t.nbytes for t in model.decoder.state_dict(keep_vars=True).values()}
+        log.info("Packed %d GGUF weights for the CPU kernels (%.1f MB in the model) in %.2f s", n,
+                 sum(packed.values()) / 1e6, time.monotonic() - started)
 
 
 async def _stop(state: ServerState) -> None:

@@ -41,7 +41,8 @@ log = logging.getLogger("autoglm.kernels")
 
 DEFAULT_TIMEOUT_S = 900.0  # a first build of the GGUF kernels takes ~1-4 min on 2 busy cores
 TIMEOUT_ENV = "AUTOGLM_KERNEL_BUILD_TIMEOUT"
-_FIRST_ESTIMATE_S = 120  # shown before any build on this machine has been timed
+_FIRST_ESTIMATE_S = 60  # shown before any build on this machine has been timed
+PROGRESS_S = 30.0  # seconds between "N of M sources compiled" lines during a build
 _POLL_S = 0.2
 
 
@@ -219,7 +220,9 @@ def _compile(spec: ExtensionSpec, directory: Path, target: Path, timeout: float)
     for old in directory.glob("build-*"):  # we hold the lock: these are interrupted builds' leftovers
         shutil.rmtree(old, ignore_errors=True)
     timing = directory.parent / f"{spec.name}.seconds"  # the last build's duration on this machine
-    log.warning("compiling %s (first run, ~%d s) into %s", spec.label, _estimate(timing), directory)
+    source_kb = sum(Path(src).stat().st_size for src in spec.sources) / 1e3
+    log.warning("compiling %s (first run, ~%d s): %d C++ sources, %.0f kB, into %s", spec.label, _estimate(timing),
+                len(spec.sources), source_kb, directory)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=directory))
     try:
@@ -230,19 +233,17 @@ def _compile(spec: ExtensionSpec, directory: Path, target: Path, timeout: float)
             "ldflags": list(spec.ldflags),
             "build_directory": str(tmp),
         }
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "autoglm.kernels.cpu.build", json.dumps(job)],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env={**os.environ, "PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", "")},
-            )
-        except subprocess.TimeoutExpired as e:
-            raise KernelBuildError(f"compiling {spec.label} took longer than {timeout:.0f} s ({TIMEOUT_ENV})") from e
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "autoglm.kernels.cpu.build", json.dumps(job)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        )
+        out, err = _wait_with_progress(proc, spec, tmp, started + timeout, started)
         built = tmp / f"{spec.name}.so"
         if proc.returncode != 0 or not built.is_file():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-12:]
+            tail = (err or out or "").strip().splitlines()[-12:]
             raise KernelBuildError(
                 f"compiling {spec.label} failed (exit {proc.returncode}): " + " | ".join(tail)[-2000:]
             )
@@ -253,6 +254,27 @@ def _compile(spec: ExtensionSpec, directory: Path, target: Path, timeout: float)
         log.warning("compiled %s in %.1f s", spec.label, seconds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_with_progress(
+    proc: subprocess.Popen[str], spec: ExtensionSpec, tmp: Path, deadline: float, started: float
+) -> tuple[str, str]:
+    """Wait for the build child until `deadline`, logging every PROGRESS_S how many sources have an object file
+    (a multi-minute silent compile looks like a hang). Kills the child and raises KernelBuildError past the deadline."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return proc.communicate(timeout=max(0.05, min(PROGRESS_S, left)))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                proc.kill()
+                proc.communicate()
+                raise KernelBuildError(
+                    f"compiling {spec.label} took longer than {deadline - started:.0f} s ({TIMEOUT_ENV})"
+                ) from None
+            done = len(list(tmp.glob("*.o")))
+            log.warning("compiling %s: %d of %d sources compiled, %.0f s so far", spec.label, done,
+                        len(spec.sources), time.monotonic() - started)
 
 
 def _package_root() -> str:

@@ -2,7 +2,9 @@
 // extension): GGML block geometry, per-32 int8 activations, and the functions module.cpp exposes to Python.
 #pragma once
 
-#include <torch/extension.h>
+// torch/types.h, not torch/extension.h: the kernel sources need tensors, not pybind11 (3x cheaper to compile per
+// source); module.cpp alone includes the bindings.
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

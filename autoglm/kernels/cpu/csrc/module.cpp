@@ -1,4 +1,6 @@
 // Python bindings of the kernels (autoglm/kernels/cpu/ops.py wraps this extension as CpuKernels).
+#include <torch/extension.h>
+
 #include "kernels.h"
 
 using namespace autoglm;
