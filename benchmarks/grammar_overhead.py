@@ -27,8 +27,8 @@ import torch
 
 from autoglm.engine.grammar import GrammarCompiler, GrammarSpec, allocate_token_bitmask
 from autoglm.engine.sampler import Sampler, SamplingRow, apply_token_bitmask
-from autoglm.loader.gguf_reader import GGUFFile
-from autoglm.loader.gguf_tokenizer import build_tokenizer, eos_token_ids
+from autoglm.gguf.reader import GGUFFile
+from autoglm.gguf.tokenizer import build_tokenizer, eos_token_ids
 from autoglm.tokenizer.tokenizer import Tokenizer
 
 SCHEMA: dict[str, Any] = {
@@ -160,7 +160,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.gguf is None:
-        from autoglm.default_model import default_model_path
+        from autoglm.builtins import default_model_path
 
         args.gguf = str(default_model_path())
     f = GGUFFile(args.gguf)

@@ -6,7 +6,7 @@
 The GGUF is exported once to a float32 HF directory (`autoglm.gguf.export`, the GGUF loader's conventions),
 then `prune_checkpoint` writes one pruned directory per ratio and criterion, and perplexity is measured on each
 written directory loaded back through `load_hf`. Texts (offline, deterministic):
-- calibration: the first half of the built-in sample (`autoglm.quant.prune.SAMPLE_TEXT`, what the CLI uses) plus
+- calibration: the first half of the built-in sample (`autoglm.tools.prune.SAMPLE_TEXT`, what the CLI uses) plus
   CPython's reference-manual text on the execution model (`pydoc_data.topics`, shipped with Python);
 - held-out "sample": the second half of the built-in sample (what `autoglm prune` reports);
 - held-out "pydoc": other reference-manual topics (import system, compound statements, data model excerpts) —
@@ -32,7 +32,7 @@ _EVAL_TOPICS = ("import", "compound", "customization", "exceptions")
 def _texts(eval_chars: int) -> tuple[str, dict[str, str]]:
     from pydoc_data.topics import topics
 
-    from autoglm.quant.prune import SAMPLE_TEXT
+    from autoglm.tools.prune import SAMPLE_TEXT
 
     half = len(SAMPLE_TEXT) // 2
     calib = SAMPLE_TEXT[:half] + "\n" + "\n".join(topics[t] for t in _CALIB_TOPICS)
@@ -52,10 +52,10 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from autoglm.quant.prune import perplexity, prune_checkpoint, split_text
 
     from autoglm.gguf.export import export_hf, is_gguf_file
     from autoglm.loader.hf import load_hf
+    from autoglm.tools.prune import perplexity, prune_checkpoint, split_text
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)

@@ -92,11 +92,11 @@ def test_json_schema_outputs_always_validate(tok: Tokenizer, compiler: GrammarCo
 
 
 def test_json_schema_on_a_real_262k_vocabulary() -> None:
-    from autoglm.default_model import default_model_path
-    from autoglm.loader.gguf_reader import GGUFFile
-    from autoglm.loader.gguf_tokenizer import build_tokenizer, eos_token_ids
+    from autoglm.builtins import builtin_path
+    from autoglm.gguf.reader import GGUFFile
+    from autoglm.gguf.tokenizer import build_tokenizer, eos_token_ids
 
-    f = GGUFFile(default_model_path())
+    f = GGUFFile(builtin_path("gemma-3-270m"))
     gemma = build_tokenizer(f.metadata, source="gemma")
     comp = GrammarCompiler(gemma, eos_token_ids=eos_token_ids(f.metadata))
     assert comp.vocab_size == 262144
