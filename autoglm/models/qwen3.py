@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from autoglm.errors import ConfigError
 from autoglm.models.llama import LlamaArgs, LlamaForCausalLM
+from autoglm.models.qwen2 import gguf_export_fixups, gguf_fixups  # noqa: F401  (same GGUF layout as qwen2: none)
 
 if TYPE_CHECKING:
     from autoglm.gguf.reader import GGUFFile
@@ -33,18 +34,6 @@ def from_hf(config: dict[str, Any], *, no_vision: bool = False) -> Qwen3ForCausa
 
 def from_gguf(f: GGUFFile) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(LlamaArgs.from_gguf(f))
-
-
-def gguf_fixups(model: nn.Module) -> Any:
-    return _same
-
-
-def gguf_export_fixups(model: nn.Module) -> Any:
-    return _same
-
-
-def _same(_name: str, t: Tensor) -> Tensor:
-    return t
 
 
 def hf_config(model: nn.Module) -> dict[str, Any]:
