@@ -17,6 +17,8 @@ if [ ! -f "$src/CMakeLists.txt" ]; then
   echo "${link##*sha256=}  $dest/sdist/llama_cpp_python-0.3.36.tar.gz" | sha256sum -c --quiet
   tar -xzf "$dest"/sdist/llama_cpp_python-0.3.36.tar.gz -C "$dest/sdist"
   ln -sfn "$dest/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp" "$src"
+  # the sdist's mtimes can lie in the future here, which leaves ninja's manifest "still dirty" forever
+  find "$dest/sdist/" -exec touch -h {} +
 fi
 case "$variant" in
   native) args=$("$here/scripts/llamacpp_cmake_args.sh") ;;
