@@ -19,6 +19,9 @@ if [ ! -f "$src/CMakeLists.txt" ]; then
   ln -sfn "$dest/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp" "$src"
   # the sdist's mtimes can lie in the future here, which leaves ninja's manifest "still dirty" forever
   find "$dest/sdist/" -exec touch -h {} +
+  # its .git is a submodule gitlink into llama-cpp-python's repo, absent here: cmake's git-index dependency then
+  # never exists and ninja regenerates forever
+  rm -f "$src/.git"
 fi
 case "$variant" in
   native) args=$("$here/scripts/llamacpp_cmake_args.sh") ;;
