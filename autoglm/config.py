@@ -44,6 +44,8 @@ class EngineConfig:
     # Bound for requests without max_tokens (EOS still stops them first); None or 0: the rest of the context.
     # The server passes its --default-max-tokens (2048); LLM keeps the unbounded default of a library call.
     default_max_tokens: int | None = None
+    attention_backend: str = "auto"  # "auto" | "cuda_sdpa" | "torch" (layers/attention make_backend)
+    cuda_graphs: bool = True  # decode steps as CUDA graphs when the decoder is on CUDA (engine/cuda_graphs.py)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "kv_cache_tokens"):
