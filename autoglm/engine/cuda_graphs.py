@@ -56,7 +56,8 @@ class CudaGraphCapture:
                 fn()
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: CUDA calls of other threads (a server's event loop) do not invalidate the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
 
         def replay() -> Tensor:

@@ -171,7 +171,9 @@ def load_gguf(
             else:
                 t = convert(pname, _dense(f, info))
                 is_linear_weight = isinstance(mod, Linear | nn.Linear | nn.Embedding) and pname.endswith(".weight")
-                yield pname, t.to(act_dtype) if is_linear_weight else t.float()
+                # dense (CUDA): every tensor in the activation dtype, as an HF checkpoint loads (no float32 norm
+                # weight promoting bf16 hidden states in front of a bf16 matmul)
+                yield pname, t.to(act_dtype) if is_linear_weight or dense else t.float()
 
     fill_parameters(model, stream(), source=str(path), device=devices["decoder"])
     model.eval()

@@ -82,3 +82,22 @@ def test_dequantized_gguf_equals_the_quantized_path(tiny_gemma3_gguf_q8: Path, m
     ids = [2, 17, 5, 40, 9, 3, 11]
     ref = _logits(quant, ids)
     torch.testing.assert_close(_logits(dense, ids), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_dense_bf16_gguf_is_all_bf16_and_close(tiny_glm4_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `--device cuda` loads (dense, bfloat16) on a LLaMA-style norm (weight * x in x's dtype): a float32 norm
+    weight there would promote the hidden states and break the next bf16 matmul."""
+    monkeypatch.setenv("AUTOGLM_GGUF_KERNELS", "0")
+    ref_model = load_gguf(tiny_glm4_gguf).decoder
+    loaded = load_gguf(tiny_glm4_gguf, dtype="bfloat16", dequantize=True)
+    assert {p.dtype for p in loaded.decoder.parameters()} == {torch.bfloat16}
+    ids = [3, 8, 1, 30, 12, 7]
+    ref = _logits(ref_model, ids)
+    err = float((_logits(loaded.decoder, ids).float() - ref).abs().max() / ref.abs().max())
+    assert err < 3e-2, err  # bf16 rounding of weights and activations
+    llm = LLM(loaded, attention_backend="cuda_sdpa", block_size=4)
+    try:
+        out = llm.generate(ids, max_tokens=6, temperature=0.0, ignore_eos=True)
+    finally:
+        llm.close()
+    assert len(out.token_ids) == 6

@@ -120,7 +120,7 @@ class CudaSdpaBackend(AttentionBackend):
         kk = kc.index_select(0, flat).view(bsz, n, kvh, d).transpose(1, 2).to(q.dtype)  # [B, KV, L, D]
         vv = vc.index_select(0, flat).view(bsz, n, kvh, d).transpose(1, 2).to(q.dtype)
         mask = self._decode_mask(ctx, layer.sliding_window, n)  # [B, 1, 1, L] bool
-        qg = q.view(bsz, kvh, heads // kvh, d)  # the G query heads of one KV head act as G queries
+        qg = q.reshape(bsz, kvh, heads // kvh, d)  # the G query heads of one KV head act as G queries
         out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask, scale=layer.scale)  # [B, KV, G, D]
         return out.reshape(bsz, heads, d)
 
