@@ -7,7 +7,9 @@ Per graphs setting (CUDA graphs for decode on/off; off-CUDA only "off" means any
 (one request of --prompt-len random ids, time to its first token), and decode tok/s per batch size (B requests of
 16 prompt tokens each generating --gen-len tokens together; aggregate tokens / time from the first decode step).
 Each number is the best of --runs after one untimed warm-up (which also captures the graphs). Greedy, ignore_eos.
-Prints one JSON object (also written to --json).
+The model is loaded once (GGUF on CUDA: dequantized to bf16 at load) and shared by the settings; a check records
+whether greedy tokens of two prompts x 32 tokens are equal with and without graphs. Prints one JSON object (also
+written to --json).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 from autoglm.engine.prompt import PromptInputs  # noqa: E402
 from autoglm.engine.sampling_params import SamplingParams  # noqa: E402
 from autoglm.llm import LLM  # noqa: E402
+from autoglm.loader import load_model  # noqa: E402
+from tests.models.harness import engine_greedy  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -87,18 +91,19 @@ def main() -> int:
                                  "gen_len": args.gen_len, "torch": torch.__version__, "runs": {}}
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(0)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    _sync(args.device)
+    result["load_s"] = round(time.perf_counter() - t0, 2)
+    tokens: dict[str, list[list[int]]] = {}
     for mode in [m for m in args.graphs.split(",") if m]:
-        t0 = time.perf_counter()
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.prompt_len + args.gen_len + 64,
-                  max_num_seqs=max(batches), max_num_batched_tokens=max(args.prompt_len, 16 * max(batches)),
-                  cuda_graphs=mode == "on")
-        _sync(args.device)
-        load_s = time.perf_counter() - t0
+        llm = LLM(loaded, max_model_len=args.prompt_len + args.gen_len + 64, max_num_seqs=max(batches),
+                  max_num_batched_tokens=max(args.prompt_len, 16 * max(batches)), cuda_graphs=mode == "on")
         try:
             runner = llm.engine.runner
             vocab = min(llm.model.tokenizer.vocab_size, llm.model.decoder.vocab_size)
+            tokens[mode] = engine_greedy(llm.engine, [[5, 17, 3, 99, 42, 7], [11, 2, 64, 8]], 32)
             row: dict[str, object] = {
-                "load_s": round(load_s, 2),
                 "backend": type(runner.backend).__name__,
                 "dtype": str(runner.dtype),
                 "prefill_tok_s": round(prefill(llm, vocab, args.prompt_len, args.device, args.runs), 1),
@@ -114,6 +119,8 @@ def main() -> int:
             llm.close()
         result["runs"][f"graphs_{mode}"] = row  # type: ignore[index]
         print(json.dumps({mode: row}), flush=True)
+    if len(tokens) == 2:
+        result["graphs_tokens_equal"] = tokens["on"] == tokens["off"]
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(json.dumps(result))
