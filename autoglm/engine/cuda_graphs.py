@@ -114,6 +114,12 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, tuple[int, ...]], _Graph] = {}
         self.seen: Counter[tuple[int, int, tuple[int, ...]]] = Counter()
         self.replays = 0  # steps served by a graph (for tests and the log)
+        self.captured: list[tuple[int, int, tuple[int, ...]]] = []  # every key captured, in order (kept by release)
+
+    def release(self) -> None:
+        """Drop every graph (they hold the cache's and their pool's memory) and stop capturing."""
+        self.graphs.clear()
+        self.max_graphs = 0
 
     def run(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext, embeds: Tensor | None) -> Tensor | None:
         """The step's hidden states [B, D] from a graph, or None when the step is not eligible (run it eager)."""
@@ -164,6 +170,7 @@ class DecodeGraphs:
 
         graph.replay = self.capture.capture(forward)
         self.graphs[key] = graph
+        self.captured.append(key)
         log.info("captured a decode graph: batch %d, %d blocks, positions %s", bsz, width, list(positions.shape))
         return graph
 

@@ -53,6 +53,8 @@ class ModelRunner:
         self._bitmask: Tensor | None = None  # grammar masks of one step's constrained rows, reused across steps
 
     def release(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
         self.backend.release()
         self.encoder_cache.clear()
 

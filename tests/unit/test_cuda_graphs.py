@@ -80,7 +80,8 @@ def test_graph_replays_match_eager(tiny: LoadedModel) -> None:
     got, dg = _greedy(tiny, batches, graphs=True)
     assert got == eager
     assert dg is not None
-    keys = set(dg.graphs)
+    keys = set(dg.captured)
+    assert len(keys) == len(dg.captured)  # each shape captured once
     assert {k[0] for k in keys} == {1, 2}  # batch 3 is not a graph size: eager
     assert len({k[1] for k in keys}) >= 2  # the block-table width crossed buckets (padded tables replayed)
     assert dg.replays >= 14  # most decode steps of the batches of 2 and 1 came from replays
@@ -113,3 +114,17 @@ def test_only_graph_safe_backends_on_cuda(tiny_dir: Path) -> None:
 @pytest.mark.parametrize("width,bucket", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 16)])
 def test_width_buckets(width: int, bucket: int) -> None:
     assert _bucket(width) == bucket
+
+
+def test_release_drops_graphs_and_stops_capturing(tiny: LoadedModel) -> None:
+    v = tiny.decoder.vocab_size
+    llm = LLM(tiny, block_size=4, max_model_len=64, attention_backend="cuda_sdpa")
+    try:
+        runner = llm.engine.runner
+        capture = CudaGraphCapture(runner.device) if runner.device.type == "cuda" else ReplayOnCpu()
+        dg = runner.graphs = DecodeGraphs(runner.decoder, runner.backend, capture)
+        engine_greedy(llm.engine, [prompts(v, (5,), seed=7)[0].tolist()], 6)
+        assert dg.graphs and dg.captured
+    finally:
+        llm.close()
+    assert not dg.graphs and dg.max_graphs == 0
