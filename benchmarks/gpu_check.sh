@@ -74,7 +74,8 @@ run() {
     say "llama.cpp built"
     tail -c 20000 "$lc/build.log" >"$out/build.log"
   fi
-  local bin="$lc/build/bin"
+  local bin="$lc/build/bin" fa=on
+  [ "${GPU_CHECK_FA:-ON}" = ON ] || fa=off
 
   say "CUDA tests: backend + graphs"
   (cd "$here" && timeout 120 python3 -m pytest -q -x --noconftest -p no:cacheprovider \
@@ -91,12 +92,12 @@ run() {
   if [ -x "$bin/llama-bench" ]; then
     for m in q4_k_m f16; do
       say "llama-bench $m"
-      timeout 120 "$bin/llama-bench" -m "$syn/glm4-synthetic-$m.gguf" -ngl 99 -fa 1 -p 512 -n 128 -r 3 -o json \
+      timeout 120 "$bin/llama-bench" -m "$syn/glm4-synthetic-$m.gguf" -ngl 99 -fa "$fa" -p 512 -n 128 -r 3 -o json \
         >"$out/llama-bench-$m.json" 2>>"$log" || say "llama-bench $m failed"
     done
     say "llama-batched-bench q4_k_m"
-    timeout 120 "$bin/llama-batched-bench" -m "$q4" -ngl 99 -fa 1 -c 4096 -npp 16 -ntg 128 -npl 1,8 \
-      >"$out/batched-bench.txt" 2>>"$log" || say "llama-batched-bench failed"
+    timeout 120 "$bin/llama-batched-bench" -m "$q4" -ngl 99 -fa "$fa" -c 4096 -npp 16 -ntg 128 -npl 1,8 \
+      >"$out/batched-bench.txt" 2>&1 || say "llama-batched-bench failed"
   fi
 
   say "autoglm gpu_bench q4_k_m"
