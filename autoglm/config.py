@@ -63,6 +63,12 @@ class EngineConfig:
                                  param="default_max_tokens")
         if not 0 < self.kv_cache_fraction <= 1:
             raise InvalidRequest(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.attention_backend != "auto":
+            from autoglm.layers.attention import BACKEND_KINDS
+
+            if self.attention_backend not in BACKEND_KINDS:
+                raise InvalidRequest(f"EngineConfig.attention_backend must be one of {', '.join(BACKEND_KINDS)}, got "
+                                     f"{self.attention_backend!r}", param="attention_backend")
 
     @classmethod
     def from_sources(

@@ -50,7 +50,7 @@ run() {
   [ -f "$here/.gpu/llama.cpp.tar.xz" ] || { echo "no .gpu/: run 'benchmarks/gpu_check.sh pack' here first and carry .gpu" >&2; exit 2; }
   export PYTHONPATH="$here/.gpu/site:$here" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >>"$log" 2>&1 || true
-  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' | tee -a "$log"
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' 2>&1 | tee -a "$log" || true
 
   say "llama.cpp: configure + build (background)"
   tar -xJf "$here/.gpu/llama.cpp.tar.xz" -C "$lc"

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from autoglm.config import EngineConfig
+from autoglm.errors import InvalidRequest
 from autoglm.layers.attention import (
     Attention,
     AttentionContext,
@@ -101,6 +103,8 @@ def test_make_backend_kinds() -> None:
     assert not isinstance(make_backend(layers, **kw), CudaSdpaBackend)  # auto on the CPU
     with pytest.raises(ValueError, match="attention backend"):
         make_backend(layers, **kw, kind="flash")
+    with pytest.raises(InvalidRequest, match="attention_backend must be one of auto, cuda_sdpa, torch"):
+        EngineConfig.from_sources({"attention_backend": "flash"})
 
 
 def _engine_run(loaded: object, backend: str, vocab: int) -> tuple[torch.Tensor, list[list[int]]]:
