@@ -44,6 +44,8 @@ class EngineConfig:
     # Bound for requests without max_tokens (EOS still stops them first); None or 0: the rest of the context.
     # The server passes its --default-max-tokens (2048); LLM keeps the unbounded default of a library call.
     default_max_tokens: int | None = None
+    attention_backend: str = "auto"  # "auto" | "cuda_sdpa" | "torch" (layers/attention make_backend)
+    cuda_graphs: bool = True  # decode steps as CUDA graphs when the decoder is on CUDA (engine/cuda_graphs.py)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "kv_cache_tokens"):
@@ -61,6 +63,12 @@ class EngineConfig:
                                  param="default_max_tokens")
         if not 0 < self.kv_cache_fraction <= 1:
             raise InvalidRequest(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.attention_backend != "auto":
+            from autoglm.layers.attention import BACKEND_KINDS
+
+            if self.attention_backend not in BACKEND_KINDS:
+                raise InvalidRequest(f"EngineConfig.attention_backend must be one of {', '.join(BACKEND_KINDS)}, got "
+                                     f"{self.attention_backend!r}", param="attention_backend")
 
     @classmethod
     def from_sources(

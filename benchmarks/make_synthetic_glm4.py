@@ -82,7 +82,7 @@ def tensors(config: dict[str, object], seed: int):  # noqa: ANN201 (generator of
 
 def write_hf(out: Path, preset: str, seed: int) -> Path:
     sys.path.insert(0, str(ROOT))
-    from autoglm.quant.apply import ShardedWriter
+    from autoglm.tools.quantize import ShardedWriter
     from tests.fixtures.tokenizer import write_glm_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)

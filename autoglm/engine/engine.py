@@ -56,7 +56,10 @@ class Engine:
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(model, plan, encoder_cache_memory=config.encoder_cache_memory)
+        self.runner = ModelRunner(
+            model, plan, encoder_cache_memory=config.encoder_cache_memory,
+            attention_backend=config.attention_backend, cuda_graphs=config.cuda_graphs,
+        )
         self.requests: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_timeouts = 0

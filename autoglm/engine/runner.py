@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from autoglm.engine.cuda_graphs import decode_graphs
 from autoglm.engine.encoder_cache import EncoderCache
 from autoglm.engine.kv_cache import slot_mapping
 from autoglm.engine.memory import KVCachePlan, attention_layers
@@ -23,7 +24,15 @@ from autoglm.models.loaded import LoadedModel
 
 
 class ModelRunner:
-    def __init__(self, model: LoadedModel, plan: KVCachePlan, *, encoder_cache_memory: int = 0) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        plan: KVCachePlan,
+        *,
+        encoder_cache_memory: int = 0,
+        attention_backend: str = "auto",
+        cuda_graphs: bool = True,
+    ) -> None:
         self.model = model
         self.decoder = model.decoder
         self.block_size = block_size = plan.block_size
@@ -33,14 +42,19 @@ class ModelRunner:
         prepare_weights(model.decoder)  # explicit one-time repack for the chosen kernels (no-op when done/none)
         # the decoder lives on one device (encoders may be elsewhere)
         self.backend = make_backend(
-            self.layers, num_blocks=num_blocks, block_size=block_size, dtype=cache_dtype, device=self.device
+            self.layers, num_blocks=num_blocks, block_size=block_size, dtype=cache_dtype, device=self.device,
+            kind=attention_backend,
         )
+        # decode steps replayed as CUDA graphs (CUDA + a graph-safe backend only; else None: eager)
+        self.graphs = decode_graphs(self.decoder, self.backend, torch.device(self.device), cuda_graphs)
         self.sampler = Sampler()
         self.encoder_cache = EncoderCache(encoder_cache_memory)
         self.num_encoder_runs = 0  # encoder calls (one per media item not found in any cache)
         self._bitmask: Tensor | None = None  # grammar masks of one step's constrained rows, reused across steps
 
     def release(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
         self.backend.release()
         self.encoder_cache.clear()
 
@@ -88,7 +102,9 @@ class ModelRunner:
             embeds = self.decoder.embed_tokens(input_ids)  # [T, D]
             for at, rows in media_rows:
                 embeds[at : at + rows.shape[0]] = rows.to(embeds.device, embeds.dtype)
-        hidden = self.decoder(input_ids, pos, ctx, inputs_embeds=embeds)  # [T, D]
+        hidden = self.graphs.run(input_ids, pos, ctx, embeds) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self.decoder(input_ids, pos, ctx, inputs_embeds=embeds)  # [T, D]
         for req, at, n in score_spans:
             req.prompt_logits.append(self.decoder.compute_logits(hidden[at : at + n]).float().cpu())
         if not samplers:

@@ -26,6 +26,7 @@ from autoglm.gguf.reader import GGUFFile, TensorInfo
 from autoglm.gguf.tokenizer import build_chat_template, build_tokenizer, eos_token_ids
 from autoglm.kernels import REFERENCE, Kernels, bind_kernels, select_kernels
 from autoglm.layers.linear import Linear
+from autoglm.loader.device import accelerator_dtype, dense_gguf
 from autoglm.loader.hf import resolve_devices
 from autoglm.loader.weights import expected_tensors, fill_parameters
 from autoglm.models.loaded import LoadedModel, ModuleInfo
@@ -128,8 +129,10 @@ def load_gguf(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | dict[str, Any] = "cpu",
     no_vision: bool = False,
+    dequantize: bool | None = None,
 ) -> LoadedModel:
-    """Load a llama.cpp GGUF file (plus an optional `mmproj` vision projector GGUF) as a LoadedModel."""
+    """Load a llama.cpp GGUF file (plus an optional `mmproj` vision projector GGUF) as a LoadedModel.
+    `dequantize`: decode the block-quantized weights once into dense ones (None: on CUDA only; loader/device.py)."""
     t0 = time.perf_counter()
     path = Path(path)
     if not path.is_file():
@@ -137,6 +140,9 @@ def load_gguf(
     f = GGUFFile(path)
     act_dtype = _resolve_dtype(dtype)
     devices = resolve_devices(device, ("decoder", "vision"))  # vision: the mmproj's tower, when one is given
+    if str(dtype).removeprefix("torch.") == "auto":
+        act_dtype = accelerator_dtype(devices["decoder"]) or act_dtype
+    dense = dense_gguf(devices["decoder"], dequantize)
     arch = f.architecture
     for info in f.tensors.values():
         _check_supported(info, path)
@@ -144,10 +150,11 @@ def load_gguf(
     n_blocks = int(_need(f, f"{arch}.block_count"))
     names = gguf_names_for(arch, n_blocks, expected_tensors(model))
     kernels = select_kernels(devices["decoder"])  # chosen once for this model: CPU kernels when built, else torch
-    _swap_quantized(model, f, names, act_dtype, kernels)
-    tied = getattr(model, "tied_parameters", None)
-    if callable(tied) and tied() and "token_embd.weight" in f.tensors:
-        _swap_tied_head(model, f.tensors["token_embd.weight"], kernels)
+    if not dense:  # else every weight stays an ordinary Linear / Embedding, filled dequantized by the stream
+        _swap_quantized(model, f, names, act_dtype, kernels)
+        tied = getattr(model, "tied_parameters", None)
+        if callable(tied) and tied() and "token_embd.weight" in f.tensors:
+            _swap_tied_head(model, f.tensors["token_embd.weight"], kernels)
     convert = layout_fixups(f, model)
 
     def stream() -> Iterator[tuple[str, Tensor]]:
@@ -164,7 +171,9 @@ def load_gguf(
             else:
                 t = convert(pname, _dense(f, info))
                 is_linear_weight = isinstance(mod, Linear | nn.Linear | nn.Embedding) and pname.endswith(".weight")
-                yield pname, t.to(act_dtype) if is_linear_weight else t.float()
+                # dense (CUDA): every tensor in the activation dtype, as an HF checkpoint loads (no float32 norm
+                # weight promoting bf16 hidden states in front of a bf16 matmul)
+                yield pname, t.to(act_dtype) if is_linear_weight or dense else t.float()
 
     fill_parameters(model, stream(), source=str(path), device=devices["decoder"])
     model.eval()
@@ -197,7 +206,7 @@ def load_gguf(
     # the decoder's norms, rotary and attention run with the same kernels (encoders keep the torch reference);
     # packing weights is the explicit `prepare_weights` step (server start-up / engine runner), not part of loading
     bind_kernels(loaded.decoder, kernels)
-    log.info("%s: %s kernels", path.name, kernels.name)
+    log.info("%s: %s kernels%s", path.name, kernels.name, f", weights dequantized to {act_dtype}" if dense else "")
     return loaded
 
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError, CorruptFile, ModelLoadError
+from autoglm.loader.device import accelerator_dtype, check_device
 from autoglm.loader.weights import fill_parameters
 from autoglm.models.config import checkpoint_facts, read_config_json
 from autoglm.models.loaded import LoadedModel, ModuleInfo
@@ -54,9 +55,9 @@ def resolve_devices(
         unknown = set(device) - set(names)
         if unknown:
             raise ConfigError(f"unknown module(s) in device map: {sorted(unknown)}; this model has: {', '.join(names)}")
-        dec = torch.device(device.get("decoder", "cpu"))
-        return {n: torch.device(device.get(n, dec)) for n in names}
-    d = torch.device(device)
+        dec = check_device(device.get("decoder", "cpu"))
+        return {n: check_device(device.get(n, dec), f"device[{n!r}]") for n in names}
+    d = check_device(device)
     return {n: d for n in names}
 
 
@@ -238,8 +239,10 @@ def load_hf(
         ckpt_dtype, config_eos, max_len = checkpoint_facts(config)
     except ConfigError as e:  # name the file; the message already names the key
         raise ConfigError(f"{root / 'config.json'}: {e.message}", param=e.param) from e
-    torch_dtype = resolve_dtype(dtype, ckpt_dtype)
     devices = resolve_devices(device, spec.modules)
+    torch_dtype = resolve_dtype(dtype, ckpt_dtype)
+    if str(dtype).removeprefix("torch.") == "auto":  # on CUDA: the checkpoint's 16-bit dtype, else bfloat16
+        torch_dtype = accelerator_dtype(devices["decoder"], torch_dtype) or torch_dtype
     files = safetensors_files(root)
 
     try:

@@ -89,6 +89,10 @@ class ServerConfig:
             raise ConfigError(f"--max-request-body-bytes must be >= 1024, got {self.max_request_body_bytes}")
         if self.drain_grace < 0:
             raise ConfigError(f"--drain-grace must be >= 0, got {self.drain_grace}")
+        if self.device != "cpu":  # fail before any model is read (loader/device.py names the torch build)
+            from autoglm.loader.device import check_device
+
+            check_device(self.device)
         for flag, value in (("--max-audio-seconds", self.max_audio_seconds),
                             ("--max-audio-file-seconds", self.max_audio_file_seconds),
                             ("--max-audio-bytes", self.max_audio_bytes), ("--max-speech-queue", self.max_speech_queue)):

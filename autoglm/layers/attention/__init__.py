@@ -8,6 +8,7 @@ import torch
 
 from autoglm.layers.attention.base import AttentionBackend, AttentionContext, AttentionGeometry
 from autoglm.layers.attention.cpu_fused import CpuFusedBackend
+from autoglm.layers.attention.cuda_sdpa import CudaSdpaBackend
 from autoglm.layers.attention.layer import Attention
 from autoglm.layers.attention.torch_ref import TorchRefBackend
 
@@ -17,9 +18,12 @@ __all__ = [
     "AttentionContext",
     "AttentionGeometry",
     "CpuFusedBackend",
+    "CudaSdpaBackend",
     "TorchRefBackend",
     "make_backend",
 ]
+
+BACKEND_KINDS = ("auto", "cuda_sdpa", "torch")
 
 
 def make_backend(
@@ -29,10 +33,16 @@ def make_backend(
     block_size: int,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
+    kind: str = "auto",
 ) -> AttentionBackend:
-    """The backend for a model's attention `layers`, with its KV cache allocated: the fused CPU backend when the
-    loader bound the CPU kernels to the layers and the cache is on the CPU, else the torch reference."""
-    kernels = layers[0].kernels if layers else None
+    """The backend for a model's attention `layers`, with its KV cache allocated. kind "auto": SDPA on CUDA
+    (`cuda_sdpa.py`), the fused CPU backend when the loader bound the CPU kernels to the layers and the cache is on
+    the CPU, else the torch reference; "cuda_sdpa" / "torch" force one (any device; tests run SDPA on the CPU)."""
+    if kind not in BACKEND_KINDS:
+        raise ValueError(f"unknown attention backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
+    if kind == "cuda_sdpa" or (kind == "auto" and torch.device(device).type == "cuda"):
+        return CudaSdpaBackend(layers, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device)
+    kernels = layers[0].kernels if layers and kind == "auto" else None
     if kernels is not None and kernels.fused_decode_attention and torch.device(device).type == "cpu":
         return CpuFusedBackend(
             layers, kernels, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device
