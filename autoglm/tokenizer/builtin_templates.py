@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("autoglm.tokenizer.builtin_templates")
 
 Origin = Literal["override", "embedded", "builtin", "fallback"]
-FALLBACK_NAME = "chatml (fallback)"  # the name the Ollama API checks for "the model has no template of its own"
+FALLBACK_NAME = "chatml (fallback)"
 
 _NL = "{{ '\\n' }}"  # newlines as expressions: trim_blocks would eat a literal one after a tag
 
