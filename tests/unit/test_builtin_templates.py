@@ -198,3 +198,18 @@ def test_inspect_text_output_names_the_fallback(
     out = capsys.readouterr().out
     assert "chat template: none: ChatML fallback" in out
     assert out.count("chat template:") == 1
+
+
+def test_ollama_generate_stays_raw_for_a_file_without_template() -> None:
+    # Ollama's default template is `{{ .Prompt }}`: a base model (gemma-3-270m ships none) must not get wrapped in
+    # the chat built-in on /api/generate; a model with its own template is rendered with it
+    from types import SimpleNamespace
+
+    from autoglm.server.ollama_api import _no_template
+    from autoglm.tokenizer.builtin_templates import TemplateChoice, _tag
+
+    builtin = _tag(TemplateChoice(_builtin("gemma"), "builtin", "gemma", "test")).template
+    served = SimpleNamespace(template=None)
+    for template, raw in ((builtin, True), (_real_glm4v(), False), (None, True)):
+        state = SimpleNamespace(ready_model=lambda t=template: SimpleNamespace(chat_template=t))
+        assert _no_template(state, served) is raw  # type: ignore[arg-type]
