@@ -36,7 +36,7 @@ def describe(model: Any) -> dict[str, Any]:
         "uses_mrope": bool(getattr(model.decoder, "uses_mrope", False)),
         "eos_token_ids": list(model.eos_token_ids),
         "generation_defaults": dict(model.generation_defaults),
-        "chat_template": model.chat_template is not None,
+        "chat_template": _template_truth(model),
         "encoders": sorted(model.encoders),
         "missing_projector": model.missing_projector,
         "modules": [
@@ -54,6 +54,13 @@ def describe(model: Any) -> dict[str, Any]:
             for m in model.modules
         ],
     }
+
+
+def _template_truth(model: Any) -> str:
+    """The same decision the server makes (choose_chat_template), as its one-line description."""
+    from autoglm.tokenizer.builtin_templates import choose_chat_template
+
+    return choose_chat_template(model).describe()
 
 
 def _human(n: float) -> str:
@@ -78,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     out(f"architecture:  {info['architecture']}{'  (M-RoPE)' if info['uses_mrope'] else ''}\n")
     out(f"context:       {info['max_model_len']} tokens; vocab {info['vocab_size']} "
         f"(tokenizer {info['tokenizer_vocab_size']})\n")
-    out(f"chat template: {'yes' if info['chat_template'] else 'no'}; encoders: {', '.join(info['encoders']) or '-'}\n")
+    out(f"chat template: {info['chat_template']}\n")
+    out(f"encoders:      {', '.join(info['encoders']) or '-'}\n")
     out(f"eos ids:       {info['eos_token_ids']}\n")
     if info["generation_defaults"]:
         out(f"defaults:      {json.dumps(info['generation_defaults'])}\n")

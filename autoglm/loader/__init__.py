@@ -41,27 +41,25 @@ def load_model(
     """Load a model from an HF directory or a GGUF file (plus `mmproj` for its vision projector).
     `quantization` ("int8" | "int4") applies to HF checkpoints; GGUF weights keep their own block types.
     `chat_template` (a Jinja file path or template text) replaces the model's own template; a model with none
-    gets ChatML, as llama-server does, with a warning."""
+    gets its family's built-in (GLM-4.1V, GLM-4, Gemma, Llama 3, ChatML for Qwen), else ChatML as llama-server
+    does, with a warning (autoglm.tokenizer.builtin_templates.choose_chat_template decides and logs why)."""
     model = _load(path, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization)
     _set_chat_template(model, chat_template)
     return model
 
 
 def _set_chat_template(model: LoadedModel, override: str | None) -> None:
-    from autoglm.tokenizer.chat_template import CHATML_TEMPLATE, ChatTemplate
+    """The template decision is autoglm.tokenizer.builtin_templates' (inspect asks it too); this reads the file."""
+    from autoglm.tokenizer.builtin_templates import apply_chat_template
 
-    if override is not None:
-        source = override
-        if "{" not in override:  # a path, not template text
-            try:
-                source = Path(override).expanduser().read_text(encoding="utf-8")
-            except OSError as e:
-                raise ConfigError(f"--chat-template {override}: cannot read the template file: {e}") from e
-        model.chat_template = ChatTemplate.from_string(source, name=f"--chat-template {override[:60]}")
-    elif model.chat_template is None:
-        log.warning("%s carries no chat template; using ChatML for chat requests (like llama-server). "
-                    "Pass --chat-template to use another.", model.path or model.name)
-        model.chat_template = ChatTemplate.from_string(CHATML_TEMPLATE, name="chatml (fallback)")
+    source = override
+    if override is not None and "{" not in override:  # a path, not template text
+        try:
+            source = Path(override).expanduser().read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--chat-template {override}: cannot read the template file: {e}") from e
+    name = f"--chat-template {override[:60]}" if override is not None else ""
+    apply_chat_template(model, source, name)
 
 
 def _load(

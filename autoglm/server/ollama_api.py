@@ -307,9 +307,10 @@ def _prompt(state: ServerState, served: ServedModel, messages: list[dict[str, An
 
 def _no_template(state: ServerState, served: ServedModel) -> bool:
     """A model without a chat template of its own (a base model) continues /api/generate prompts as written,
-    like Ollama's default template `{{ .Prompt }}` (chat requests get the ChatML fallback)."""
+    like Ollama's default template `{{ .Prompt }}` (chat requests get the family's built-in or the ChatML fallback,
+    autoglm.tokenizer.builtin_templates)."""
     template = state.ready_model().chat_template
-    return served.template is None and (template is None or template.name == "chatml (fallback)")
+    return served.template is None and (template is None or template.origin in ("builtin", "fallback"))
 
 
 def _check_context(state: ServerState, n_prompt: int, params: SamplingParams, num_ctx: int | None) -> SamplingParams:

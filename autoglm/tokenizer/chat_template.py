@@ -195,6 +195,10 @@ class ChatTemplate:
             raise ConfigError(f"chat template of {name or 'the model'} is empty")
         self.source = source
         self.name = name
+        # how it was chosen (autoglm.tokenizer.builtin_templates sets these for built-ins and fallbacks)
+        self.origin = "embedded"
+        self.family = ""
+        self.reason = ""
         self.special_tokens: dict[str, str] = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.image_placeholder = image_placeholder or _first_in(source, IMAGE_PLACEHOLDERS, vocab)
         self.video_placeholder = video_placeholder or _first_in(source, VIDEO_PLACEHOLDERS, vocab)

@@ -1,4 +1,5 @@
-"""A model without a chat template gets ChatML (as llama-server does); --chat-template replaces any template."""
+"""A GLM without a chat template gets the GLM-4 built-in (never ChatML); --chat-template replaces any template.
+(The ChatML fallback for families with no built-in: tests/unit/test_builtin_templates.py.)"""
 
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ def templateless_dir(tiny_glm4_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
-def test_missing_template_falls_back_to_chatml(templateless_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING"):
+def test_missing_template_gets_the_glm4_builtin(templateless_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO"):
         model = load_model(templateless_dir)
     assert model.chat_template is not None
     text = model.chat_template.render([{"role": "user", "content": "hi"}])
-    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert any("no chat template" in r.getMessage() for r in caplog.records)
+    assert text == "[gMASK]<sop><|user|>\nhi<|assistant|>\n"
+    assert any("built-in glm4 (file has none" in r.getMessage() for r in caplog.records)
 
 
 def test_override_from_text_and_file(tiny_glm4_dir: Path, tmp_path: Path) -> None:
