@@ -10,7 +10,7 @@ served from the prefix cache and encoder-cache hits.
   ours: autoglm's LLM in this process on the HF checkpoint (f32), prefix caching on (as `autoglm serve` runs),
         the encoder cache at its default; vision time = the image encoder's `encode` (the tower + merger).
   llama-server: the llama.cpp-converted GGUF + mmproj (f32), `-t 2`, streamed /v1/chat/completions; prefix reuse
-        = `timings.cache_n`; vision time = its log's "image slice encoded in N ms" (+ "decoded" is the LLM part).
+        = `timings.cache_n`; vision time = its log (`-lv 4`), "encoding mtmd batch" -> "decoding image batch 1/".
 Random weights never emit a stop token on purpose: Open-AutoGLM sends `max_tokens` 3000, both sides here get
 `--gen-tokens` (16) so the run measures the first token plus a short answer, not 3000 tokens of noise.
 `--image-max-tokens` caps the image at N merged tokens on both sides (ours: preprocessor max_pixels = N*28*28;
@@ -129,11 +129,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_STAMP = r"(\d+)\.(\d+)\.(\d+)\.(\d+) I "
+
+
+def _encode_seconds(log: str) -> list[float]:
+    """Vision-encoder time per image from llama-server's log: "encoding mtmd batch" (clip starts) to "decoding
+    image batch 1/" (clip done, the LLM decodes the image tokens). Stamps are M.SS.mmm.uuu since start."""
+
+    def sec(m: re.Match[str]) -> float:
+        mi, se, ms, us = (int(g) for g in m.groups())
+        return mi * 60 + se + ms / 1e3 + us / 1e6
+
+    starts = [sec(m) for m in re.finditer(_STAMP + r"slot process_mtmd", log)]
+    ends = [sec(m) for m in re.finditer(_STAMP + r"decoding image batch 1/", log)]
+    return [e - b for b, e in zip(starts, ends, strict=False)]
+
+
 def run_llama(server: str, gguf: Path, mmproj: Path, shots: list[bytes], gen: int, cap: int,
               log: Path) -> list[dict[str, Any]]:  # fmt: skip
     port = _free_port()
     cmd = [server, "-m", str(gguf), "--mmproj", str(mmproj), "-t", "2", "-tb", "2", "-c", "16384", "-np", "1",
-           "--port", str(port), "--jinja", "--no-webui"]  # fmt: skip
+           "--port", str(port), "--jinja", "--no-webui", "-lv", "4"]  # fmt: skip  (-lv 4: mtmd timings)
     if cap:
         cmd += ["--image-max-tokens", str(cap)]
     env = {**os.environ, "LD_LIBRARY_PATH": str(Path(server).parent)}
@@ -177,12 +193,12 @@ def run_llama(server: str, gguf: Path, mmproj: Path, shots: list[bytes], gen: in
             total = time.perf_counter() - t0
             time.sleep(0.2)  # let the log flush
             new = log.read_text(errors="replace")[seen:]
-            enc_ms = [float(m) for m in re.findall(r"image slice encoded in (\d+) ms", new)]
+            enc_s = _encode_seconds(new)
             rows.append({
-                "step": step + 1, "ttft_s": ttft, "total_s": total, "vision_s": sum(enc_ms) / 1000,
+                "step": step + 1, "ttft_s": ttft, "total_s": total, "vision_s": sum(enc_s),
                 "prompt_tokens": (timings.get("prompt_n") or 0) + (timings.get("cache_n") or 0),
                 "prefix_hit_tokens": timings.get("cache_n"), "prompt_ms": timings.get("prompt_ms"),
-                "encoder_runs": len(enc_ms), "load": _load(),
+                "encoder_runs": len(enc_s), "load": _load(),
             })  # fmt: skip
             print("llama-server", rows[-1], flush=True)
         return rows
