@@ -119,6 +119,7 @@ def run_ours(hf: Path, shots: list[bytes], gen: int) -> list[dict[str, Any]]:
     # peak RSS of this process (the llama-server side runs in a child, not counted): for `autoglm plan` vs reality
     rows.append({"torch_threads": torch.get_num_threads(),
                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    print("ours", rows[-1], flush=True)
     llm.close()
     return rows
 
@@ -216,6 +217,9 @@ def main() -> None:
     ap.add_argument("--preset", choices=["synthetic", "tiny"], default="synthetic")
     ap.add_argument("--work", type=Path, default=Path("/tmp/phone"))
     ap.add_argument("--image-max-tokens", type=int, default=0)
+    # GLM-4.1V's processor counts both temporal frames against max_pixels (a cap of N gives ~N/2 tokens), llama.cpp
+    # counts tokens: pass the token count our side produced so both encode the same image size
+    ap.add_argument("--llama-image-max-tokens", type=int, default=None)
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--llama-server", default=LLAMA_SERVER)
     ap.add_argument("--skip-llama", action="store_true")
@@ -231,8 +235,9 @@ def main() -> None:
     if not a.skip_ours:
         result["ours"] = run_ours(hf, shots, a.gen_tokens)
     if not a.skip_llama:
-        result["llama_server"] = run_llama(a.llama_server, gguf, mmproj, shots, a.gen_tokens, a.image_max_tokens,
-                                           out / "llama-server.log")  # fmt: skip
+        result["llama_server"] = run_llama(a.llama_server, gguf, mmproj, shots, a.gen_tokens,
+                                           a.image_max_tokens if a.llama_image_max_tokens is None
+                                           else a.llama_image_max_tokens, out / "llama-server.log")  # fmt: skip
     result["uptime_after"] = _load()
     if "ours" in result and "llama_server" in result:
         for o, ll in zip(result["ours"], result["llama_server"], strict=False):
