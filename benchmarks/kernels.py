@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -181,16 +182,19 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--isa", default=None, help="CPU kernel variant (auto|avx512|avx2|scalar) [env AUTOGLM_CPU_ISA]")
     args = ap.parse_args()
+    if args.isa:
+        os.environ["AUTOGLM_CPU_ISA"] = args.isa  # the model loader's select_kernels reads it
     torch.set_num_threads(args.threads)
     if args.model is not None:
         row = model_decode(args.model or None, args.threads, args.prompt, args.gen, args.runs)
         print(json.dumps({"threads": args.threads, "prompt": args.prompt, "gen": args.gen, **row}))
         return
-    gk = cpu_kernels()
+    gk = cpu_kernels(args.isa)
     if gk is None:
         raise SystemExit("the GGUF kernel extension could not be built")
-    print(f"threads={args.threads} vnni={gk.has_vnni} reps={args.reps} (min ms)")
+    print(f"threads={args.threads} isa={gk.isa} vnni={gk.has_vnni} reps={args.reps} (min ms)")
     rows_out = []
     shapes = GEMMA_SHAPES + (BIG_SHAPES if args.big else [])
     for tname in args.types.split(","):

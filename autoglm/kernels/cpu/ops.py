@@ -75,7 +75,8 @@ class CpuKernels:
         self, ext: ModuleType, *, prefill_bf16: bool | None = None, slab_elements: int = DEQUANT_SLAB_ELEMENTS
     ) -> None:
         self.ext = ext
-        self.has_vnni = bool(ext.has_vnni())  # int8 activations (AVX512-VNNI build) rather than float32 ones
+        self.isa = str(ext.isa())  # the variant (autoglm.kernels.cpu.variants): "avx512", "avx2", "scalar", ...
+        self.has_vnni = bool(ext.has_vnni())  # AVX512-VNNI paths (packed layout, attention) built in
         self.prefill_bf16 = cpu_has_bf16() if prefill_bf16 is None else prefill_bf16
         self.slab_elements = slab_elements
         self._scratch: dict[tuple[int, torch.dtype], Tensor] = {}  # (thread, dtype) -> reused slab buffer
@@ -87,7 +88,7 @@ class CpuKernels:
         self._direct: GemvKernel = direct
 
     def __repr__(self) -> str:
-        return f"CpuKernels(vnni={self.has_vnni}, prefill_bf16={self.prefill_bf16})"
+        return f"CpuKernels(isa={self.isa}, vnni={self.has_vnni}, prefill_bf16={self.prefill_bf16})"
 
     def __deepcopy__(self, memo: dict[int, object]) -> object:
         return self  # shared by every module that computes with it: a copied model keeps the same kernels
