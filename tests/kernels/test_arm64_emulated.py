@@ -17,11 +17,10 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-import autoglm
+from autoglm.kernels.cpu import CORE, kernels_spec, variants
 
 pytestmark = pytest.mark.emulated
 
-CORE = Path(autoglm.__file__).parent / "kernels" / "cpu" / "csrc" / "core"
 SOURCES = ("driver.cpp", "gemv_core.cpp", "quant.cpp")
 CXX_FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off")  # the core's numeric contract: no implicit fma
 ARM_CXX = "aarch64-linux-gnu-g++"
@@ -66,8 +65,9 @@ def _variants() -> list[Variant]:
     v += [
         Variant("arm-scalar", ARM_CXX, ("-march=armv8-a",), "cortex-a53", "scalar", sdot=False),
         Variant("arm-neon", ARM_CXX, ("-DAUTOGLM_ISA_NEON", "-march=armv8-a"), "cortex-a53", "neon", sdot=False),
-        Variant("arm-neon-dotprod", ARM_CXX, ("-DAUTOGLM_ISA_NEON", "-march=armv8.2-a+dotprod"), "neoverse-n1",
-                "neon", sdot=True),
+        # the production `neon` variant's flags (autoglm/kernels/cpu/variants.py)
+        Variant("arm-neon-dotprod", ARM_CXX, ("-DAUTOGLM_ISA_NEON", *variants.variant("neon").cflags),
+                "neoverse-n1", "neon", sdot=True),
         Variant("arm-neon-dotprod-max", ARM_CXX, ("-DAUTOGLM_ISA_NEON", "-march=armv8.2-a+dotprod+i8mm"), "max",
                 "neon", sdot=True),
     ]
@@ -193,3 +193,21 @@ def test_gemv_bitexact_vs_x86_scalar(qt: T, binaries: dict[Variant, Path], input
             got = _gemv(v, exe, qt, wx, k, m, tmp_path / f"{v.name}.out")
             np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32),
                                           err_msg=f"{v.name} gemv {qt.name} M={m} differs from x86 scalar")
+
+
+def test_extension_sources_compile_for_aarch64() -> None:
+    """Every source of the torch extension's `neon` variant (production spec and flags) compiles for aarch64:
+    syntax only, against this venv's torch headers (no aarch64 torch here, the headers are portable C++)."""
+    _need_tools()
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    spec = kernels_spec("neon")
+    incs = [f"-I{p}" for p in (*include_paths(), sysconfig.get_paths()["include"])]
+    for src in spec.sources:
+        cmd = [ARM_CXX, "-std=c++17", "-fsyntax-only", *spec.cflags, *incs, "-DTORCH_EXTENSION_NAME=neon_check",
+               str(src)]
+        r = subprocess.run(cmd, capture_output=True, timeout=TIMEOUT_S)
+        err = r.stderr.decode(errors="replace")[:4000]
+        assert r.returncode == 0, f"{src.name} does not compile for aarch64:\n{err}"
