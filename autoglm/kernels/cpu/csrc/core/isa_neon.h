@@ -107,6 +107,7 @@ inline I8 add(const I8& a, const I8& b) { return {vaddq_s32(a.a, b.a), vaddq_s32
 inline F8 zero() { return {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}; }
 inline F8 load8(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
 inline F8 load8n(const float* p, int cnt) {  // lanes >= cnt are 0 (reads only p[0..cnt))
+  if (cnt == 8) return load8(p);  // every full group: no copy (GCC makes the loop below a memcpy call)
   float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int j = 0; j < cnt; ++j) t[j] = p[j];
   return load8(t);
