@@ -195,6 +195,7 @@ def test_gemv_bitexact_vs_x86_scalar(qt: T, binaries: dict[Variant, Path], input
                                           err_msg=f"{v.name} gemv {qt.name} M={m} differs from x86 scalar")
 
 
+@pytest.mark.timeout(1500)  # 9 sources against the torch headers: ~5 min at load 16 on 2 cores
 def test_extension_sources_compile_for_aarch64() -> None:
     """Every source of the torch extension's `neon` variant (production spec and flags) compiles for aarch64:
     syntax only, against this venv's torch headers (no aarch64 torch here, the headers are portable C++)."""
