@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs system packages (Chromium for the status-page test,
-# espeak-ng for test speech),
+# espeak-ng for test speech, the aarch64 cross compiler + qemu-user for the emulated NEON kernel tests),
 # creates .venv, installs autoglm with its test extras (torch==2.13.0 CPU), then runs pytest.
 # Extra arguments go to pytest (e.g. `./run_tests.sh -m slow`, `./run_tests.sh tests/unit -x`).
 set -euo pipefail
@@ -17,6 +17,11 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   echo "[run_tests] installing espeak-ng (test speech for the speech modules)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+fi
+if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || ! command -v qemu-aarch64 >/dev/null 2>&1; then
+  echo "[run_tests] installing g++-aarch64-linux-gnu + qemu-user (ARM64 NEON kernels tested under emulation)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null
 fi
 
 PY=${PYTHON:-python3}

@@ -5,7 +5,7 @@ here works on any CPU of the same architecture that has the variant's features):
 - `avx512`: x86-64-v4 + AVX512-VNNI (the file-order GEMV of `csrc/core/` plus the packed layout, AVX-512 attention);
 - `avx2`: x86-64-v3 (AVX2 + FMA + F16C: vpmaddubsw/vpmaddwd int8 dots);
 - `scalar`: the architecture's baseline (x86-64 or armv8-a), portable C++;
-- `neon`: ARM64 with dotprod (its primitives, `csrc/core/isa_neon.h`, are a slot until written).
+- `neon`: ARM64 with dotprod (its primitives: `csrc/core/isa_neon.h`).
 Every variant's file-order GEMV is bitwise equal to `scalar` (`csrc/core/README.md`).
 
 The choice: `isa` argument, else `$AUTOGLM_CPU_ISA` (`auto|avx512|avx2|scalar|neon`, read at each call, never kept
