@@ -60,6 +60,19 @@ def resolve_threads(flag: int | None, command: str | None) -> int | None:
     return available_cores() if command in COMPUTE_COMMANDS else None
 
 
+def _check_cpu_isa(flag: str | None, command: str | None) -> None:
+    """--cpu-isa > AUTOGLM_CPU_ISA: validated at start (CpuIsaError names what the CPU lacks). The flag is handed to
+    the model loader as $AUTOGLM_CPU_ISA, which `select_kernels` reads at each selection."""
+    if flag is None and (command not in COMPUTE_COMMANDS or not os.environ.get("AUTOGLM_CPU_ISA")):
+        return
+    from autoglm.kernels.cpu import variants
+
+    chosen = variants.resolve(flag)
+    if flag is not None:
+        os.environ[variants.ENV] = flag
+    log.info("CPU kernels ISA: %s (requested %s)", chosen, variants.requested(flag))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoglm",
@@ -72,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", dest="global_threads", type=_threads_arg, default=None, metavar="N",
                         help="CPU threads for compute (torch.set_num_threads), set before the command runs "
                         "[env AUTOGLM_THREADS; default: all cores]")
+    parser.add_argument("--cpu-isa", dest="cpu_isa", default=None, metavar="ISA",
+                        choices=("auto", "avx512", "avx2", "scalar", "neon"),
+                        help="CPU kernel variant: auto|avx512|avx2|scalar|neon; one this CPU lacks is an error at "
+                        "start [env AUTOGLM_CPU_ISA; default: auto, the best this CPU runs]")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     skipped = []
     for name in COMMANDS:
@@ -104,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(threads)
             log.info("using %d CPU threads", threads)
         args.global_threads = threads
+        _check_cpu_isa(args.cpu_isa, args.command)
         return int(func(args) or 0)
     except AutoGLMError as e:
         print(f"autoglm {args.command}: error: {e.message}", file=sys.stderr)

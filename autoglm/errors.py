@@ -57,6 +57,10 @@ class KernelBuildError(AutoGLMError):
     error_type = "kernel_build_error"
 
 
+class CpuIsaError(AutoGLMError):
+    """An unknown CPU ISA was asked for, or one this CPU lacks (`AUTOGLM_CPU_ISA`, `--cpu-isa`)."""
+
+
 # --- requests ----------------------------------------------------------------------------------------------------
 class InvalidRequest(AutoGLMError):
     """The client's request is wrong. Never a 5xx."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -92,7 +93,9 @@ def candidates(
     return c
 
 
-def model_decode(path: str | None, threads: int, prompt: int, gen: int, runs: int) -> dict[str, float]:
+def model_decode(
+    path: str | None, threads: int, prompt: int, gen: int, runs: int, oracle: bool = True
+) -> dict[str, float]:
     """Whole-model decode/prefill tok/s: our engine (the loader picks the CPU kernels), then llama-cpp-python, same
     process."""
     from autoglm.builtins import default_model_path
@@ -136,6 +139,8 @@ def model_decode(path: str | None, threads: int, prompt: int, gen: int, runs: in
     res = [ours(prompt, gen, k) for k in range(1, runs + 1)]
     row = {"autoglm_prefill": max(r[0] for r in res), "autoglm_decode": max(r[1] for r in res)}
     engine.close()
+    if not oracle:  # e.g. compared with llama-bench of a matching llama.cpp build instead
+        return {k: round(v, 2) for k, v in row.items()}
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -181,16 +186,21 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip the in-process llama-cpp-python comparison")
+    ap.add_argument("--isa", default=None, help="CPU kernel variant (auto|avx512|avx2|scalar) [env AUTOGLM_CPU_ISA]")
     args = ap.parse_args()
+    if args.isa:
+        os.environ["AUTOGLM_CPU_ISA"] = args.isa  # the model loader's select_kernels reads it
     torch.set_num_threads(args.threads)
     if args.model is not None:
-        row = model_decode(args.model or None, args.threads, args.prompt, args.gen, args.runs)
-        print(json.dumps({"threads": args.threads, "prompt": args.prompt, "gen": args.gen, **row}))
+        row = model_decode(args.model or None, args.threads, args.prompt, args.gen, args.runs, not args.no_llamacpp)
+        print(json.dumps({"threads": args.threads, "isa": args.isa or "auto", "prompt": args.prompt, "gen": args.gen,
+                          **row}))
         return
-    gk = cpu_kernels()
+    gk = cpu_kernels(args.isa)
     if gk is None:
         raise SystemExit("the GGUF kernel extension could not be built")
-    print(f"threads={args.threads} vnni={gk.has_vnni} reps={args.reps} (min ms)")
+    print(f"threads={args.threads} isa={gk.isa} vnni={gk.has_vnni} reps={args.reps} (min ms)")
     rows_out = []
     shapes = GEMMA_SHAPES + (BIG_SHAPES if args.big else [])
     for tname in args.types.split(","):

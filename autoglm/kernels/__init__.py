@@ -2,7 +2,8 @@
 
 `select_kernels(device)` is the one place that decides: the fused CPU kernels (`cpu/`) when the weights are on CPU
 and the extension builds, else the torch reference (`reference.REFERENCE`). `AUTOGLM_GGUF_KERNELS=0` picks the
-reference; it is read at each selection, never kept as a process-wide switch.
+reference; it is read at each selection, never kept as a process-wide switch, and so is `AUTOGLM_CPU_ISA` (the CPU
+kernel variant, `autoglm.kernels.cpu.variants`), unless the caller passes `cpu_isa`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import torch
 from autoglm.kernels.base import Kernels, UsesKernels, bind_kernels
 from autoglm.kernels.reference import REFERENCE, TorchKernels
 
-__all__ = ["REFERENCE", "Kernels", "TorchKernels", "UsesKernels", "bind_kernels", "kernels_enabled", "select_kernels"]
+__all__ = [
+    "REFERENCE", "Kernels", "TorchKernels", "UsesKernels", "bind_kernels", "kernels_enabled", "kernels_label",
+    "select_kernels",
+]
 
 log = logging.getLogger("autoglm.kernels")
 ENV = "AUTOGLM_GGUF_KERNELS"
@@ -26,11 +30,19 @@ def kernels_enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def select_kernels(device: torch.device | str) -> Kernels:
-    """The kernels for a model whose weights live on `device`: CPU kernels when possible, else the reference."""
+def select_kernels(device: torch.device | str, cpu_isa: str | None = None) -> Kernels:
+    """The kernels for a model whose weights live on `device`: CPU kernels when possible, else the reference.
+    cpu_isa: the CPU ISA variant (None: `$AUTOGLM_CPU_ISA`, else the best this CPU runs); one the CPU lacks raises
+    CpuIsaError."""
     if torch.device(device).type != "cpu" or not kernels_enabled():
         return REFERENCE
     from autoglm.kernels.cpu import cpu_kernels
 
-    kernels = cpu_kernels()
+    kernels = cpu_kernels(cpu_isa)
     return REFERENCE if kernels is None else kernels
+
+
+def kernels_label(kernels: Kernels) -> str:
+    """How `kernels` are reported (start-up log, /status/data): "cpu avx2" (name and CPU ISA) or "torch"."""
+    isa = getattr(kernels, "isa", None)
+    return f"{kernels.name} {isa}" if isa else kernels.name

@@ -24,7 +24,7 @@ from autoglm.errors import ConfigError, ModelLoadError, UnsupportedQuantType
 from autoglm.gguf.names import gguf_names_for
 from autoglm.gguf.reader import GGUFFile, TensorInfo
 from autoglm.gguf.tokenizer import build_chat_template, build_tokenizer, eos_token_ids
-from autoglm.kernels import REFERENCE, Kernels, bind_kernels, select_kernels
+from autoglm.kernels import REFERENCE, Kernels, bind_kernels, kernels_label, select_kernels
 from autoglm.layers.linear import Linear
 from autoglm.loader.hf import resolve_devices
 from autoglm.loader.weights import expected_tensors, fill_parameters
@@ -172,6 +172,7 @@ def load_gguf(
     tokenizer = build_tokenizer(f.metadata, source=str(path))
     template = build_chat_template(f.metadata, tokenizer, source=str(path))
     info = _module_info("decoder", f, seconds, str(devices["decoder"]))
+    info.kernels = kernels_label(kernels)
     loaded = LoadedModel(
         decoder=model,
         tokenizer=tokenizer,
@@ -197,7 +198,7 @@ def load_gguf(
     # the decoder's norms, rotary and attention run with the same kernels (encoders keep the torch reference);
     # packing weights is the explicit `prepare_weights` step (server start-up / engine runner), not part of loading
     bind_kernels(loaded.decoder, kernels)
-    log.info("%s: %s kernels", path.name, kernels.name)
+    log.info("%s: %s kernels", path.name, info.kernels)
     return loaded
 
 

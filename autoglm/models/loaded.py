@@ -26,6 +26,7 @@ class ModuleInfo:
     bytes: int
     load_seconds: float
     bytes_by_type: dict[str, int] = field(default_factory=dict)
+    kernels: str = ""  # compute kernels, e.g. "cpu avx2" (the CPU ISA variant) or "torch"; "" when not reported
 
 
 @dataclass

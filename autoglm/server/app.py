@@ -157,6 +157,7 @@ def module_line(info: ModuleInfo) -> str:
     return (
         f"Loaded module {info.name}: {info.path} | {info.format} {info.quantization} | {info.device} | "
         f"{_human(info.parameters, '')} params | {_human(info.bytes, 'B')} | {info.load_seconds:.2f} s"
+        + (f" | kernels {info.kernels}" if info.kernels else "")
     )
 
 

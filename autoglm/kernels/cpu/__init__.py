@@ -1,7 +1,9 @@
-"""Fused C++ kernels for float32 CPU inference: `build` (bounded JIT build), `ops` (`CpuKernels`), `pack`, `csrc/`.
+"""Fused C++ kernels for float32 CPU inference: `build` (bounded JIT build), `variants` (one extension per ISA and
+the choice of one), `ops` (`CpuKernels`), `pack`, `csrc/` (torch wrappers) and `csrc/core/` (torch-free compute).
 
-`cpu_kernels()` builds the extension on first use in a process (once per machine: the result is cached on disk)
-and returns a `CpuKernels` over it, or None with a warning saying why when it cannot be built.
+`cpu_kernels(isa)` builds the chosen variant on first use (once per machine: the result is cached on disk, keyed by
+the variant and the sources, not by this CPU) and returns a `CpuKernels` over it, or None with a warning saying why
+when it cannot be built. An ISA this CPU lacks raises `CpuIsaError` (a configuration error, not a fallback).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from autoglm.errors import KernelBuildError
+from autoglm.kernels.cpu import variants
 from autoglm.kernels.cpu.build import ExtensionSpec, build_extension
 
 if TYPE_CHECKING:
@@ -21,17 +24,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("autoglm.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+CORE = CSRC / "core"
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
+_NOT_BUILT = ("driver.cpp",)  # core/driver.cpp is the torch-free test driver, not part of the extension
 
 
-def kernels_spec() -> ExtensionSpec:
-    """The GGUF/decode kernels extension: every `csrc/*.cpp` in one module (kernels.h is their shared header)."""
+def kernels_spec(isa: str) -> ExtensionSpec:
+    """The GGUF/decode kernels extension of variant `isa`: every `csrc/*.cpp` and `csrc/core/*.cpp` in one module."""
+    v = variants.variant(isa)
+    core = tuple(p for p in sorted(CORE.glob("*.cpp")) if p.name not in _NOT_BUILT)
     return ExtensionSpec(
-        name="autoglm_gguf_kernels",
-        sources=tuple(sorted(CSRC.glob("*.cpp"))),
-        headers=(CSRC / "kernels.h",),
-        cflags=FLAGS,
+        name=f"autoglm_gguf_kernels_{v.name}",
+        sources=(*sorted(CSRC.glob("*.cpp")), *core),
+        headers=(*sorted(CSRC.glob("*.h")), *sorted(CORE.glob("*.h"))),
+        cflags=(*FLAGS, *v.cflags, f"-DAUTOGLM_ISA_{v.name.upper()}"),
         ldflags=("-fopenmp",),
+        label=f"CPU kernels ({v.name})",
+        cpu_keyed=False,  # fixed -march per variant: any CPU of this architecture with its features can reuse it
     )
 
 
@@ -48,16 +57,20 @@ def load_extension(spec: ExtensionSpec) -> ModuleType | None:
     return None
 
 
-def extension() -> ModuleType | None:
-    """The GGUF/decode kernels extension, or None when it cannot be built."""
-    return load_extension(kernels_spec())
+def extension(isa: str | None = None) -> ModuleType | None:
+    """The kernels extension of the chosen variant (`variants.resolve`), or None when it cannot be built."""
+    return load_extension(kernels_spec(variants.resolve(isa)))
 
 
-def cpu_kernels() -> CpuKernels | None:
-    """A new `CpuKernels` over the built extension (its own scratch buffers), or None when it cannot be built."""
-    ext = extension()
+def cpu_kernels(isa: str | None = None) -> CpuKernels | None:
+    """A new `CpuKernels` over the chosen variant (its own scratch buffers), or None when it cannot be built.
+    Raises CpuIsaError for an unknown ISA or one this CPU lacks."""
+    name = variants.resolve(isa)
+    ext = load_extension(kernels_spec(name))
     if ext is None:
         return None
     from autoglm.kernels.cpu.ops import CpuKernels
 
+    log.info("CPU kernels: ISA %s (requested %s; this CPU runs %s)", name, variants.requested(isa),
+             ", ".join(variants.available()))
     return CpuKernels(ext)

@@ -1,7 +1,8 @@
 """Build a C++ extension once per machine, with every wait bounded and a visible message.
 
 `build_extension(spec)` returns the imported extension module:
-1. `<cache>/kernels/<name>_<key>/<name>.so` exists (key = sources, flags, torch, Python, CPU flags) -> import it.
+1. `<cache>/kernels/<name>_<key>/<name>.so` exists (key = sources, flags, torch, Python, CPU flags
+   or, for fixed-arch variants, the architecture) -> import it.
 2. Else take the directory's build lock: an `fcntl.flock` on `lock`, which the kernel releases when its holder dies
    (Ctrl-C, kill -9, a killed container), so a dead builder can never block anyone. The holder writes its pid and
    start time into the file and empties it when done; a non-empty file found by the next holder means the last
@@ -57,6 +58,8 @@ class ExtensionSpec:
     ldflags: tuple[str, ...] = ()
     label: str = "CPU kernels"  # for log lines
     extra_key: tuple[str, ...] = field(default_factory=tuple)
+    # key by this CPU's flags (for -march=native code); False: by the architecture only (fixed -march flags)
+    cpu_keyed: bool = True
 
     def key(self) -> str:
         import torch
@@ -70,7 +73,7 @@ class ExtensionSpec:
             sys.version,
             " ".join(self.cflags),
             " ".join(self.ldflags),
-            _cpu_key(),
+            _cpu_key() if self.cpu_keyed else platform.machine(),
             *self.extra_key,
         ):
             h.update(part.encode())

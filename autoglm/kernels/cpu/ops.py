@@ -3,15 +3,15 @@
 GGUF matmuls, picked per call by the number of activation rows M (measured in `benchmarks/kernels.py`):
 - M <= `GEMV_MAX_ROWS` (decode): `csrc/gemv.cpp` reads the raw blocks once per call, unpacking each weight block
   once for a tile of up to 8 rows (each row's result is independent of the batch, bitwise). Activations are
-  quantized to int8 per block of 32 with a float32 scale and dotted with the weight's integers by AVX512-VNNI; the
+  quantized to int8 per block of 32 with a float32 scale and dotted with the weight's integers by the variant's ISA
+  (`csrc/core/`: avx512 vpdpbusd, avx2 vpmaddubsw/vpmaddwd, scalar; every variant bitwise equal to scalar); the
   result equals `F.linear(x_q, W)` up to float32 summation order, where `x_q = d * round(x / d)`,
-  `d = max|x_block| / 127` — so |y - F.linear(x, W)| <= |W| @ (d / 2) per block. Without VNNI the kernel
-  dequantizes one row into L1 and keeps the activations in float32 (no activation error).
+  `d = max|x_block| / 127` — so |y - F.linear(x, W)| <= |W| @ (d / 2) per block.
 - larger M (prefill): the weight is dequantized once per call, a slab of rows at a time into a buffer this object
   owns (bounded memory, one per thread and dtype), by the same C++ code (bit-exact with `gguf.quants`), then one
   GEMM per slab — in bfloat16 on CPUs with BF16 dot products (`prefill_bf16`: weight and activations rounded to
   bfloat16), else float32.
-Packed weights (`pack`, AVX512-VNNI only; see `autoglm.kernels.cpu.pack`): one vpdpbusd yields 16 outputs, ~2-4.6x
+Packed weights (`pack`, avx512 variant only; see `autoglm.kernels.cpu.pack`): one vpdpbusd yields 16 outputs, ~2-4.6x
 faster decode matmuls; prefill dequantizes slabs straight from the packed layout.
 Decode helpers: rms_norm, add_rms_norm (residual + post-norm + next pre-norm), norm_rope (per-head norm + rotary),
 attend_decode / attend_decode_paged; each equal to its torch composition up to summation order. Inputs the C++ ops
@@ -63,8 +63,9 @@ def _f32_cpu(x: Tensor, w: Tensor) -> bool:
 class CpuKernels:
     """The C++ kernels of one built extension (`ext`, from `autoglm.kernels.cpu.load`).
 
-    prefill_bf16: prefill GEMMs in bfloat16 (default: where the CPU has BF16 dot products: ~2x faster at 512 tokens,
-    an activation error (2^-9 relative) no larger than decode's int8-per-32 rounding); False: float32-exact prefill.
+    prefill_bf16: prefill GEMMs in bfloat16 (default: the avx512 variant on a CPU with BF16 dot products: ~2x faster
+    at 512 tokens, an activation error (2^-9 relative) no larger than decode's int8-per-32 rounding); False:
+    float32-exact prefill.
     slab_elements: weight elements dequantized per prefill slab.
     """
 
@@ -75,8 +76,10 @@ class CpuKernels:
         self, ext: ModuleType, *, prefill_bf16: bool | None = None, slab_elements: int = DEQUANT_SLAB_ELEMENTS
     ) -> None:
         self.ext = ext
-        self.has_vnni = bool(ext.has_vnni())  # int8 activations (AVX512-VNNI build) rather than float32 ones
-        self.prefill_bf16 = cpu_has_bf16() if prefill_bf16 is None else prefill_bf16
+        self.isa = str(ext.isa())  # the variant (autoglm.kernels.cpu.variants): "avx512", "avx2", "scalar", ...
+        self.has_vnni = bool(ext.has_vnni())  # AVX512-VNNI paths (packed layout, attention) built in
+        # BF16 dot products are AVX-512/AMX features: a variant below avx512 stands for a CPU without them
+        self.prefill_bf16 = (cpu_has_bf16() and self.isa == "avx512") if prefill_bf16 is None else prefill_bf16
         self.slab_elements = slab_elements
         self._scratch: dict[tuple[int, torch.dtype], Tensor] = {}  # (thread, dtype) -> reused slab buffer
         gemv = ext.gemv
@@ -87,7 +90,7 @@ class CpuKernels:
         self._direct: GemvKernel = direct
 
     def __repr__(self) -> str:
-        return f"CpuKernels(vnni={self.has_vnni}, prefill_bf16={self.prefill_bf16})"
+        return f"CpuKernels(isa={self.isa}, vnni={self.has_vnni}, prefill_bf16={self.prefill_bf16})"
 
     def __deepcopy__(self, memo: dict[int, object]) -> object:
         return self  # shared by every module that computes with it: a copied model keeps the same kernels
