@@ -180,15 +180,16 @@ inline int32_t dot_scaled(const Unpacked& w, const int8_t* q) {
 #endif
 }
 
-// y[m * ldy + n] = W[n] . x[m] for n in [n0, n1), m < M (M <= KQ_MAX_M); W rows of nsb super-blocks of type qtype
-inline void gemv_q8k(int64_t qtype, const uint8_t* W, int64_t nsb, const BlockQ8K* X, int M, float* Y, int64_t ldy,
+// y[m * ldy + n] = W[n] . x[m] for n in [n0, n1), m < M (M <= KQ_MAX_M); W rows (rs bytes apart) of nsb
+// super-blocks of type qtype; X[m * nsb + b] is super-block b of activation row m
+inline void gemv_q8k(int64_t qtype, const uint8_t* W, int64_t rs, int64_t nsb, const BlockQ8K* X, int M, float* Y, int64_t ldy,
                      int64_t n0, int64_t n1) {
   const int64_t ts = qtype == Q4_K ? 144 : (qtype == Q5_K ? 176 : 210);
   const bool has_min = qtype != Q6_K;
   Unpacked w;
   for (int64_t n = n0; n < n1; ++n) {
     float acc[KQ_MAX_M] = {};
-    const uint8_t* row = W + n * nsb * ts;
+    const uint8_t* row = W + n * rs;
     for (int64_t b = 0; b < nsb; ++b) {
       const uint8_t* blk = row + b * ts;
       if (qtype == Q4_K) unpack_q4k(blk, w);

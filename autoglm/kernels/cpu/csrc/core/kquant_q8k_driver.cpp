@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
   std::fclose(f);
   std::vector<kq::BlockQ8K> xq(M * nsb);
   for (int m = 0; m < M; ++m) kq::quantize_row_q8k(x.data() + m * K, xq.data() + m * nsb, K);
-  kq::gemv_q8k(q, w.data(), nsb, xq.data(), M, y.data(), N, 0, N);
+  kq::gemv_q8k(q, w.data(), nsb * ts, nsb, xq.data(), M, y.data(), N, 0, N);
   std::FILE* o = std::fopen(argv[6], "wb");
   if (!o || std::fwrite(y.data(), 4, M * N, o) != size_t(M * N)) return 3;
   std::fclose(o);
