@@ -115,11 +115,26 @@ inline void unpack_q5k(const uint8_t* b, Unpacked& w) {
     w.sc[2 * j] = w.sc[2 * j + 1] = s;
     w.mn[j] = m;
   }
+#if defined(AUTOGLM_ISA_AVX512) || defined(AUTOGLM_ISA_AVX2)
+  const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+  for (int c = 0; c < 4; ++c) {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+    const __m256i bl = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
+    const __m256i bh = _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1)));
+    const __m256i hl = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bl), bl), b4);
+    const __m256i hh = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bh), bh), b4);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w.u + 64 * c), _mm256_or_si256(_mm256_and_si256(q, m4), hl));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w.u + 64 * c + 32),
+                       _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), hh));
+  }
+#else
   for (int c = 0; c < 4; ++c)
     for (int l = 0; l < 32; ++l) {
       w.u[64 * c + l] = (qs[32 * c + l] & 0xF) | (((qh[l] >> (2 * c)) & 1) << 4);
       w.u[64 * c + 32 + l] = (qs[32 * c + l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
     }
+#endif
 }
 
 inline void unpack_q6k(const uint8_t* b, Unpacked& w) {
@@ -129,6 +144,24 @@ inline void unpack_q6k(const uint8_t* b, Unpacked& w) {
   w.d = h2f(b + 208);
   w.dmin = 0.0f;
   for (int g = 0; g < 16; ++g) w.sc[g] = sc[g];
+#if defined(AUTOGLM_ISA_AVX512) || defined(AUTOGLM_ISA_AVX2)
+  // the 2 high bits land at bit 4-5 of each byte; 16-bit shifts leak across bytes only into masked-off bits
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+  for (int h = 0; h < 2; ++h, ql += 64, qh += 32) {
+    uint8_t* u = w.u + 128 * h;
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    auto put = [&](int off, __m256i lo, __m256i hi) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(u + off),
+                         _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(hi, m30)));
+    };
+    put(0, a, _mm256_slli_epi16(hb, 4));
+    put(32, b, _mm256_slli_epi16(hb, 2));
+    put(64, _mm256_srli_epi16(a, 4), hb);
+    put(96, _mm256_srli_epi16(b, 4), _mm256_srli_epi16(hb, 2));
+  }
+#else
   for (int h = 0; h < 2; ++h, ql += 64, qh += 32) {
     uint8_t* u = w.u + 128 * h;
     for (int l = 0; l < 32; ++l) {
@@ -138,6 +171,7 @@ inline void unpack_q6k(const uint8_t* b, Unpacked& w) {
       u[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
     }
   }
+#endif
 }
 
 // sum_g sc_g * sum_{i in g} u_i * q_i, exact int32 (u <= 63, |q| <= 127, |sc| <= 127)
