@@ -2,6 +2,7 @@
 //   IN = N rows of raw Q4_K/Q5_K/Q6_K blocks, then M x K float32; OUT = M x N float32 (y = q8_K(x) @ W.T)
 // Build: g++ -std=c++17 -O2 -ffp-contract=off [-DAUTOGLM_ISA_AVX2 -march=x86-64-v3 |
 //        -DAUTOGLM_ISA_AVX512 -march=x86-64-v4 -mavx512vnni] kquant_q8k_driver.cpp -o kquant_q8k_driver
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -30,6 +31,13 @@ int main(int argc, char** argv) {
   std::vector<kq::BlockQ8K> xq(M * nsb);
   for (int m = 0; m < M; ++m) kq::quantize_row_q8k(x.data() + m * K, xq.data() + m * nsb, K);
   kq::gemv_q8k(q, w.data(), nsb * ts, nsb, xq.data(), M, y.data(), N, 0, N);
+  if (const char* rep = std::getenv("KQ_REPEAT")) {  // timing: GB/s of weight bytes over repeated calls
+    const int r = std::atoi(rep);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < r; ++i) kq::gemv_q8k(q, w.data(), nsb * ts, nsb, xq.data(), M, y.data(), N, 0, N);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "%s q%lld M=%d: %.2f GB/s of weights\n", kq::kq_isa(), (long long)q, M, wbytes * r / s / 1e9);
+  }
   std::FILE* o = std::fopen(argv[6], "wb");
   if (!o || std::fwrite(y.data(), 4, M * N, o) != size_t(M * N)) return 3;
   std::fclose(o);
