@@ -10,7 +10,6 @@ namespace autoglm {
 namespace {
 
 #if AUTOGLM_VNNI
-constexpr int kMaxTile = 8;
 constexpr int64_t kPrefetch = 4096;
 
 // one activation row: int8 values; per 32-block scale d, d * sum(q) (K-quant mins) and -off * sum(q); per
