@@ -26,7 +26,7 @@ log = logging.getLogger("autoglm.kernels")
 CSRC = Path(__file__).with_name("csrc")
 CORE = CSRC / "core"
 FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
-_NOT_BUILT = ("driver.cpp",)  # core/driver.cpp is the torch-free test driver, not part of the extension
+_NOT_BUILT = ("driver.cpp", "kquant_q8k_driver.cpp")  # torch-free test drivers, not part of the extension
 
 
 def kernels_spec(isa: str) -> ExtensionSpec:

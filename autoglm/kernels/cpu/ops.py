@@ -21,6 +21,7 @@ Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K. Memory: no float copy of the model is
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +43,7 @@ _SUPPORTED_IDS = frozenset(int(q) for q in SUPPORTED_TYPES)  # int keys: enum ha
 # unpacks each weight block once for up to 8 rows, so its cost grows by less than a row per row; at 16 rows it still
 # beats or ties the GEMM on every gemma-3-270m shape (Q4_K 640x2048 ties, Q5_0/Q6_K/Q8_0 lm_head win clearly)
 GEMV_MAX_ROWS = 16
+_Q8K_IDS = frozenset((12, 13, 14))  # Q4_K, Q5_K, Q6_K (gguf.GGMLQuantizationType)
 # prefill dequantizes at most this many weight elements at a time into a reused buffer (16 MiB of float32)
 DEQUANT_SLAB_ELEMENTS = 1 << 22
 _FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # KV cache dtypes attention.cpp reads
@@ -83,8 +85,13 @@ class CpuKernels:
         self.slab_elements = slab_elements
         self._scratch: dict[tuple[int, torch.dtype], Tensor] = {}  # (thread, dtype) -> reused slab buffer
         gemv = ext.gemv
+        # AUTOGLM_Q8K=1: Q4_K/Q5_K/Q6_K decode on q8_K activations (csrc/core/kquant_q8k.h, issue 15)
+        self.q8k = os.environ.get("AUTOGLM_Q8K", "0") == "1" and hasattr(ext, "gemv_q8k")
+        gemv_q8k = ext.gemv_q8k if self.q8k else None
 
         def direct(x: Tensor, raw: Tensor, qid: int) -> Tensor:  # = matmul() for float32 [M <= GEMV_MAX_ROWS, K]
+            if gemv_q8k is not None and qid in _Q8K_IDS:
+                return gemv_q8k(x, raw, qid)
             return gemv(x, raw, qid, False)
 
         self._direct: GemvKernel = direct
@@ -107,6 +114,8 @@ class CpuKernels:
         """x [M, cols] @ W.T -> [M, rows] float32 by the fused kernel (int8 activations unless `exact_activations`)."""
         if fmt.packed:
             return self.ext.gemv_packed(x.float().contiguous(), raw, int(fmt.qtype))
+        if self.q8k and not exact_activations and int(fmt.qtype) in _Q8K_IDS:
+            return self.ext.gemv_q8k(x.float().contiguous(), raw, int(fmt.qtype))
         return self.ext.gemv(x.float().contiguous(), raw, int(fmt.qtype), exact_activations)
 
     def gemm(self, x: Tensor, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:

@@ -67,3 +67,34 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t q, 
 // out [N, K] (float32 or bfloat16, contiguous) = W; bit-exact float32 values (bfloat16: rounded to nearest even).
 
 }  // namespace autoglm
+
+// Hook of the q8_K kernel (issue 15): activations quantized once per call, weight rows split over threads, groups
+// of up to KQ_MAX_M activation rows (each output row is independent of the grouping).
+#include "core/kquant_q8k.h"
+
+namespace autoglm {
+
+torch::Tensor gemv_q8k(const torch::Tensor& x, const torch::Tensor& raw, int64_t q) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be float32 [M, K]");
+  TORCH_CHECK(q == Q4_K || q == Q5_K || q == Q6_K, "gemv_q8k: Q4_K/Q5_K/Q6_K only, got type ", q);
+  const int64_t M = x.size(0), K = x.size(1), N = raw.size(0);
+  int64_t bs, ts;
+  check_raw(raw, q, K, bs, ts);
+  const int64_t nsb = K / 256, rs = raw.stride(0);
+  std::vector<kq::BlockQ8K> xq(M * nsb);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) kq::quantize_row_q8k(xp + m * K, xq.data() + m * nsb, K);
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = raw.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(8, N / (8 * at::get_num_threads()) + 1);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kq::KQ_MAX_M) {
+      const int mm = static_cast<int>(std::min<int64_t>(kq::KQ_MAX_M, M - m0));
+      kq::gemv_q8k(q, wp, rs, nsb, xq.data() + m0 * nsb, mm, yp + m0 * N, N, n0, n1);
+    }
+  });
+  return y;
+}
+
+}  // namespace autoglm

@@ -47,6 +47,8 @@ void check_packed(const torch::Tensor& t, int64_t q, int64_t K, int64_t& bs, int
 bool has_vnni();
 std::string isa();
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t q, bool exact_activations);
+// Q4_K/Q5_K/Q6_K decode on q8_K activations (core/kquant_q8k.h)
+torch::Tensor gemv_q8k(const torch::Tensor& x, const torch::Tensor& raw, int64_t q);
 void dequantize_out(const torch::Tensor& raw, int64_t q, int64_t K, torch::Tensor& out);
 torch::Tensor dequantize(const torch::Tensor& raw, int64_t q, int64_t K, bool bf16);
 torch::Tensor pack(const torch::Tensor& raw, int64_t q, int64_t K);

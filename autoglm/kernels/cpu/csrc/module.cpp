@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni);
   m.def("isa", &isa, "the ISA variant this extension was built for");
   m.def("gemv", &gemv, "y = x @ W.T on raw GGUF blocks", py::call_guard<py::gil_scoped_release>());
+  m.def("gemv_q8k", &gemv_q8k, "y = x @ W.T on raw Q4_K/Q5_K/Q6_K, q8_K activations",
+        py::call_guard<py::gil_scoped_release>());
   m.def("dequantize", &dequantize, "raw GGUF blocks -> float32/bfloat16", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_out", &dequantize_out, "raw GGUF blocks -> out", py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations);
