@@ -13,6 +13,8 @@ transformers, the test oracle) and starts `python -m autoglm.commands.serve` on 
   run once against a server with prefix caching on and once with it off -> prefix hit rate, TTFT saving.
 - --faults: 100 clients that disconnect mid-stream at random moments, malformed requests interleaved with valid ones
   -> no 5xx, valid ones complete, server healthy, KV blocks and RSS back to the baseline.
+- --llama-server BINARY --model GGUF: llama-server (`-np 8 -t/-tb --threads -c 8192`) and ours back to back, same
+  prompt, same `/v1/completions` stream, 1 and 8 streams, `--repeat` alternating rounds -> the ratio table.
 - --sigterm: 8 live streams, then SIGTERM -> every stream ends (finished or a clean error event), the process exits.
 Exit status 0 when every check passed, 1 otherwise.
 """
@@ -93,6 +95,30 @@ def start_server(model: str, extra: list[str], env_extra: dict[str, str], thread
         time.sleep(0.3)
     server.stop()
     raise RuntimeError("server not ready after 300 s")
+
+
+def start_llama_server(binary: str, model: str, threads: int, slots: int, ctx: int, log_dir: Path) -> Server:
+    """llama.cpp's C++ server on a free loopback port: `-np slots -t threads -tb threads -c ctx`."""
+    port = free_port()
+    log_path = log_dir / f"llama-server-{port}.log"
+    args = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-t", str(threads),
+            "-tb", str(threads), "-c", str(ctx), "--no-webui"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited ({proc.returncode}):\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=30).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError("llama-server not ready after 300 s")
 
 
 def write_small_model(path: Path, hidden: int = 256, layers: int = 4) -> Path:
@@ -375,6 +401,59 @@ async def run_sigterm(server: Server, model: str, streams: int, tokens: int) -> 
             "cut_without_event": sum(1 for s in samples if not s.done)}
 
 
+async def versus_round(server: Server, tokens: int) -> dict[str, Any]:
+    """One server's 1-stream and 8-stream decode over `/v1/completions` (a warm-up request first)."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        model = (await client.get("/v1/models", timeout=30)).json()["data"][0]["id"]
+        await decode_throughput(client, model, 1, 4, text=True)  # warm-up: weights paged in, kernels packed
+        one = await decode_throughput(client, model, 1, tokens, text=True)
+        eight = await decode_throughput(client, model, 8, tokens, text=True)
+    return {"one": one, "eight": eight}
+
+
+def run_versus(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """Ours and llama-server back to back on the same GGUF, same prompts, same protocol; `--repeat` alternating
+    rounds. -> per-round tok/s and the ratios (ours / llama-server) of the medians."""
+    rounds: dict[str, list[dict[str, Any]]] = {"llama-server": [], "autoglm": []}
+    order = ["llama-server", "autoglm"]
+    for r in range(args.repeat):
+        for label in order if r % 2 == 0 else order[::-1]:
+            if label == "llama-server":
+                server = start_llama_server(args.llama_server, args.model, args.threads, 8, args.llama_ctx, log_dir)
+            else:
+                server = start_server(args.model, ["--max-num-seqs", "8", *args.server_arg], {}, args.threads,
+                                      log_dir)
+            try:
+                rounds[label].append(asyncio.run(versus_round(server, args.decode_tokens)))
+            finally:
+                server.stop()
+
+    def median(label: str, key: str) -> float:
+        v = sorted(x[key]["tok_per_s"] for x in rounds[label])
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    table = {key: {"llama_server": median("llama-server", key), "autoglm": median("autoglm", key)}
+             for key in ("one", "eight")}
+    for row in table.values():
+        row["ratio"] = row["autoglm"] / row["llama_server"]
+    errors = sum(x[k]["errors"] for rs in rounds.values() for x in rs for k in ("one", "eight"))
+    return {"model": args.model, "threads": args.threads, "rounds": rounds, "table": table, "errors": errors}
+
+
+def print_versus(v: dict[str, Any]) -> None:
+    print(f"\n{Path(v['model']).name}, {v['threads']} threads, median of {len(v['rounds']['autoglm'])} rounds "
+          "(tok/s after each stream's first token)", file=sys.stderr)
+    print("| streams | llama-server | autoglm | autoglm / llama-server | per round (llama-server ; autoglm) |",
+          file=sys.stderr)
+    print("|---|---|---|---|---|", file=sys.stderr)
+    for key, n in (("one", 1), ("eight", 8)):
+        row = v["table"][key]
+        per = " ; ".join(" / ".join(f"{x[key]['tok_per_s']:.1f}" for x in v["rounds"][lab])
+                         for lab in ("llama-server", "autoglm"))
+        print(f"| {n} | {row['llama_server']:.1f} | {row['autoglm']:.1f} | {row['ratio']:.2f}x | {per} |",
+              file=sys.stderr)
+
+
 # --- main ----------------------------------------------------------------------------------------------------------
 async def served_model(client: httpx.AsyncClient) -> tuple[str, bool]:
     name = (await client.get("/v1/models", timeout=30)).json()["data"][0]["id"]
@@ -506,12 +585,26 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="decode test: token ids given logit_bias -100 (for --url servers without ignore_eos), e.g. 1,106",
     )
+    p.add_argument("--llama-server", metavar="BINARY",
+                   help="versus mode: llama-server (-np 8 -t/-tb --threads) and ours back to back on --model, "
+                        "1 and 8 streams on /v1/completions, --repeat alternating rounds; prints the ratio table")
+    p.add_argument("--llama-ctx", type=int, default=8192, help="versus mode: llama-server -c")
     args = p.parse_args(argv)
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         p.error("--url must be a loopback address")
     if args.small:
         args.requests, args.concurrency, args.fault_clients, args.steps, args.decode_tokens = 48, 8, 20, 2, 32
         args.repeat = 1
+    if args.llama_server:
+        if not args.model or args.url:
+            p.error("--llama-server needs --model GGUF (and no --url)")
+        with tempfile.TemporaryDirectory(prefix="autoglm-versus-") as tmp:
+            v = run_versus(args, Path(tmp))
+        print(json.dumps(v, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(v, indent=2))
+        print_versus(v)
+        return 1 if v["errors"] else 0
     with tempfile.TemporaryDirectory(prefix="autoglm-load-") as tmp:
         try:
             report = asyncio.run(asyncio.wait_for(main_async(args, Path(tmp)), args.max_seconds))

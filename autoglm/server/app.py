@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from autoglm.engine.openmp import ReleasingExecutor
 from autoglm.server import audio_api, health_api, ollama_api, openai_api, status_page
 from autoglm.server.config import ServerConfig
 from autoglm.server.engine_client import EngineClient
@@ -77,6 +78,8 @@ def create_app(
 
 
 async def _start(state: ServerState, model: LoadedModel | None, engine: EngineClient | None) -> None:
+    # to_thread jobs (loading, packing, probes) free their OpenMP team: the engine thread's stays the only one
+    asyncio.get_running_loop().set_default_executor(ReleasingExecutor(thread_name_prefix="autoglm-worker"))
     config = state.config
     if model is None:
         from autoglm.loader import load_model

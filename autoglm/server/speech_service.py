@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from autoglm.engine.openmp import release_thread_pool
 from autoglm.errors import Overloaded, RequestTimeout
 from autoglm.models.loaded import ModuleInfo
 from autoglm.multimodal.audio import AudioLimits
@@ -162,6 +163,7 @@ class SpeechService:
                 groups.setdefault(j.request.batch_key, []).append(j)
             for group in groups.values():
                 self._serve(group)
+            release_thread_pool()  # the engine thread's OpenMP team must stay the only one (engine/openmp.py)
             if stop:
                 return
 
