@@ -44,6 +44,10 @@ class EngineConfig:
     # Bound for requests without max_tokens (EOS still stops them first); None or 0: the rest of the context.
     # The server passes its --default-max-tokens (2048); LLM keeps the unbounded default of a library call.
     default_max_tokens: int | None = None
+    # Batch-invariant greedy output: a token's logits do not depend on what shares its step, on prefill chunking or
+    # on the prefix cache (every row through the row-independent GEMV, every query through the decode attention).
+    # Costs prefill speed (BENCHMARKS.md "Deterministic greedy (issue 11)"), so off unless asked for.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "kv_cache_tokens"):

@@ -56,7 +56,9 @@ class Engine:
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(model, plan, encoder_cache_memory=config.encoder_cache_memory)
+        self.runner = ModelRunner(
+            model, plan, encoder_cache_memory=config.encoder_cache_memory, deterministic=config.deterministic
+        )
         self.requests: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_timeouts = 0
