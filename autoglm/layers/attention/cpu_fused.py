@@ -2,9 +2,9 @@
 
 Decode reads K/V where they are, in the cache's dtype (float32/float16/bfloat16): one `attend_decode_paged` call for
 the whole batch when the kernels have it, else one `attend_decode` per sequence over its cache span. With
-`batch_invariant`, prefill tokens go through the same call, one row per query token with its own span (each row's
-result depends only on its query and keys: scores per key, softmax and the value sum run in key order per row). Prefill and any
-input the kernels do not take (non-float32 queries, other devices) use `TorchRefBackend`'s path. Results equal the
+`batch_invariant`, prefill tokens go through the same call, one row per query token with its own span (each
+row's result depends only on its query and keys: scores per key, softmax and the value sum run in key order).
+Prefill and any input the kernels do not take (non-float32 queries, other devices) use `TorchRefBackend`'s path. Results equal the
 reference up to float32 summation order (tests/unit/test_decode_ops.py).
 """
 
@@ -87,7 +87,8 @@ class CpuFusedBackend(TorchRefBackend):
             assert ctx.block_tables is not None
             counts = torch.tensor(ctx.query_lens, dtype=torch.long)
             tables = ctx.block_tables.repeat_interleave(counts, dim=0)
-            hi = torch.cat([torch.arange(cl - ql + 1, cl + 1) for ql, cl in zip(ctx.query_lens, ctx.context_lens)])
+            spans = zip(ctx.query_lens, ctx.context_lens, strict=True)
+            hi = torch.cat([torch.arange(cl - ql + 1, cl + 1) for ql, cl in spans])  # token j sees < cl - ql + j + 1
             lo = hi.sub(window).clamp_(min=0) if window is not None else torch.zeros_like(hi)
             hit = ctx.memo[key] = (tables, lo, hi)
         return hit

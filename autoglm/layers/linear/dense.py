@@ -30,7 +30,7 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.batch_invariant = False  # fixed GEMM tiles: a row's result independent of the other rows (batch_invariant.py)
+        self.batch_invariant = False  # fixed GEMM tiles (batch_invariant.py): rows independent of each other
 
     def set_batch_invariant(self, enabled: bool) -> None:
         self.batch_invariant = enabled
