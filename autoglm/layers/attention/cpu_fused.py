@@ -4,8 +4,8 @@ Decode reads K/V where they are, in the cache's dtype (float32/float16/bfloat16)
 the whole batch when the kernels have it, else one `attend_decode` per sequence over its cache span. With
 `batch_invariant`, prefill tokens go through the same call, one row per query token with its own span (each
 row's result depends only on its query and keys: scores per key, softmax and the value sum run in key order).
-Prefill and any input the kernels do not take (non-float32 queries, other devices) use `TorchRefBackend`'s path. Results equal the
-reference up to float32 summation order (tests/unit/test_decode_ops.py).
+Prefill and any input the kernels do not take (non-float32 queries, other devices) use `TorchRefBackend`'s path.
+Results equal the reference up to float32 summation order (tests/unit/test_decode_ops.py).
 """
 
 from __future__ import annotations
