@@ -32,6 +32,8 @@ def _greedy(n: int) -> SamplingParams:
 def _run(model: LoadedModel, prompts: list[PromptInputs], n: int, **cfg: Any) -> list[Run]:
     """All prompts submitted together to one deterministic engine; each one's (ids, logprobs)."""
     engine = Engine(model, EngineConfig(deterministic=True, **cfg))
+    assert engine.runner.backend.batch_invariant  # type: ignore[attr-defined]
+    assert all(m.batch_invariant for m in model.decoder.modules() if hasattr(m, "set_batch_invariant"))
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, _greedy(n))
     got: dict[str, Run] = {str(i): ([], []) for i in range(len(prompts))}
