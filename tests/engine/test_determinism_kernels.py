@@ -149,3 +149,19 @@ def test_attention_same_per_query_whatever_the_split(gk: CpuKernels, kind: str, 
     assert torch.allclose(whole, causal_attention(layer, q, k, v), rtol=1e-4, atol=1e-5)
 
 
+
+
+# --- the switch reaches the engine ---------------------------------------------------------------------------------
+def test_deterministic_flag_and_env_reach_the_engine_config() -> None:
+    import argparse
+
+    from autoglm.config import EngineConfig
+    from autoglm.server.config import ServerConfig, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert ServerConfig.from_sources(vars(parser.parse_args(["--deterministic"])), environ={}).deterministic
+    assert ServerConfig.from_sources({}, environ={"AUTOGLM_DETERMINISTIC": "1"}).deterministic
+    assert not ServerConfig.from_sources({}, environ={}).deterministic
+    assert EngineConfig.from_sources({}, env={"AUTOGLM_DETERMINISTIC": "true"}).deterministic
+    assert not EngineConfig().deterministic  # opt-in (BENCHMARKS.md "Deterministic greedy (issue 11)")
