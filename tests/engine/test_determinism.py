@@ -1,6 +1,6 @@
 """Deterministic greedy decoding (`EngineConfig.deterministic`): the same request gives the same token ids and the
-same logprobs, bit for bit, alone, among 7 concurrent others, with its prompt prefilled in chunks, and with its prefix
-served from the prefix cache — on the real built-in GGUF (Qwen2.5-Coder-0.5B Q4_K_M, the CPU kernels) and on a tiny
+same logprobs, bit for bit, alone, among 7 concurrent others (its prefill chunks sharing steps with their chunks and
+decodes), with its prompt prefilled in chunks, and with its prefix served from the prefix cache — on the real built-in GGUF (Qwen2.5-Coder-0.5B Q4_K_M, the CPU kernels) and on a tiny
 GLM-4.1V with an image (float32 dense layers, the torch attention)."""
 
 from __future__ import annotations
@@ -66,11 +66,12 @@ def _cached_then_again(model: LoadedModel, prompt: PromptInputs, n: int, **cfg: 
 def _check_all_cases(model: LoadedModel, prompts: list[PromptInputs], n: int, chunk: int) -> None:
     alone = _run(model, prompts[:1], n)[0]
     assert len(alone[0]) == n and len(alone[1]) == n
+    # among 7 others with a small step budget: its prefill chunks share steps with the others' chunks and decodes
     cases = {
-        "among 7 concurrent others": _run(model, prompts, n)[0],
-        "last among 7 concurrent others": _run(model, prompts[1:] + prompts[:1], n)[-1],
         f"prefill chunked by {chunk}": _run(model, prompts[:1], n, max_num_batched_tokens=chunk)[0],
-        "chunked among 7 others": _run(model, prompts, n, max_num_batched_tokens=chunk)[0],
+        "among 7 concurrent others (chunked, mixed with decodes)": _run(
+            model, prompts, n, max_num_batched_tokens=chunk
+        )[0],
     }
     first, second, cached = _cached_then_again(model, prompts[0], n)
     assert cached > 0, "the second request must hit the prefix cache"
@@ -90,16 +91,17 @@ def builtin() -> LoadedModel:
     return load_model(path)
 
 
+@pytest.mark.timeout(1800)  # a 0.5B model over five engine runs on a shared 2-core machine
 def test_builtin_gguf_greedy_is_batch_invariant(builtin: LoadedModel) -> None:
-    system = "You are a phone agent. Read the screen, then answer with one action. " * 6
+    system = "You are a phone agent. Read the screen, then answer with one action. " * 4
     tasks = ["open settings", "turn on wifi", "call mom", "read the last sms", "set an alarm for 7", "play music",
              "take a photo", "what is the battery level"]  # fmt: skip
     prompts = [
         build_chat_prompt(builtin, [{"role": "system", "content": system}, {"role": "user", "content": t}])
         for t in tasks
     ]
-    assert len(prompts[0].token_ids) > 100
-    _check_all_cases(builtin, prompts, n=16, chunk=40)
+    assert len(prompts[0].token_ids) > 64
+    _check_all_cases(builtin, prompts, n=10, chunk=24)
 
 
 # --- a tiny GLM-4.1V with an image ---------------------------------------------------------------------------------
