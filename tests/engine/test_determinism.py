@@ -1,7 +1,8 @@
 """Deterministic greedy decoding (`EngineConfig.deterministic`): the same request gives the same token ids and the
 same logprobs, bit for bit, alone, among 7 concurrent others (its prefill chunks sharing steps with their chunks and
-decodes), with its prompt prefilled in chunks, and with its prefix served from the prefix cache — on the real built-in GGUF (Qwen2.5-Coder-0.5B Q4_K_M, the CPU kernels) and on a tiny
-GLM-4.1V with an image (float32 dense layers, the torch attention)."""
+decodes), with its prompt prefilled in chunks, and with its prefix served from the prefix cache — on the real
+built-in GGUF (Qwen2.5-Coder-0.5B Q4_K_M, the CPU kernels) and on a tiny GLM-4.1V with an image (float32 dense
+layers, the torch attention)."""
 
 from __future__ import annotations
 
