@@ -29,6 +29,7 @@ class BenchConfig:
     quantization: str | None = None  # None | "int8" | "int4" (HF path)
     dtype: str = "auto"
     runs: int = 1
+    deterministic: bool = False  # EngineConfig.deterministic (batch-invariant kernels)
 
 
 @dataclass
@@ -149,6 +150,7 @@ def bench_autoglm(cfg: BenchConfig) -> BenchResult:
             max_num_batched_tokens=max(cfg.prompt_len * cfg.concurrency, cfg.concurrency),
             block_size=block,
             num_kv_blocks=cfg.concurrency * (per_seq // block + 2) + 4,
+            deterministic=cfg.deterministic,
         ),
     )
     vocab = int(loaded.decoder.vocab_size)

@@ -46,6 +46,10 @@ class EngineConfig:
     default_max_tokens: int | None = None
     attention_backend: str = "auto"  # "auto" | "cuda_sdpa" | "torch" (layers/attention make_backend)
     cuda_graphs: bool = True  # decode steps as CUDA graphs when the decoder is on CUDA (engine/cuda_graphs.py)
+    # Batch-invariant greedy output: a token's logits do not depend on what shares its step, on prefill chunking or
+    # on the prefix cache (every row through the row-independent GEMV, every query through the decode attention).
+    # Costs prefill speed (BENCHMARKS.md "Deterministic greedy (issue 11)"), so off unless asked for.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "kv_cache_tokens"):

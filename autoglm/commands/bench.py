@@ -23,6 +23,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quantization", choices=("int8", "int4"), default=None, help="HF path: quantize at load")
     p.add_argument("--dtype", default="auto", help="HF path dtype: auto, float32, bfloat16, float16 [auto]")
     p.add_argument("--runs", type=int, default=1, help="timed runs per engine; best is reported [1]")
+    p.add_argument("--deterministic", action="store_true", help="batch-invariant kernels (EngineConfig.deterministic)")
     p.add_argument("--compare-llamacpp", action="store_true", help="also run llama-cpp-python on the same GGUF")
     p.add_argument("--inline", action="store_true", help="run in this process (faster start; RSS then shared)")
     p.add_argument("--json", dest="json_out", default=None, help="write results as JSON to this file")
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=str(model), prompt_len=args.prompt_len, gen_len=args.gen_len, concurrency=args.concurrency,
         threads=threads, quantization=args.quantization, dtype=args.dtype, runs=args.runs,
+        deterministic=args.deterministic,
     )  # fmt: skip
     results = []
     if args.inline:

@@ -59,6 +59,7 @@ class Engine:
         self.runner = ModelRunner(
             model, plan, encoder_cache_memory=config.encoder_cache_memory,
             attention_backend=config.attention_backend, cuda_graphs=config.cuda_graphs,
+            deterministic=config.deterministic,
         )
         self.requests: dict[str, Request] = {}
         self.num_generated_tokens = 0

@@ -2,6 +2,8 @@
 
 Builds the attention backend once (`make_backend`: it owns the K/V tensors, one `[num_blocks, block_size, n_kv,
 head_dim]` pair per `Attention` layer, on the decoder's device) and hands it to every step in the `AttentionContext`.
+`deterministic` (EngineConfig.deterministic): batch-invariant linears and attention, so a token's logits do not
+depend on what shares its step, on chunking or on the prefix cache (layers/linear/batch_invariant.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from autoglm.engine.sampler import Sampler, SamplingRow, TokenLogprob
 from autoglm.engine.scheduler import ScheduledBatch
 from autoglm.errors import UnsupportedModality
 from autoglm.layers.attention import AttentionContext, make_backend
+from autoglm.layers.linear.batch_invariant import set_batch_invariant
 from autoglm.layers.linear.gguf import prepare_weights
 from autoglm.models.loaded import LoadedModel
 
@@ -32,6 +35,7 @@ class ModelRunner:
         encoder_cache_memory: int = 0,
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
+        deterministic: bool = False,
     ) -> None:
         self.model = model
         self.decoder = model.decoder
@@ -40,10 +44,13 @@ class ModelRunner:
         num_blocks, cache_dtype = plan.num_blocks, plan.cache_dtype
         self.layers = attention_layers(model)
         prepare_weights(model.decoder)  # explicit one-time repack for the chosen kernels (no-op when done/none)
+        self.deterministic = deterministic
+        set_batch_invariant(model.decoder, deterministic)  # per model: the engine's choice, set both ways
         # the decoder lives on one device (encoders may be elsewhere)
         self.backend = make_backend(
             self.layers, num_blocks=num_blocks, block_size=block_size, dtype=cache_dtype, device=self.device,
             kind=attention_backend,
+            batch_invariant=deterministic,
         )
         # decode steps replayed as CUDA graphs (CUDA + a graph-safe backend only; else None: eager)
         self.graphs = decode_graphs(self.decoder, self.backend, torch.device(self.device), cuda_graphs)

@@ -148,6 +148,7 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> EngineClient:
             "request_timeout": config.request_timeout,
             "enable_prefix_caching": False if config.no_prefix_caching else None,
             "default_max_tokens": config.default_max_tokens,
+            "deterministic": True if config.deterministic else None,
         },
         # no model_values max_model_len: an unset context lets the KV default rule size it (engine/memory.py)
         defaults={"enable_prefix_caching": True},  # agents resend the same prefix every step (EngineConfig says why)

@@ -60,6 +60,7 @@ class ServerConfig:
     max_waiting: int | None = None
     request_timeout: float | None = None
     no_prefix_caching: bool = False
+    deterministic: bool = False
     drain_grace: float = 10.0
     # speech (issue 12): the module behind /v1/audio/* and chat input_audio parts
     speech_model: str | None = None  # None: the built-in Whisper base (CTranslate2)
@@ -184,6 +185,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--request-timeout",), "request_timeout", float,
             "seconds after which a request is ended with a timeout error (default: none)"),
     _Option(("--no-prefix-caching",), "no_prefix_caching", bool, "do not share KV blocks of repeated prompt prefixes"),
+    _Option(("--deterministic",), "deterministic", bool,
+            "batch-invariant greedy output (same tokens cached or not, batched or alone; slower prefill)"),
     _Option(("--drain-grace",), "drain_grace", float,
             "on SIGTERM: seconds running requests get to finish before they end with an error (default 10)"),
     # speech module (issue 12)

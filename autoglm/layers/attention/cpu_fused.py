@@ -1,9 +1,11 @@
 """The fused CPU attention backend: decode attention by the C++ kernels of `CpuKernels`, the rest as the reference.
 
 Decode reads K/V where they are, in the cache's dtype (float32/float16/bfloat16): one `attend_decode_paged` call for
-the whole batch when the kernels have it, else one `attend_decode` per sequence over its cache span. Prefill and any
-input the kernels do not take (non-float32 queries, other devices) use `TorchRefBackend`'s path. Results equal the
-reference up to float32 summation order (tests/unit/test_decode_ops.py).
+the whole batch when the kernels have it, else one `attend_decode` per sequence over its cache span. With
+`batch_invariant`, prefill tokens go through the same call, one row per query token with its own span (each
+row's result depends only on its query and keys: scores per key, softmax and the value sum run in key order).
+Prefill and any input the kernels do not take (non-float32 queries, other devices) use `TorchRefBackend`'s path.
+Results equal the reference up to float32 summation order (tests/unit/test_decode_ops.py).
 """
 
 from __future__ import annotations
@@ -32,8 +34,16 @@ class CpuFusedBackend(TorchRefBackend):
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        batch_invariant: bool = False,
     ) -> None:
-        super().__init__(layers, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device)
+        super().__init__(
+            layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            dtype=dtype,
+            device=device,
+            batch_invariant=batch_invariant,
+        )
         self.kernels = kernels
 
     def prepare(self, ctx: AttentionContext) -> None:
@@ -55,6 +65,33 @@ class CpuFusedBackend(TorchRefBackend):
             k, v = self.cached_kv(kc, vc, layer, ctx, i)
             outs.append(self.kernels.attend_decode(q[i], k, v, layer.scale))  # [H, D]
         return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+
+    def per_query(self, q: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext) -> Tensor:
+        # q: [T, H, D] -> [T, H, D]; one paged-kernel row per query token (see TorchRefBackend.per_query)
+        if q.dtype != torch.float32 or not q.is_cpu or kc.dtype not in _FUSED_CACHE_DTYPES:
+            return super().per_query(q, kc, vc, layer, ctx)
+        if ctx.is_decode:  # one token per sequence: the rows are the sequences already
+            tables, (lo, hi) = ctx.block_tables, self._spans(ctx, layer.sliding_window)
+        else:
+            tables, lo, hi = self._token_spans(ctx, layer.sliding_window)
+        assert tables is not None
+        out = self.kernels.attend_decode_paged(q, kc, vc, tables, lo, hi, layer.scale)
+        return out if out is not None else super().per_query(q, kc, vc, layer, ctx)
+
+    @staticmethod
+    def _token_spans(ctx: AttentionContext, window: int | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Per new token: its sequence's block table [T, max_blocks] and the positions it sees, lo [T], hi [T]."""
+        key = ("token_spans", window)
+        hit = ctx.memo.get(key)
+        if hit is None:
+            assert ctx.block_tables is not None
+            counts = torch.tensor(ctx.query_lens, dtype=torch.long)
+            tables = ctx.block_tables.repeat_interleave(counts, dim=0)
+            spans = zip(ctx.query_lens, ctx.context_lens, strict=True)
+            hi = torch.cat([torch.arange(cl - ql + 1, cl + 1) for ql, cl in spans])  # token j sees < cl - ql + j + 1
+            lo = hi.sub(window).clamp_(min=0) if window is not None else torch.zeros_like(hi)
+            hit = ctx.memo[key] = (tables, lo, hi)
+        return hit
 
     @staticmethod
     def _spans(ctx: AttentionContext, window: int | None) -> tuple[Tensor, Tensor]:

@@ -2,6 +2,11 @@
 
 Works on any device and dtype; the numerics the other backends are tested against. Cache layout (shared by the
 backends built on this one): per layer, K and V `[num_blocks, block_size, num_kv_heads, head_dim]`.
+
+`batch_invariant=True`: every query token, prefill or decode, attends alone over the cached keys it sees, in cache
+order, by the decode arithmetic (`per_query`): SDPA's result for a query depends on the chunk it is in (key/query
+blocking), the batched decode's on the batch's longest context (padding). A token's output is then a function of its
+own query and keys only: the same whether its prefix was cached, its prompt chunked, or its step shared.
 """
 
 from __future__ import annotations
@@ -57,8 +62,10 @@ class TorchRefBackend(AttentionBackend):
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        batch_invariant: bool = False,
     ) -> None:
         self.block_size = block_size
+        self.batch_invariant = batch_invariant
         self._index = {id(layer): i for i, layer in enumerate(layers)}
         self.k_caches: list[Tensor] = []
         self.v_caches: list[Tensor] = []
@@ -93,6 +100,8 @@ class TorchRefBackend(AttentionBackend):
         kvh, d = layer.num_kv_heads, layer.head_dim
         kc.view(-1, kvh, d).index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
         vc.view(-1, kvh, d).index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+        if self.batch_invariant:
+            return self.per_query(q, kc, vc, layer, ctx)
         if ctx.is_decode:
             return self.decode(q, kc, vc, layer, ctx)
         return self.prefill(q, k, v, kc, vc, layer, ctx)
@@ -129,7 +138,12 @@ class TorchRefBackend(AttentionBackend):
     ) -> tuple[Tensor, Tensor]:
         """The keys/values the newest token of `seq` sees ([n, KV, D]): the whole context, or the sliding window's
         tail; a view of the cache when its blocks are consecutive, else only the needed blocks are gathered."""
-        hi = ctx.context_lens[seq]
+        return self.span_kv(kc, vc, layer, ctx, seq, ctx.context_lens[seq])
+
+    def span_kv(
+        self, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext, seq: int, hi: int
+    ) -> tuple[Tensor, Tensor]:
+        """The keys/values a query of `seq` that sees positions < hi attends over (`cached_kv` for any hi)."""
         lo = 0 if layer.sliding_window is None else max(0, hi - layer.sliding_window)
         start, blocks = ctx.cache_span(seq, lo, hi, self.block_size)
         n = hi - lo
@@ -139,6 +153,19 @@ class TorchRefBackend(AttentionBackend):
         k = kc.index_select(0, blocks).flatten(0, 1)[start : start + n]
         v = vc.index_select(0, blocks).flatten(0, 1)[start : start + n]
         return k, v
+
+    def per_query(self, q: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext) -> Tensor:
+        """q [T, H, D] (all new tokens, already in the cache) -> [T, H, D]: token j of sequence i (query_lens[i] new
+        tokens, context_lens[i] after the step) sees positions < context_lens[i] - query_lens[i] + j + 1, attended
+        one query at a time by the decode arithmetic (batch invariant; see the module docstring)."""
+        outs = []
+        t = 0
+        for i, (ql, cl) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
+            for j in range(ql):
+                k, v = self.span_kv(kc, vc, layer, ctx, i, cl - ql + j + 1)
+                outs.append(REFERENCE.attend_decode(q[t], k.contiguous(), v.contiguous(), layer.scale))
+                t += 1
+        return torch.stack(outs)
 
     def _decode_batched(
         self, q: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext

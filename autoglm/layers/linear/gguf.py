@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from autoglm.errors import WeightMismatch
 from autoglm.gguf.blocks import as_byte_tensor, block_layout, check_type, dequantize_blocks, row_nbytes
-from autoglm.kernels.base import Kernels
+from autoglm.kernels.base import GemvKernel, Kernels
 from autoglm.kernels.reference import REFERENCE
+from autoglm.layers.linear.batch_invariant import fixed_tiles
 
 # matmul dequantizes at most this many weight elements at a time, so a 150k-row lm_head never gets a float copy
 _MATMUL_CHUNK_ELEMENTS = 1 << 24
@@ -117,6 +118,7 @@ class GGUFLinear(nn.Module):
         self.weight_format = GGUFBlockFormat(check_type(qtype, name), out_features, in_features)
         self._qid = int(self.weight_format.qtype)  # plain int: enum conversion is slow on the per-token path
         self._direct = impl.direct_gemv(self.weight_format)
+        self.batch_invariant = False  # every M through the row-independent path (set_batch_invariant)
         self.register_buffer("weight", torch.empty(self.weight_format.raw_shape, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -159,13 +161,26 @@ class GGUFLinear(nn.Module):
         self.weight_format = replace(self.weight_format, packed=True)
         self._direct = self.impl.direct_gemv(self.weight_format)  # the direct kernel is keyed by the layout
 
+    def set_batch_invariant(self, enabled: bool) -> None:
+        """Compute every row alone, at any M: the fused GEMV (int8 activations per row, each row bitwise independent
+        of the others) where the kernels have one, else fixed GEMM tiles. Prefill then runs the decode kernel."""
+        self.batch_invariant = enabled
+
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
         fast = self._direct
-        if fast is not None and x.dim() == 2 and x.shape[0] <= fast[1] and x.dtype == torch.float32 and x.is_cpu:
+        if (
+            fast is not None
+            and x.dim() == 2
+            and (x.shape[0] <= fast[1] or self.batch_invariant)
+            and x.dtype == torch.float32
+            and x.is_cpu
+        ):
             # decode: straight to the kernel; the generic route costs ~10 us of Python per call (~1.2 ms a token)
             y = fast[0](x.contiguous(), self.weight, self._qid)  # [M, out]
             return y if self.bias is None else y.add_(self.bias)
+        if self.batch_invariant:
+            return invariant_matmul(self.impl, self._direct, x, self.weight, self.weight_format, self.bias)
         return self.impl.matmul(x, self.weight, self.weight_format, self.bias)
 
     def extra_repr(self) -> str:
@@ -199,6 +214,7 @@ class GGUFEmbedding(nn.Module):
         self.dtype = dtype  # dtype of the looked-up rows
         self.impl = impl
         self.weight_format = GGUFBlockFormat(check_type(qtype, name), num_embeddings, embedding_dim)
+        self.batch_invariant = False  # as_logits row-independent at any M (as GGUFLinear.set_batch_invariant)
         self.register_buffer("weight", torch.empty(self.weight_format.raw_shape, dtype=torch.uint8, device=device))
 
     @classmethod
@@ -230,6 +246,9 @@ class GGUFEmbedding(nn.Module):
         self.weight = packed
         self.weight_format = replace(self.weight_format, packed=True)
 
+    def set_batch_invariant(self, enabled: bool) -> None:
+        self.batch_invariant = enabled
+
     def forward(self, input_ids: Tensor) -> Tensor:
         # input_ids: [...] -> [..., dim]
         rows = self.impl.take_rows(self.weight, self.weight_format, input_ids.reshape(-1).long(), self.dtype)
@@ -237,10 +256,30 @@ class GGUFEmbedding(nn.Module):
 
     def as_logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., dim] @ table.T -> [..., vocab] (tied lm_head), decoded a slab at a time."""
+        if self.batch_invariant:
+            direct = self.impl.direct_gemv(self.weight_format)
+            return invariant_matmul(self.impl, direct, hidden, self.weight, self.weight_format, None)
         return self.impl.matmul(hidden, self.weight, self.weight_format)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}, impl={self.impl.name}"
+
+
+def invariant_matmul(
+    impl: Kernels,
+    direct: tuple[GemvKernel, int] | None,
+    x: Tensor,
+    raw: Tensor,
+    fmt: GGUFBlockFormat,
+    bias: Tensor | None,
+) -> Tensor:
+    """x [..., cols] @ W.T (+ bias) with each row's result independent of the other rows: the kernels' fused GEMV at
+    any M for float32 CPU rows, else `impl.matmul` over fixed row tiles (batch_invariant.py)."""
+    if direct is not None and x.dtype == torch.float32 and x.is_cpu:
+        x2 = x.reshape(-1, fmt.cols).contiguous()
+        y = direct[0](x2, raw, int(fmt.qtype)).reshape(*x.shape[:-1], fmt.rows)
+        return y if bias is None else y + bias.to(y.dtype)
+    return fixed_tiles(lambda t: impl.matmul(t, raw, fmt, bias), x)
 
 
 def prepare_weights(model: nn.Module) -> int:
