@@ -109,9 +109,11 @@ def model_decode(
     torch.set_grad_enabled(False)
     loaded = load_model(path, no_vision=True)
 
+    vocab = loaded.decoder.vocab_size
+
     def ids(k: int, plen: int) -> list[int]:  # a different prompt per run: no prefix-cache hits
         g = torch.Generator().manual_seed(k)
-        return torch.randint(1000, 200000, (plen,), generator=g).tolist()
+        return torch.randint(1000, min(200000, vocab), (plen,), generator=g).tolist()
 
     engine = Engine(
         loaded,
