@@ -79,7 +79,8 @@ class CpuKernels:
     ) -> None:
         self.ext = ext
         self.isa = str(ext.isa())  # the variant (autoglm.kernels.cpu.variants): "avx512", "avx2", "scalar", ...
-        self.has_vnni = bool(ext.has_vnni())  # AVX512-VNNI paths (packed layout, attention) built in
+        self.has_vnni = bool(ext.has_vnni())  # AVX512-VNNI built in (the packed tiles' vpdpbusd)
+        self.has_packed = bool(ext.has_packed())  # the packed layout's kernel built in (AVX512-VNNI or AVX2 tiles)
         # BF16 dot products are AVX-512/AMX features: a variant below avx512 stands for a CPU without them
         self.prefill_bf16 = (cpu_has_bf16() and self.isa == "avx512") if prefill_bf16 is None else prefill_bf16
         self.slab_elements = slab_elements
@@ -97,7 +98,7 @@ class CpuKernels:
         self._direct: GemvKernel = direct
 
     def __repr__(self) -> str:
-        return f"CpuKernels(isa={self.isa}, vnni={self.has_vnni}, prefill_bf16={self.prefill_bf16})"
+        return f"CpuKernels(isa={self.isa}, packed={self.has_packed}, prefill_bf16={self.prefill_bf16})"
 
     def __deepcopy__(self, memo: dict[int, object]) -> object:
         return self  # shared by every module that computes with it: a copied model keeps the same kernels
@@ -178,7 +179,7 @@ class CpuKernels:
         return (self.ext.gemv_packed if fmt.packed else self._direct), GEMV_MAX_ROWS
 
     def can_pack(self, fmt: GGUFBlockFormat) -> bool:
-        return self.has_vnni and packing.packable(fmt)
+        return self.has_packed and packing.packable(fmt)
 
     def pack(self, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
         return packing.pack(self.ext, raw, fmt)
