@@ -7,7 +7,10 @@ GGUF matmuls, picked per call by the number of activation rows M (measured in `b
   (`csrc/core/`: avx512 vpdpbusd, avx2 vpmaddubsw/vpmaddwd, scalar; every variant bitwise equal to scalar); the
   result equals `F.linear(x_q, W)` up to float32 summation order, where `x_q = d * round(x / d)`,
   `d = max|x_block| / 127` — so |y - F.linear(x, W)| <= |W| @ (d / 2) per block.
-- larger M (prefill): the weight is dequantized once per call, a slab of rows at a time into a buffer this object
+- larger M (prefill), packed weights (`prefill_int8`, the default where they exist and prefill is not bf16): the
+  packed kernel at any M, int8 activations per 32 as in decode (llama.cpp's prefill rounds activations the same
+  way); 1.1-1.4x a float32 GEMM at 512 rows, 1.5-2x at 128 (BENCHMARKS.md, "Packed prefill").
+- larger M otherwise: the weight is dequantized once per call, a slab of rows at a time into a buffer this object
   owns (bounded memory, one per thread and dtype), by the same C++ code (bit-exact with `gguf.quants`), then one
   GEMM per slab — in bfloat16 on CPUs with BF16 dot products (`prefill_bf16`: weight and activations rounded to
   bfloat16), else float32.
@@ -67,7 +70,9 @@ class CpuKernels:
 
     prefill_bf16: prefill GEMMs in bfloat16 (default: the avx512 variant on a CPU with BF16 dot products: ~2x faster
     at 512 tokens, an activation error (2^-9 relative) no larger than decode's int8-per-32 rounding); False:
-    float32-exact prefill.
+    float32 prefill GEMMs.
+    prefill_int8: prefill on packed weights through the packed int8 kernel (default: when prefill is not bf16);
+    False: dequantize + GEMM as for unpacked weights (float32 activations).
     slab_elements: weight elements dequantized per prefill slab.
     """
 
@@ -75,7 +80,12 @@ class CpuKernels:
     fused_decode_attention = True
 
     def __init__(
-        self, ext: ModuleType, *, prefill_bf16: bool | None = None, slab_elements: int = DEQUANT_SLAB_ELEMENTS
+        self,
+        ext: ModuleType,
+        *,
+        prefill_bf16: bool | None = None,
+        prefill_int8: bool | None = None,
+        slab_elements: int = DEQUANT_SLAB_ELEMENTS,
     ) -> None:
         self.ext = ext
         self.isa = str(ext.isa())  # the variant (autoglm.kernels.cpu.variants): "avx512", "avx2", "scalar", ...
@@ -83,6 +93,7 @@ class CpuKernels:
         self.has_packed = bool(ext.has_packed())  # the packed layout's kernel built in (AVX512-VNNI or AVX2 tiles)
         # BF16 dot products are AVX-512/AMX features: a variant below avx512 stands for a CPU without them
         self.prefill_bf16 = (cpu_has_bf16() and self.isa == "avx512") if prefill_bf16 is None else prefill_bf16
+        self.prefill_int8 = (not self.prefill_bf16) if prefill_int8 is None else prefill_int8
         self.slab_elements = slab_elements
         self._scratch: dict[tuple[int, torch.dtype], Tensor] = {}  # (thread, dtype) -> reused slab buffer
         gemv = ext.gemv
@@ -98,7 +109,10 @@ class CpuKernels:
         self._direct: GemvKernel = direct
 
     def __repr__(self) -> str:
-        return f"CpuKernels(isa={self.isa}, packed={self.has_packed}, prefill_bf16={self.prefill_bf16})"
+        return (
+            f"CpuKernels(isa={self.isa}, packed={self.has_packed}, prefill_bf16={self.prefill_bf16}, "
+            f"prefill_int8={self.prefill_int8})"
+        )
 
     def __deepcopy__(self, memo: dict[int, object]) -> object:
         return self  # shared by every module that computes with it: a copied model keeps the same kernels
@@ -152,7 +166,7 @@ class CpuKernels:
         x2 = x.reshape(-1, fmt.cols)  # [M, cols]
         if x2.device.type != "cpu" or raw.device.type != "cpu":
             raise RuntimeError("the CPU kernels run on CPU tensors only")
-        if x2.shape[0] <= GEMV_MAX_ROWS:
+        if x2.shape[0] <= GEMV_MAX_ROWS or (fmt.packed and self.prefill_int8):
             y = self.gemv(x2, raw, fmt).to(x.dtype)
         else:
             cd = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32

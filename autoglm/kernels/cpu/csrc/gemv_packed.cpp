@@ -82,18 +82,22 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   const int64_t nb = K / bs, n32 = K / 32, gbytes = kPackRows * ts;
   std::vector<int8_t> aq(M * K);
   std::vector<float> ad(M * n32), as(M * n32);
-  std::vector<int32_t> ainit(M * n32), ainit16(M * 2 * n32), ns4(K / 4);
+  std::vector<int32_t> ainit(M * n32), ainit16(M * 2 * n32), ns4(M * (K / 4));
   std::vector<ActP> acts(M);
   const int off = zero_point(q);
-  for (int64_t m = 0; m < M; ++m) {
-    quantize_act_row(x.data_ptr<float>() + m * K, K, aq.data() + m * K, ad.data() + m * n32, as.data() + m * n32,
-                     ns4.data());
-    for (int64_t h = 0; h < 2 * n32; ++h)  // ns4 holds -sum4(q)
-      ainit16[m * 2 * n32 + h] = off * (ns4[4 * h] + ns4[4 * h + 1] + ns4[4 * h + 2] + ns4[4 * h + 3]);
-    for (int64_t b = 0; b < n32; ++b) ainit[m * n32 + b] = ainit16[m * 2 * n32 + 2 * b] + ainit16[m * 2 * n32 + 2 * b + 1];
-    acts[m] = {aq.data() + m * K, ad.data() + m * n32, as.data() + m * n32, ainit.data() + m * n32,
-               ainit16.data() + m * 2 * n32};
-  }
+  // prefill quantizes hundreds of rows: in parallel (each row's values do not depend on the split)
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int32_t* n4 = ns4.data() + m * (K / 4);
+      quantize_act_row(x.data_ptr<float>() + m * K, K, aq.data() + m * K, ad.data() + m * n32, as.data() + m * n32,
+                       n4);
+      int32_t* i16 = ainit16.data() + m * 2 * n32;
+      for (int64_t h = 0; h < 2 * n32; ++h)  // n4 holds -sum4(q)
+        i16[h] = off * (n4[4 * h] + n4[4 * h + 1] + n4[4 * h + 2] + n4[4 * h + 3]);
+      for (int64_t b = 0; b < n32; ++b) ainit[m * n32 + b] = i16[2 * b] + i16[2 * b + 1];
+      acts[m] = {aq.data() + m * K, ad.data() + m * n32, as.data() + m * n32, ainit.data() + m * n32, i16};
+    }
+  });
   const PackedTileFn* tiles = packed_tiles(q);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
