@@ -14,8 +14,9 @@ GGUF matmuls, picked per call by the number of activation rows M (measured in `b
   owns (bounded memory, one per thread and dtype), by the same C++ code (bit-exact with `gguf.quants`), then one
   GEMM per slab — in bfloat16 on CPUs with BF16 dot products (`prefill_bf16`: weight and activations rounded to
   bfloat16), else float32.
-Packed weights (`pack`, avx512 variant only; see `autoglm.kernels.cpu.pack`): one vpdpbusd yields 16 outputs, ~2-4.6x
-faster decode matmuls; prefill dequantizes slabs straight from the packed layout.
+Packed weights (`pack`, the avx512 and avx2 variants: `has_packed`; see `autoglm.kernels.cpu.pack`): one vpdpbusd
+(avx2: two 8-row vpmaddubsw halves, bitwise the same result) yields 16 outputs, ~2-4.6x faster decode matmuls on
+avx512, 1.4-2.3x on avx2; bf16 prefill dequantizes slabs straight from the packed layout.
 Decode helpers: rms_norm, add_rms_norm (residual + post-norm + next pre-norm), norm_rope (per-head norm + rotary),
 attend_decode / attend_decode_paged; each equal to its torch composition up to summation order. Inputs the C++ ops
 do not take (other dtypes or devices, unsupported GGUF types) go to the torch reference.
