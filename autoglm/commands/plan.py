@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
         "--kv-dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
-        help="KV cache dtype [the model's dtype; float16 for GGUF]",
+        help="KV cache dtype [the model's dtype; float32 for GGUF, as the engine's cache]",
     )
     p.add_argument("--no-vision", action="store_true", help="plan without the vision tower")
     p.add_argument("--mmproj", default=None, help="GGUF vision projector file to include")

@@ -412,7 +412,7 @@ def plan_gguf(
     mmproj: str | Path | None = None,
     ctx: int = 4096,
     ram: int | str = "8GB",
-    kv_dtype: str = "float16",
+    kv_dtype: str = "float32",
     chunk: int = 512,
 ) -> Plan:
     """Plan for a GGUF file from its metadata and tensor types (the file's own quantization)."""
@@ -509,7 +509,8 @@ def plan_model(model: str, **kwargs: Any) -> Plan:
                 raise InvalidRequest(
                     f"{p} is a GGUF file: its quantization is fixed ({q!r} given)", param="quantization"
                 )
-            kv = kwargs.pop("kv_dtype", None) or "float16"
+            # the engine runs GGUF models in float32 and its KV cache in the decoder's dtype (kv_cache_dtype auto)
+            kv = kwargs.pop("kv_dtype", None) or "float32"
             return plan_gguf(p, kv_dtype=kv, **kwargs)
         config_path = p
     else:

@@ -167,7 +167,8 @@ def test_gguf_plan_uses_metadata_and_tensor_types(tmp_path: Path) -> None:
     w.close()
     plan = plan_model(str(path), ram="1GB", ctx=128)
     assert plan.weight_bytes == sizes
-    assert plan.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2  # layers x (K,V) x kv_heads x head_dim x float16
+    # layers x (K,V) x kv_heads x head_dim x float32: the engine runs GGUF models, and so their cache, in float32
+    assert plan.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
     rows = {m.name: m for m in plan.modules}
     assert rows["embeddings"].formats == {"Q8_0": 32 * 64 // 32 * 34}
     assert rows["mlp"].formats == {"F16": 64 * 128 * 2}

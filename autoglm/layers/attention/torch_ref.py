@@ -25,7 +25,9 @@ def causal_attention(layer: AttentionGeometry, q: Tensor, k: Tensor, v: Tensor) 
     """q: [S, H, D], k/v: [C, KV, D] with C >= S; query j sees keys 0 .. C - S + j (and the sliding window)."""
     s, c = q.shape[0], k.shape[0]
     window = layer.sliding_window
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    # 4-D [1, H, S, D]: torch's CPU flash kernel takes only batched inputs; 3-D ones fall to the math path, which
+    # materializes H x S x C scores (measured at 2,048 tokens: 8x slower, +570 MiB; BENCHMARKS.md "Prefill attention")
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if s == c and (window is None or window >= c):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=layer.scale, enable_gqa=True)
     else:
@@ -33,7 +35,7 @@ def causal_attention(layer: AttentionGeometry, q: Tensor, k: Tensor, v: Tensor) 
         if window is not None:
             mask &= ~torch.ones(s, c, dtype=torch.bool, device=q.device).tril(c - s - window)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=layer.scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def uncached_attention(layer: AttentionGeometry, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
