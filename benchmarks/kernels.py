@@ -202,7 +202,7 @@ def main() -> None:
     gk = cpu_kernels(args.isa)
     if gk is None:
         raise SystemExit("the GGUF kernel extension could not be built")
-    print(f"threads={args.threads} isa={gk.isa} vnni={gk.has_vnni} reps={args.reps} (min ms)")
+    print(f"threads={args.threads} isa={gk.isa} packed={gk.has_packed} reps={args.reps} (min ms)")
     rows_out = []
     shapes = GEMMA_SHAPES + (BIG_SHAPES if args.big else [])
     for tname in args.types.split(","):

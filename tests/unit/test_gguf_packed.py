@@ -69,7 +69,7 @@ def test_packed_kernel_computes_the_quantized_product(gk: CpuKernels, qtype: GGM
     fmt = GGUFBlockFormat(qtype, rows, cols, packed=True)
     packed = gk.ext.pack(raw, int(qtype), cols)  # type: ignore[attr-defined]
     g = torch.Generator().manual_seed(4)
-    for m in (1, 3, 8, 11, 16) if gk.has_vnni else ():  # tiles of 8 and a remainder
+    for m in (1, 3, 8, 11, 16) if gk.has_packed else ():  # tiles of 8 and a remainder
         x = torch.randn(m, cols, generator=g)
         x[0, :32] = 0.0
         y = gk.matmul(x, packed, fmt)
@@ -93,7 +93,7 @@ def test_packed_rows_are_batch_independent(gk: CpuKernels, qtype: GGMLQuantizati
     raw, _ = _weights(qtype, rows, cols, seed=5)
     packed = gk.ext.pack(raw, int(qtype), cols)  # type: ignore[attr-defined]
     x = torch.randn(19, cols, generator=torch.Generator().manual_seed(6))
-    if not gk.has_vnni:  # packing is then never used (can_pack is False); the kernel says why it cannot run
+    if not gk.has_packed:  # packing is then never used (can_pack is False); the kernel says why it cannot run
         with pytest.raises(RuntimeError, match="AVX512-VNNI"):
             gk.ext.gemv_packed(x, packed, int(qtype))  # type: ignore[attr-defined]
         return
@@ -120,8 +120,8 @@ def test_prepare_packs_and_shares_tied_weights(gk: CpuKernels) -> None:
     want_rows = model.embed_tokens(ids)  # before packing: the file-order path
     want_logits = gk.gemv(x, raw, GGUFBlockFormat(qtype, vocab, dim))
     assert prepare_weights(reference) == 0  # the reference kernels have no packed layout
-    if not gk.has_vnni:
-        assert prepare_weights(model) == 0  # no packed kernel without VNNI: nothing is packed
+    if not gk.has_packed:
+        assert prepare_weights(model) == 0  # no packed kernel (scalar, neon): nothing is packed
         return
     assert model.embed_tokens.weight.data_ptr() == raw.data_ptr()  # nothing packed before the explicit step
     assert prepare_weights(model) == 2  # embedding + head; the 8-row layer is not packable
@@ -156,7 +156,7 @@ def test_loading_packs_nothing_and_the_runner_prepares_once(gk: CpuKernels, tmp_
     engine = Engine(loaded, EngineConfig(max_model_len=64, max_num_seqs=2, block_size=4, num_kv_blocks=32))
     try:
         assert isinstance(engine.runner.backend, CpuFusedBackend)  # chosen from the kernels the loader bound
-        assert all(m.weight_format.packed == gk.has_vnni for m in packable)  # the explicit step ran at start-up
+        assert all(m.weight_format.packed == gk.has_packed for m in packable)  # the explicit step ran at start-up
         assert prepare_weights(loaded.decoder) == 0
     finally:
         engine.close()

@@ -2,11 +2,14 @@
 
 Variants (each compiled from the same `csrc/` with its own flags, never `-march=native`, so a cache or wheel built
 here works on any CPU of the same architecture that has the variant's features):
-- `avx512`: x86-64-v4 + AVX512-VNNI (the file-order GEMV of `csrc/core/` plus the packed layout, AVX-512 attention);
-- `avx2`: x86-64-v3 (AVX2 + FMA + F16C: vpmaddubsw/vpmaddwd int8 dots);
+- `avx512`: x86-64-v4 + AVX512-VNNI (the file-order GEMV of `csrc/core/` plus the packed layout's vpdpbusd tiles,
+  `csrc/packed_tiles_avx512.h`; AVX-512 attention);
+- `avx2`: x86-64-v3 (AVX2 + FMA + F16C: vpmaddubsw/vpmaddwd int8 dots, file order and the same packed layout in two
+  8-row halves, `csrc/packed_tiles_avx2.h`, bitwise equal to avx512's packed output);
 - `scalar`: the architecture's baseline (x86-64 or armv8-a), portable C++;
 - `neon`: ARM64 with dotprod (its primitives: `csrc/core/isa_neon.h`).
-Every variant's file-order GEMV is bitwise equal to `scalar` (`csrc/core/README.md`).
+Every variant's file-order GEMV is bitwise equal to `scalar` (`csrc/core/README.md`); `scalar` and `neon` do not
+pack (`CpuKernels.can_pack` is False there).
 
 The choice: `isa` argument, else `$AUTOGLM_CPU_ISA` (`auto|avx512|avx2|scalar|neon`, read at each call, never kept
 as a process-wide switch), `auto` = the best variant this CPU runs. Asking for one the CPU lacks raises

@@ -3,7 +3,7 @@
 // weight blocks by the torch-free core (core/gemv_core.cpp, this variant's ISA, bitwise equal across ISAs); the
 // result equals F.linear(x_q, W) up to float32 summation order, where x_q = scale * round(x / scale). With
 // exact_activations a float path dequantizes one weight row into L1 and keeps float32 activations. Weights
-// repacked at load (Q4_0/Q5_0/Q8_0) use gemv_packed.cpp instead.
+// repacked at load (pack.cpp) use gemv_packed.cpp instead.
 #include "kernels.h"
 
 namespace autoglm {
@@ -23,6 +23,7 @@ float dot_float(const float* w, const float* x, int64_t K) {
 }  // namespace
 
 bool has_vnni() { return AUTOGLM_VNNI != 0; }
+bool has_packed() { return AUTOGLM_PACKED != 0; }
 
 std::string isa() { return isa_name(); }
 

@@ -27,6 +27,13 @@
 #else
 #define AUTOGLM_VNNI 0
 #endif
+// the packed layout's kernel (gemv_packed.cpp): AVX512-VNNI tiles, else AVX2 ones (packed_tiles_avx2.h)
+#if AUTOGLM_VNNI || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#define AUTOGLM_PACKED 1
+#include <immintrin.h>
+#else
+#define AUTOGLM_PACKED 0
+#endif
 
 namespace autoglm {
 
@@ -45,6 +52,7 @@ void check_packed(const torch::Tensor& t, int64_t q, int64_t K, int64_t& bs, int
 
 // ---- the extension's functions (module.cpp) ----
 bool has_vnni();
+bool has_packed();
 std::string isa();
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t q, bool exact_activations);
 // Q4_K/Q5_K/Q6_K decode on q8_K activations (core/kquant_q8k.h)

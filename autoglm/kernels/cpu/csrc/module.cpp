@@ -7,6 +7,7 @@ using namespace autoglm;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni);
+  m.def("has_packed", &has_packed, "whether gemv_packed runs (AVX512-VNNI or AVX2 build)");
   m.def("isa", &isa, "the ISA variant this extension was built for");
   m.def("gemv", &gemv, "y = x @ W.T on raw GGUF blocks", py::call_guard<py::gil_scoped_release>());
   m.def("gemv_q8k", &gemv_q8k, "y = x @ W.T on raw Q4_K/Q5_K/Q6_K, q8_K activations",
@@ -14,7 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "raw GGUF blocks -> float32/bfloat16", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_out", &dequantize_out, "raw GGUF blocks -> out", py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations);
-  m.def("pack", &pack, "Q4_0/Q5_0/Q8_0 rows -> 16-row interleaved layout", py::call_guard<py::gil_scoped_release>());
+  m.def("pack", &pack, "Q4_0/Q5_0/Q8_0/Q4_K/Q6_K rows -> 16-row interleaved layout", py::call_guard<py::gil_scoped_release>());
   m.def("unpack_rows", &unpack_rows, "packed rows -> file order", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_packed_out", &dequantize_packed_out, "packed rows -> out (float32/bfloat16)",
         py::call_guard<py::gil_scoped_release>());

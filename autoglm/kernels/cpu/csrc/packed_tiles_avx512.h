@@ -1,0 +1,141 @@
+// AVX512-VNNI tiles of the packed layout (packed_tiles.h): the 16 lanes of one vpdpbusd are the 16 rows of a group.
+#pragma once
+
+namespace autoglm::packed {
+
+// the R accumulators of a tile: 16 outputs each
+struct Acc {
+  __m512 v;
+};
+inline void acc_zero(Acc& a) { a.v = _mm512_setzero_ps(); }
+inline void acc_store(const Acc& a, float* y) { _mm512_storeu_ps(y, a.v); }
+
+// acc + w . (the 4 bytes at p broadcast to every lane), the broadcast folded into vpdpbusd's memory operand (GCC
+// emits a separate vpbroadcastd for the intrinsic form: 8 more instructions per group and row)
+inline __m512i dot_bcast(__m512i acc, __m512i w, const int8_t* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
+}
+
+inline __m512 load_half16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m128i load128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline __m512 u8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+// 4 nibble vectors -> the 8 quad vectors of a 32-element sub-block
+inline void nibbles(const uint8_t* p, __m512i* w) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  for (int t = 0; t < 4; ++t) {
+    const __m512i v = _mm512_loadu_si512(p + 64 * t);
+    w[t] = _mm512_and_si512(v, m4);
+    w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+  }
+}
+
+// the integer dots of one 32-element sub-block: lo = quads 0..3 (from init_lo), hi = quads 4..7 (from init_hi)
+inline void dots(const __m512i* w, const int8_t* xb, __m512i init_lo, __m512i init_hi, __m512i& lo, __m512i& hi) {
+  lo = init_lo;
+  hi = init_hi;
+  for (int k = 0; k < 4; ++k) {
+    lo = dot_bcast(lo, w[k], xb + 4 * k);
+    hi = dot_bcast(hi, w[k + 4], xb + 16 + 4 * k);
+  }
+}
+
+// Q4_0 / Q5_0 / Q8_0 group: one 32-element block of 16 rows
+template <int64_t Q, int R>
+inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, Acc* acc) {
+  __m512i w[8];
+  const __m512 dw = load_half16(g);
+  if constexpr (Q == Q8_0) {
+    for (int k = 0; k < 4; ++k) {  // quad vectors in order: w[k] = quad k, w[k + 4] = quad k + 4
+      w[k] = _mm512_loadu_si512(g + 32 + 64 * k);
+      w[k + 4] = _mm512_loadu_si512(g + 32 + 64 * (k + 4));
+    }
+  } else {
+    nibbles(g + (Q == Q5_0 ? 96 : 32), w);
+    if constexpr (Q == Q5_0) {
+      const __m512i h16 = _mm512_set1_epi8(16);
+      for (int k = 0; k < 8; ++k) {
+        uint64_t m;
+        std::memcpy(&m, g + 32 + 8 * k, 8);
+        w[k] = _mm512_mask_add_epi8(w[k], static_cast<__mmask64>(m), w[k], h16);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512i lo, hi;
+    dots(w, a[r].q + 32 * b, _mm512_set1_epi32(a[r].init[b]), _mm512_setzero_si512(), lo, hi);
+    const __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a[r].d[b]));
+    acc[r].v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), sc, acc[r].v);
+  }
+}
+
+// Q4_K group: one 256-element super-block of 16 rows; w = d*sc[j]*q - dmin*m[j] per 32-element sub-block j
+template <int R>
+inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
+  const __m512 d = load_half16(g), dmin = load_half16(g + 32);
+  __m128i B[12];  // scale byte t of the 16 rows
+  for (int t = 0; t < 12; ++t) B[t] = load128(g + 64 + 16 * t);
+  const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m48 = _mm_set1_epi8(0x30);
+  for (int j = 0; j < 8; ++j) {
+    __m128i sc, mn;  // ggml get_scale_min_k4, 16 rows at once
+    if (j < 4) {
+      sc = _mm_and_si128(B[j], m63);
+      mn = _mm_and_si128(B[j + 4], m63);
+    } else {
+      const __m128i top_s = _mm_and_si128(_mm_srli_epi16(B[j - 4], 2), m48);  // bits 6-7 -> 4-5
+      const __m128i top_m = _mm_and_si128(_mm_srli_epi16(B[j], 2), m48);
+      sc = _mm_or_si128(_mm_and_si128(B[j + 4], m15), top_s);
+      mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(B[j + 4], 4), m15), top_m);
+    }
+    const __m512 scv = _mm512_mul_ps(d, u8_to_ps(sc)), mv = _mm512_mul_ps(dmin, u8_to_ps(mn));
+    __m512i w[8];
+    nibbles(g + 256 + 256 * j, w);
+    const int64_t b = 8 * sb + j;
+    for (int r = 0; r < R; ++r) {
+      __m512i lo, hi;
+      dots(w, a[r].q + 32 * b, _mm512_setzero_si512(), _mm512_setzero_si512(), lo, hi);
+      const __m512 sc_r = _mm512_mul_ps(scv, _mm512_set1_ps(a[r].d[b]));
+      acc[r].v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), sc_r, acc[r].v);
+      acc[r].v = _mm512_fnmadd_ps(mv, _mm512_set1_ps(a[r].s[b]), acc[r].v);
+    }
+  }
+}
+
+// Q6_K group: one 256-element super-block of 16 rows; w = d*sc[e/16]*(q - 32)
+template <int R>
+inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
+  const __m512 d = load_half16(g);
+  const __m512i m30 = _mm512_set1_epi8(0x30);
+  for (int j = 0; j < 8; ++j) {
+    const __m512 s_lo = _mm512_mul_ps(d, i8_to_ps(load128(g + 32 + 16 * (2 * j))));
+    const __m512 s_hi = _mm512_mul_ps(d, i8_to_ps(load128(g + 32 + 16 * (2 * j + 1))));
+    const uint8_t* sbp = g + 288 + 384 * j;
+    __m512i w[8];
+    nibbles(sbp, w);
+    const __m512i H0 = _mm512_loadu_si512(sbp + 256), H1 = _mm512_loadu_si512(sbp + 320);
+    // quad k's high bits sit at bits 2p of H[(k % 4) / 2], p = k % 2 + 2 (k / 4): move them to bits 4-5
+    w[0] = _mm512_or_si512(w[0], _mm512_and_si512(_mm512_slli_epi16(H0, 4), m30));
+    w[1] = _mm512_or_si512(w[1], _mm512_and_si512(_mm512_slli_epi16(H0, 2), m30));
+    w[4] = _mm512_or_si512(w[4], _mm512_and_si512(H0, m30));
+    w[5] = _mm512_or_si512(w[5], _mm512_and_si512(_mm512_srli_epi16(H0, 2), m30));
+    w[2] = _mm512_or_si512(w[2], _mm512_and_si512(_mm512_slli_epi16(H1, 4), m30));
+    w[3] = _mm512_or_si512(w[3], _mm512_and_si512(_mm512_slli_epi16(H1, 2), m30));
+    w[6] = _mm512_or_si512(w[6], _mm512_and_si512(H1, m30));
+    w[7] = _mm512_or_si512(w[7], _mm512_and_si512(_mm512_srli_epi16(H1, 2), m30));
+    const int64_t b = 8 * sb + j;
+    for (int r = 0; r < R; ++r) {
+      __m512i lo, hi;
+      dots(w, a[r].q + 32 * b, _mm512_set1_epi32(a[r].init16[2 * b]), _mm512_set1_epi32(a[r].init16[2 * b + 1]), lo,
+           hi);
+      const __m512 dx = _mm512_set1_ps(a[r].d[b]);
+      acc[r].v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(s_lo, dx), acc[r].v);
+      acc[r].v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s_hi, dx), acc[r].v);
+    }
+  }
+}
+
+}  // namespace autoglm::packed

@@ -1,0 +1,129 @@
+"""The packed layout on both x86 variants (issue 17): the avx2 tiles (`csrc/packed_tiles_avx2.h`) read the bytes
+`csrc/pack.cpp` writes and are bitwise equal to the avx512 tiles for every packed type, tile size and remainder
+(exact integer dots, the same float ops per output in the same order), within float32 rounding of F.linear(x_q, W),
+and an avx2 model packs its weights at start-up.
+
+Tolerance vs `F.linear(x_q, W)` (x_q: the int8 activations, `quantize_activations`): the integer dots are exact, so
+only float32 rounding differs: |y - ref| <= K * 2^-23 * (|x_q| @ |W|.T) (gamma_K, as in test_isa_variants.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import Tensor
+
+from autoglm.gguf.quants import dequantize, quantize
+from autoglm.kernels.cpu import cpu_kernels, variants
+from autoglm.kernels.cpu.ops import CpuKernels
+from autoglm.kernels.cpu.pack import PACKED_TYPES
+
+Q = GGMLQuantizationType
+K_TYPES = {Q.Q4_K, Q.Q6_K}
+# block-32 types: K not a multiple of 256 (96 = 3 blocks, 544 = 17); K-quants: 1 and 3 super-blocks
+COLS = {False: (32, 96, 544), True: (256, 768)}
+ROWS = 48  # 3 groups of 16
+TOKENS = (*range(1, 10), 40)  # every tile size up to 8, a remainder, and several full tiles + one
+
+
+def _kernels(isa: str) -> CpuKernels:
+    assert isa in variants.available(), f"this CPU must run {isa} (the issue's premise for the test machine)"
+    k = cpu_kernels(isa)
+    assert k is not None, f"the {isa} variant must build on the test machine"
+    return k
+
+
+@pytest.fixture(scope="module")
+def avx2() -> CpuKernels:
+    return _kernels("avx2")
+
+
+@pytest.fixture(scope="module")
+def avx512() -> CpuKernels:
+    return _kernels("avx512")
+
+
+def _weights(qtype: GGMLQuantizationType, cols: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(ROWS, cols, generator=g) * 0.05
+    w[0, :16] = 0.0  # zero scales
+    w[5] *= 40.0  # large scales (Q8_0: values at -128/127 test the signed dot's int16 range)
+    w[9, :32] = torch.where(torch.arange(32) % 2 == 0, 1.0, -1.0)  # a block of extremes of both signs
+    raw = torch.from_numpy(quantize(w, qtype))
+    return raw, dequantize(raw, qtype, (ROWS, cols))
+
+
+def _x(m: int, cols: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, cols, generator=g)
+    x[0, :32] = 0.0  # an all-zero activation block
+    if m > 1:
+        x[1, 32:64] *= 1e4  # a large block next to ordinary ones
+        x[1, :32] = torch.where(torch.arange(32) % 3 == 0, -1.0, 1.0)  # int8 at +-127 throughout the block
+    return x
+
+
+def _cases() -> list[tuple[GGMLQuantizationType, int]]:
+    return [(q, c) for q in PACKED_TYPES for c in COLS[q in K_TYPES]]
+
+
+def _id(case: tuple[GGMLQuantizationType, int]) -> str:
+    return f"{case[0].name}-{case[1]}"
+
+
+def test_both_x86_variants_run_the_packed_kernel(avx2: CpuKernels, avx512: CpuKernels) -> None:
+    assert avx2.has_packed and not avx2.has_vnni  # the AVX2 tiles, not VNNI
+    assert avx512.has_packed and avx512.has_vnni
+    assert cpu_kernels("scalar").has_packed is False  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("case", _cases(), ids=_id)
+def test_avx2_packed_is_bitwise_equal_to_avx512(avx2: CpuKernels, avx512: CpuKernels, case) -> None:
+    qtype, cols = case
+    raw, _ = _weights(qtype, cols, seed=cols)
+    packed = avx2.ext.pack(raw, int(qtype), cols)  # one packer: the same bytes for both
+    assert torch.equal(packed, avx512.ext.pack(raw, int(qtype), cols))
+    for m in TOKENS:
+        x = _x(m, cols, seed=m + cols)
+        want = avx512.ext.gemv_packed(x, packed, int(qtype))
+        got = avx2.ext.gemv_packed(x, packed, int(qtype))
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (qtype.name, cols, m)
+
+
+@pytest.mark.parametrize("case", _cases(), ids=_id)
+def test_avx2_packed_within_float_rounding_of_the_reference(avx2: CpuKernels, case) -> None:
+    qtype, cols = case
+    raw, w = _weights(qtype, cols, seed=cols + 1)
+    packed = avx2.ext.pack(raw, int(qtype), cols)
+    for m in (1, 11):
+        x = _x(m, cols, seed=m)
+        xq = avx2.quantize_activations(x)
+        ref = F.linear(xq.double(), w.double())
+        bound = cols * 2.0**-23 * F.linear(xq.abs().double(), w.abs().double()) + 1e-30
+        got = avx2.ext.gemv_packed(x, packed, int(qtype)).double()
+        assert ((got - ref).abs() <= bound).all(), (qtype.name, cols, m, (got - ref).abs().max().item())
+
+
+def test_an_avx2_model_packs_its_weights(avx2: CpuKernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoglm.layers.linear.gguf import GGUFEmbedding, GGUFLinear, prepare_weights
+    from autoglm.loader.gguf import load_gguf
+    from tests.fixtures.gguf import gemma3_to_gguf, tiny_gemma3_hf
+
+    monkeypatch.setenv(variants.ENV, "avx2")  # what --cpu-isa avx2 hands the loader
+    loaded = load_gguf(gemma3_to_gguf(tiny_gemma3_hf(0), tmp_path / "tiny.gguf", Q.Q8_0))
+    mods = [m for m in loaded.decoder.modules() if isinstance(m, GGUFLinear | GGUFEmbedding)]
+    packable = [m for m in mods if m.weight_format.rows % 16 == 0]
+    assert packable and all(isinstance(m.impl, CpuKernels) and m.impl.isa == "avx2" for m in mods)
+    lin = next(m for m in packable if isinstance(m, GGUFLinear))
+    x = torch.randn(3, lin.weight_format.cols, generator=torch.Generator().manual_seed(0))
+    before = lin(x)  # the file-order kernel
+    assert prepare_weights(loaded.decoder) == len(packable)
+    assert all(m.weight_format.packed for m in packable)
+    xq = lin.impl.quantize_activations(x)
+    w = lin.dequantized_weight()
+    scale = F.linear(xq.abs(), w.abs()) + 1e-6
+    assert ((lin(x) - before).abs() <= 4e-6 * scale).all()  # the same product up to float32 summation order
