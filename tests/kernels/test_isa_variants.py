@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
-from autoglm.gguf.quants import dequantize, quantize
 from autoglm.kernels.cpu import cpu_kernels, variants
 from autoglm.kernels.cpu.ops import CpuKernels
+from tests.kernels.inputs import activations, quantized_weights
 
 Q = GGMLQuantizationType
 TYPES = [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -52,21 +52,10 @@ def test_this_cpu_runs_the_x86_variants_the_tests_need() -> None:
 
 
 def _weights(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.05
-    w[0, :16] = 0.0  # zero scales
-    w[1] *= 40.0  # large scales
-    raw = torch.from_numpy(quantize(w, qtype))
-    return raw, dequantize(raw, qtype, (rows, cols))
+    return quantized_weights(qtype, rows, cols, seed)
 
 
-def _x(m: int, cols: int, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, cols, generator=g)
-    x[0, :32] = 0.0  # an all-zero activation block
-    if m > 1:
-        x[1, 32:64] *= 1e4  # a large block next to ordinary ones
-    return x
+_x = activations
 
 
 def _cases() -> list[tuple[GGMLQuantizationType, int]]:

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
-from autoglm.gguf.quants import dequantize, quantize
 from autoglm.kernels.cpu import cpu_kernels, variants
 from autoglm.kernels.cpu.ops import CpuKernels
 from autoglm.kernels.cpu.pack import PACKED_TYPES
+from tests.kernels.inputs import activations, quantize_rows
 
 Q = GGMLQuantizationType
 K_TYPES = {Q.Q4_K, Q.Q6_K}
@@ -53,16 +53,12 @@ def _weights(qtype: GGMLQuantizationType, cols: int, seed: int) -> tuple[Tensor,
     w[0, :16] = 0.0  # zero scales
     w[5] *= 40.0  # large scales (Q8_0: values at -128/127 test the signed dot's int16 range)
     w[9, :32] = torch.where(torch.arange(32) % 2 == 0, 1.0, -1.0)  # a block of extremes of both signs
-    raw = torch.from_numpy(quantize(w, qtype))
-    return raw, dequantize(raw, qtype, (ROWS, cols))
+    return quantize_rows(w, qtype)
 
 
 def _x(m: int, cols: int, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, cols, generator=g)
-    x[0, :32] = 0.0  # an all-zero activation block
+    x = activations(m, cols, seed)
     if m > 1:
-        x[1, 32:64] *= 1e4  # a large block next to ordinary ones
         x[1, :32] = torch.where(torch.arange(32) % 3 == 0, -1.0, 1.0)  # int8 at +-127 throughout the block
     return x
 

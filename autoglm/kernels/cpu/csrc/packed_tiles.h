@@ -18,6 +18,23 @@ struct ActP {
   const int32_t* init16;
 };
 
+#if AUTOGLM_PACKED
+// ggml's get_scale_min_k4 for sub-block j of every row at once: B[t] holds scale byte t of the rows (one lane per
+// row; 16 rows in the AVX-512 tiles, 8 in each AVX2 half)
+inline void q4_k_scale_min(const __m128i* B, int j, __m128i& sc, __m128i& mn) {
+  const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m48 = _mm_set1_epi8(0x30);
+  if (j < 4) {
+    sc = _mm_and_si128(B[j], m63);
+    mn = _mm_and_si128(B[j + 4], m63);
+  } else {
+    const __m128i top_s = _mm_and_si128(_mm_srli_epi16(B[j - 4], 2), m48);  // bits 6-7 -> 4-5
+    const __m128i top_m = _mm_and_si128(_mm_srli_epi16(B[j], 2), m48);
+    sc = _mm_or_si128(_mm_and_si128(B[j + 4], m15), top_s);
+    mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(B[j + 4], 4), m15), top_m);
+  }
+}
+#endif
+
 }  // namespace autoglm::packed
 
 // each defines Acc (a tile row's 16 float accumulators), acc_zero, acc_store and the block functions simple_block<Q,

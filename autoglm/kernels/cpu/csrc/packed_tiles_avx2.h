@@ -110,22 +110,13 @@ inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, Acc* acc) {
 // Q4_K group: one 256-element super-block of 16 rows; w = d*sc[j]*q - dmin*m[j] per 32-element sub-block j
 template <int R>
 inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
-  const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m48 = _mm_set1_epi8(0x30);
   for (int h = 0; h < 2; ++h) {
     const __m256 d = load_half8(g + 16 * h), dmin = load_half8(g + 32 + 16 * h);
     __m128i B[12];  // scale byte t of the 8 rows of this half
     for (int t = 0; t < 12; ++t) B[t] = load64(g + 64 + 16 * t + 8 * h);
     for (int j = 0; j < 8; ++j) {
-      __m128i sc, mn;  // ggml get_scale_min_k4, 8 rows at once
-      if (j < 4) {
-        sc = _mm_and_si128(B[j], m63);
-        mn = _mm_and_si128(B[j + 4], m63);
-      } else {
-        const __m128i top_s = _mm_and_si128(_mm_srli_epi16(B[j - 4], 2), m48);  // bits 6-7 -> 4-5
-        const __m128i top_m = _mm_and_si128(_mm_srli_epi16(B[j], 2), m48);
-        sc = _mm_or_si128(_mm_and_si128(B[j + 4], m15), top_s);
-        mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(B[j + 4], 4), m15), top_m);
-      }
+      __m128i sc, mn;
+      q4_k_scale_min(B, j, sc, mn);
       const __m256 scv = _mm256_mul_ps(d, u8_to_ps(sc)), mv = _mm256_mul_ps(dmin, u8_to_ps(mn));
       __m256i w[8];
       nibbles(g + 256 + 256 * j, h, w);

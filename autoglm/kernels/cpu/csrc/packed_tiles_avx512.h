@@ -79,18 +79,9 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
   const __m512 d = load_half16(g), dmin = load_half16(g + 32);
   __m128i B[12];  // scale byte t of the 16 rows
   for (int t = 0; t < 12; ++t) B[t] = load128(g + 64 + 16 * t);
-  const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m48 = _mm_set1_epi8(0x30);
   for (int j = 0; j < 8; ++j) {
-    __m128i sc, mn;  // ggml get_scale_min_k4, 16 rows at once
-    if (j < 4) {
-      sc = _mm_and_si128(B[j], m63);
-      mn = _mm_and_si128(B[j + 4], m63);
-    } else {
-      const __m128i top_s = _mm_and_si128(_mm_srli_epi16(B[j - 4], 2), m48);  // bits 6-7 -> 4-5
-      const __m128i top_m = _mm_and_si128(_mm_srli_epi16(B[j], 2), m48);
-      sc = _mm_or_si128(_mm_and_si128(B[j + 4], m15), top_s);
-      mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(B[j + 4], 4), m15), top_m);
-    }
+    __m128i sc, mn;
+    q4_k_scale_min(B, j, sc, mn);
     const __m512 scv = _mm512_mul_ps(d, u8_to_ps(sc)), mv = _mm512_mul_ps(dmin, u8_to_ps(mn));
     __m512i w[8];
     nibbles(g + 256 + 256 * j, w);
