@@ -70,7 +70,8 @@ def main() -> None:
                      "weights_mib": (plan.total_bytes - plan.kv_bytes - plan.overhead_bytes) / 2**20,
                      "kv_mib": plan.kv_bytes / 2**20, "runtime_mib": plan.overhead_bytes / 2**20})
         rows[-1]["measured_over_predicted"] = rows[-1]["measured_mib"] / rows[-1]["predicted_mib"]
-    print("| model | ctx | KV dtype | predicted MiB (weights / KV / runtime) | measured peak RSS MiB | measured / predicted |")
+    print("| model | ctx | KV dtype | predicted MiB (weights / KV / runtime) | measured peak RSS MiB "
+          "| measured / predicted |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['ctx']} | {r['kv_dtype']} | {r['predicted_mib']:.0f} ({r['weights_mib']:.0f} / "

@@ -1,7 +1,8 @@
 """The 16-row interleaved layout of `csrc/pack.cpp` (llama.cpp's "repack" idea): which weights take it, and packing.
 
 A packed weight holds the same bytes as the file's blocks, reordered so that one AVX512-VNNI `vpdpbusd` yields 16
-outputs (`csrc/gemv_packed.cpp`; the avx2 variant reads the same bytes as two 8-row halves). Only `PACKED_TYPES` with rows % 16 == 0 are packed, and only by an explicit
+outputs (`csrc/gemv_packed.cpp`; the avx2 variant reads the same bytes as two 8-row halves). Only `PACKED_TYPES`
+with rows % 16 == 0 are packed, and only by an explicit
 `autoglm.layers.linear.gguf.prepare_weights(model)` (never lazily behind a global): loading stays memory-honest
 (nothing is read until then) and packing releases each chunk's file pages as its packed copy is written.
 """
