@@ -1,10 +1,12 @@
 // Decode (and prefill) matmul on packed weights (layout: pack.cpp): y[M, N] = x[M, K] @ W.T with int8 activations
 // per 32 (quantize_act_row), equal to F.linear(x_q, W) up to float32 summation order. Per 16 weight rows x 32
-// elements and activation row (AVX-512): 8 vpdpbusd (the 4 activation bytes broadcast from memory), one int add, one
-// convert and two or three float ops; the 16 lanes are 16 outputs, stored with no horizontal sum. The AVX2 build
-// runs the same layout in two 8-row halves (packed_tiles_avx2.h), bitwise equal to the AVX-512 build. Each group of
-// 16 rows is unpacked once and used for every activation row, so the kernel also serves prefill (measured faster
-// than dequantize + bf16 GEMM at 512 rows). Every activation row's arithmetic is the same whatever M is.
+// elements and activation row (AVX-512): 8 vpdpbusd, one int add, one convert and two or three float ops; the 16
+// lanes are 16 outputs, stored with no horizontal sum. The kernel was bound by the activation broadcasts, not the
+// dot products: for Q4_K and Q6_K the AVX-512 build runs pair tiles (two adjacent 16-row groups share every
+// broadcast, 1.2-1.4x prefill). The AVX2 build runs the same layout in two 8-row halves (packed_tiles_avx2.h),
+// bitwise equal to the AVX-512 build. Each group of 16 rows is unpacked once and used for every activation row, so
+// the kernel also serves prefill (measured faster than dequantize + bf16 GEMM at 512 rows). Every activation row's
+// arithmetic is the same whatever M is.
 #include "packed_tiles.h"
 
 namespace autoglm {
@@ -14,16 +16,21 @@ namespace {
 using packed::ActP;
 constexpr int64_t kPrefetch = 4096;
 
+// the weights are one sequential stream: fetch kPrefetch bytes ahead so memory overlaps the arithmetic (the hardware
+// prefetcher alone left the 8-row lm_head at memory time + compute time). Only on the first pass over a group: later
+// activation tiles of a prefill find it in cache, and the prefetches cost them load slots.
+inline void prefetch(const uint8_t* g, int64_t gbytes) {
+  for (int64_t c = 0; c < gbytes; c += 64) _mm_prefetch(reinterpret_cast<const char*>(g + kPrefetch + c), _MM_HINT_T0);
+}
+
 // y[r * ys + i] (i < 16) for the R activation rows of the tile and one row group (nb blocks of gbytes each)
 template <int64_t Q, int R>
-void tile(const uint8_t* grp0, int64_t nb, int64_t gbytes, const ActP* a, float* y, int64_t ys) {
+void tile(const uint8_t* grp0, int64_t nb, int64_t gbytes, const ActP* a, float* y, int64_t ys, bool pf) {
   packed::Acc acc[R];
   for (int r = 0; r < R; ++r) packed::acc_zero(acc[r]);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* g = grp0 + gbytes * b;
-    // the weights are one sequential stream: fetch kPrefetch bytes ahead so memory overlaps the arithmetic (the
-    // hardware prefetcher alone left the 8-row lm_head at memory time + compute time)
-    for (int64_t c = 0; c < gbytes; c += 64) _mm_prefetch(reinterpret_cast<const char*>(g + kPrefetch + c), _MM_HINT_T0);
+    if (pf) prefetch(g, gbytes);
     if constexpr (Q == Q4_K) {
       packed::q4_k_block<R>(g, b, a, acc);
     } else if constexpr (Q == Q6_K) {
@@ -35,7 +42,31 @@ void tile(const uint8_t* grp0, int64_t nb, int64_t gbytes, const ActP* a, float*
   for (int r = 0; r < R; ++r) packed::acc_store(acc[r], y + r * ys);
 }
 
-using PackedTileFn = void (*)(const uint8_t*, int64_t, int64_t, const ActP*, float*, int64_t);
+// the same for two adjacent row groups (32 outputs per row) through the pair blocks (packed::kPairQ4K, kPairQ6K)
+template <int64_t Q, int R>
+void tile2(const uint8_t* grp0, int64_t nb, int64_t gbytes, const ActP* a, float* y, int64_t ys, bool pf) {
+  packed::Acc acc[2 * R];
+  for (int r = 0; r < 2 * R; ++r) packed::acc_zero(acc[r]);
+  const int64_t gs = nb * gbytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* g = grp0 + gbytes * b;
+    if (pf) {
+      prefetch(g, gbytes);
+      prefetch(g + gs, gbytes);
+    }
+    if constexpr (Q == Q4_K) {
+      packed::q4_k_block2<R>(g, gs, b, a, acc);
+    } else {
+      packed::q6_k_block2<R>(g, gs, b, a, acc);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    packed::acc_store(acc[r], y + r * ys);
+    packed::acc_store(acc[R + r], y + r * ys + kPackRows);
+  }
+}
+
+using PackedTileFn = void (*)(const uint8_t*, int64_t, int64_t, const ActP*, float*, int64_t, bool);
 
 template <int64_t Q, int... R>
 constexpr std::array<PackedTileFn, kMaxTile> make_tiles(std::integer_sequence<int, R...>) {
@@ -46,6 +77,22 @@ template <int64_t Q>
 const PackedTileFn* tiles_of() {
   static constexpr auto t = make_tiles<Q>(std::make_integer_sequence<int, kMaxTile>{});
   return t.data();
+}
+
+template <int64_t Q, int... R>
+constexpr std::array<PackedTileFn, packed::kPairRows> make_pair_tiles(std::integer_sequence<int, R...>) {
+  return {&tile2<Q, R + 1>...};
+}
+template <int64_t Q>
+const PackedTileFn* pair_tiles_of() {
+  static constexpr auto t = make_pair_tiles<Q>(std::make_integer_sequence<int, packed::kPairRows>{});
+  return t.data();
+}
+// the pair tiles of type q, or null where this ISA has none for it
+const PackedTileFn* pair_tiles(int64_t q) {
+  if (q == Q4_K && packed::kPairQ4K) return pair_tiles_of<Q4_K>();
+  if (q == Q6_K && packed::kPairQ6K) return pair_tiles_of<Q6_K>();
+  return nullptr;
 }
 
 const PackedTileFn* packed_tiles(int64_t q) {
@@ -102,13 +149,27 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t G = N / kPackRows;
-  const int64_t grain = std::max<int64_t>(1, G / (8 * at::get_num_threads()) + 1);
-  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
+  // units of work: one row group, or two for the pair tiles (K-quants on AVX-512; the last group may be alone)
+  const PackedTileFn* pairs = pair_tiles(q);
+  const int64_t per = pairs ? 2 : 1, U = (G + per - 1) / per;
+  const int64_t grain = std::max<int64_t>(1, U / (8 * at::get_num_threads()) + 1);
+  at::parallel_for(0, U, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t g = per * u;
+      const uint8_t* w = wp + g * nb * gbytes;
+      float* yg = yp + kPackRows * g;
+      if (per == 2 && g + 1 < G) {
+        for (int64_t m = 0; m < M; m += packed::kPairRows) {
+          const int64_t r = std::min<int64_t>(packed::kPairRows, M - m);
+          pairs[r - 1](w, nb, gbytes, acts.data() + m, yg + m * N, N, m == 0);
+        }
+        continue;
+      }
       for (int64_t m = 0; m < M; m += kMaxTile) {
         const int64_t r = std::min<int64_t>(kMaxTile, M - m);
-        tiles[r - 1](wp + g * nb * gbytes, nb, gbytes, acts.data() + m, yp + m * N + kPackRows * g, N);
+        tiles[r - 1](w, nb, gbytes, acts.data() + m, yg + m * N, N, m == 0);
       }
+    }
   });
 #else
   TORCH_CHECK(false, "gemv_packed needs an AVX512-VNNI or AVX2 build");

@@ -131,6 +131,15 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
   }
 }
 
+// no pair tile: two groups' weights and accumulators would not fit the 16 ymm registers
+constexpr bool kPairQ4K = false;
+constexpr int kPairRows = 1;
+template <int R>
+inline void q4_k_block2(const uint8_t*, int64_t, int64_t, const ActP*, Acc*) {}
+constexpr bool kPairQ6K = false;
+template <int R>
+inline void q6_k_block2(const uint8_t*, int64_t, int64_t, const ActP*, Acc*) {}
+
 // Q6_K group: one 256-element super-block of 16 rows; w = d*sc[e/16]*(q - 32)
 template <int R>
 inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
