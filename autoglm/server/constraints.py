@@ -64,33 +64,44 @@ class ChatConstraints:
     @classmethod
     def build(cls, body: ChatCompletionRequest, mc: ModelConstraints, messages: list[dict[str, Any]]
               ) -> ChatConstraints:
-        """Blocking; every problem -> InvalidRequest (400) naming the field."""
+        """An OpenAI chat request's constraints. Blocking; every problem -> InvalidRequest (400) naming the field."""
+        return cls.make(mc, messages, tools=body.tools or None, tool_choice=body.tool_choice,
+                        parallel_tool_calls=body.parallel_tool_calls is not False, output_spec=body.output_spec())
+
+    @classmethod
+    def make(cls, mc: ModelConstraints, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None,
+             tool_choice: Any = None, parallel_tool_calls: bool = True, output_spec: GrammarSpec | None = None
+             ) -> ChatConstraints:
+        """Any surface's constraints (OpenAI's `build`, Ollama's /api/chat): OpenAI-style messages and tools, the
+        OpenAI `tool_choice` (None: as "auto"), the structured-output spec. Blocking; problems -> InvalidRequest."""
         model = mc.model
-        choice = _tool_choice(body.tool_choice)
-        tools = body.tools or None
+        choice = _tool_choice(tool_choice)
         if tools is not None:
             tool_functions(tools)  # validate names / shapes
         if tools is None and choice not in (None, "none", "auto"):
-            raise InvalidRequest(f"tool_choice {body.tool_choice!r} requires a call but the request has no tools",
+            raise InvalidRequest(f"tool_choice {tool_choice!r} requires a call but the request has no tools",
                                  param="tool_choice")
         fmt = mc.tool_format if tools is not None and choice != "none" else None
         if tools is not None and choice not in (None, "none", "auto") and fmt is None:
-            raise InvalidRequest(f"tool_choice {body.tool_choice!r}: model {model.name!r} has no tool-call format in "
+            raise InvalidRequest(f"tool_choice {tool_choice!r}: model {model.name!r} has no tool-call format in "
                                  "its chat template", param="tool_choice")
         msgs = messages_for_template(messages, mc.tool_format)
         spec = None
         if fmt is not None:
-            spec = tool_call_grammar(fmt, tools, choice, model.tokenizer,
-                                     parallel_tool_calls=body.parallel_tool_calls is not False)
-        so = body.output_spec()
-        if spec is not None and so is not None:
-            raise InvalidRequest(f"tool_choice {body.tool_choice!r} and {so.param} both constrain the output; "
-                                 "send one", param=so.param)
-        spec = spec or so
+            spec = tool_call_grammar(fmt, tools, choice, model.tokenizer, parallel_tool_calls=parallel_tool_calls)
+        if spec is not None and output_spec is not None:
+            raise InvalidRequest(f"tool_choice {tool_choice!r} and {output_spec.param} both constrain the output; "
+                                 "send one", param=output_spec.param)
+        spec = spec or output_spec
         grammar = mc.compile(spec) if spec is not None else None
-        keep = fmt is not None and any(model.tokenizer.token_to_id(tag) in model.tokenizer.special_ids
-                                       for tag in fmt.markup)
-        return cls(msgs, tools if choice != "none" else None, fmt, grammar, keep)
+        return cls(msgs, tools if choice != "none" else None, fmt, grammar, keeps_special_tokens(fmt, model))
+
+
+def keeps_special_tokens(fmt: ToolFormat | None, model: LoadedModel) -> bool:
+    """Whether replies parsed with `fmt` must be detokenized with special tokens kept (its markup is special
+    tokens of this tokenizer, else `<tool_call>` would vanish before the parser sees it, as vLLM does)."""
+    tok = model.tokenizer
+    return fmt is not None and any(tok.token_to_id(tag) in tok.special_ids for tag in fmt.markup)
 
 
 def _tool_choice(value: Any) -> Any:

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
+from autoglm.engine.grammar import CompiledGrammar, GrammarSpec
+from autoglm.engine.prompt import PromptInputs, build_chat_prompt, build_text_prompt
 from autoglm.engine.sampling_params import SamplingParams
 from autoglm.engine.structured_output import structured_output_spec
 from autoglm.errors import AutoGLMError, ContextTooLong, InvalidRequest
-from autoglm.server import ollama_models
+from autoglm.server import ollama_models, ollama_tools
+from autoglm.server.constraints import ChatConstraints, keeps_special_tokens
 from autoglm.server.errors_http import request_id_of
 from autoglm.server.generation import Completion, Delta, Failed, Finished, Generation, Usage
 from autoglm.server.ollama_models import ServedModel
 from autoglm.server.state import ServerState, get_state
 from autoglm.store.options import merge_options, sampling_kwargs
 from autoglm.store.store import ModelStore
+from autoglm.tokenizer.tool_parsers import ToolFormat
 
 log = logging.getLogger("autoglm.server")
 
@@ -270,6 +275,7 @@ def _engine_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         msg: dict[str, Any] = {"role": str(m.get("role", "user")).lower(), "content": content}
         if m.get("thinking"):
             msg["reasoning_content"] = m["thinking"]
+        msg.update(ollama_tools.engine_fields(m))  # tool_calls (arguments objects), a tool result's name
         out.append(msg)
     return out
 
@@ -279,15 +285,31 @@ def _data_url(b64: Any) -> str:
     return s if s.startswith("data:") else "data:image/png;base64," + s  # the decoder sniffs the real format
 
 
-def _prompt(state: ServerState, served: ServedModel, messages: list[dict[str, Any]], *, enable_thinking: bool | None,
-            tools: Any, raw_text: str | None = None, suffix: str | None = None) -> Any:
-    """Prompt inputs: a raw prompt; the Modelfile's Go TEMPLATE (rendered, then tokenized without added specials);
-    or the model's own chat template."""
-    from autoglm.engine.prompt import PromptInputs, build_chat_prompt, build_text_prompt
+@dataclass
+class _Prepared:
+    """A request's prompt, its grammar (None: free text), and how its reply is parsed for tool calls (tool_format
+    None: plain content)."""
 
+    prompt: PromptInputs
+    grammar: CompiledGrammar | None = None
+    tool_format: ToolFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    keep_special_tokens: bool = False
+
+
+def _prepare(state: ServerState, served: ServedModel, messages: list[dict[str, Any]], *,
+             enable_thinking: bool | None, tools: list[dict[str, Any]] | None, spec: GrammarSpec | None,
+             raw_text: str | None = None, suffix: str | None = None) -> _Prepared:
+    """Blocking. Prompt inputs: a raw prompt; the Modelfile's Go TEMPLATE (rendered, then tokenized without added
+    specials); or the model's own chat template with the tools and tool history as /v1 renders them."""
     model = state.ready_model()
+    mc = state.output_constraints()
     if raw_text is not None:
-        return build_text_prompt(model, raw_text)
+        return _Prepared(build_text_prompt(model, raw_text), mc.compile(spec) if spec is not None else None)
+    if tools is not None and not ollama_models.supports_tools(model, served.template):
+        why = ("its Modelfile TEMPLATE does not use .Tools" if served.template is not None else
+               "its chat template has no tool-call syntax autoglm can parse")
+        raise InvalidRequest(f"{served.name} does not support tools ({why})", param="tools")
     history = [*served.messages, *messages]
     if served.system is not None and not any(m.get("role") == "system" for m in history):
         history = [{"role": "system", "content": served.system}, *history]
@@ -297,12 +319,15 @@ def _prompt(state: ServerState, served: ServedModel, messages: list[dict[str, An
                                  "placeholder; use the server's own model name for image requests", param="images")
         text = served.template.render(history, tools=tools, think=enable_thinking, suffix=suffix,
                                       prompt=history[-1].get("content") if suffix else None)
-        return PromptInputs(token_ids=model.tokenizer.encode(text, add_special_tokens=False), text=text)
-    if tools:
-        raise InvalidRequest(f"{served.name} does not support tools", param="tools")
-    limit = state.config.limit_mm_per_prompt
-    return build_chat_prompt(model, _engine_messages(history), enable_thinking=enable_thinking,
-                             content_format="string", media_policy=state.media, max_media=limit)
+        fmt = ollama_models.tool_format(model, served.template) if tools is not None else None
+        return _Prepared(PromptInputs(token_ids=model.tokenizer.encode(text, add_special_tokens=False), text=text),
+                         mc.compile(spec) if spec is not None else None, fmt, tools, keeps_special_tokens(fmt, model))
+    constraints = ChatConstraints.make(mc, _engine_messages(history), tools=tools, output_spec=spec)
+    prompt = build_chat_prompt(model, constraints.messages, enable_thinking=enable_thinking, content_format="string",
+                               media_policy=state.media, max_media=state.config.limit_mm_per_prompt,
+                               tools=constraints.tools)
+    return _Prepared(prompt, constraints.grammar, constraints.tool_format, constraints.tools,
+                     constraints.keep_special_tokens)
 
 
 def _no_template(state: ServerState, served: ServedModel) -> bool:
@@ -363,15 +388,18 @@ async def _complete(request: Request, body: dict[str, Any], *, chat: bool) -> Re
         messages = [{"role": "user", "content": prompt_text, "images": body.get("images") or []}]
         served.messages = []  # Ollama's generate uses the Modelfile's SYSTEM but not its MESSAGE history
     raw = prompt_text if not chat and (body.get("raw") or _no_template(state, served)) else None
-    prompt = await asyncio.to_thread(_prompt, state, served, list(messages or []), enable_thinking=enable_thinking,
-                                     tools=body.get("tools"), raw_text=raw, suffix=body.get("suffix"))
-    params = _check_context(state, len(prompt.token_ids), params, num_ctx)
-    if spec is not None:  # the same grammar engine as /v1's response_format: a token mask in the batched sampler
-        params.grammar = await asyncio.to_thread(state.output_constraints().compile, spec)
+    tools = ollama_tools.request_tools(body.get("tools")) if chat else None
+    history = ollama_tools.checked_history(messages) if chat else list(messages or [])
+    prep = await asyncio.to_thread(_prepare, state, served, history, enable_thinking=enable_thinking, tools=tools,
+                                   spec=spec, raw_text=raw, suffix=body.get("suffix"))
+    params = _check_context(state, len(prep.prompt.token_ids), params, num_ctx)
+    params.grammar = prep.grammar  # the same grammar engine as /v1's response_format: a mask in the sampler
+    if prep.keep_special_tokens:  # the tool-call markup is special tokens: the parser must see them
+        params.skip_special_tokens = False
     gen = Generation(state, request, rid=rid, endpoint="chat" if chat else "completions", model_name=served.name,
                      stream=body.get("stream", True) is not False, mode=mode, arrival=arrival)
-    await gen.start(prompt, params)  # every rejection is a clean error status here, before any byte
-    fmt = _OllamaFormat(gen, served.name, chat)
+    await gen.start(prep.prompt, params)  # every rejection is a clean error status here, before any byte
+    fmt = _OllamaFormat(gen, served.name, chat, prep)
     if not gen.stream:
         return JSONResponse(fmt.whole(await gen.collect()))
     return StreamingResponse(fmt.lines(), media_type=NDJSON)
@@ -380,17 +408,20 @@ async def _complete(request: Request, body: dict[str, Any], *, chat: bool) -> Re
 class _OllamaFormat:
     """The generation layer's events as Ollama chat / generate objects (NDJSON lines or one object)."""
 
-    def __init__(self, gen: Generation, model: str, chat: bool) -> None:
+    def __init__(self, gen: Generation, model: str, chat: bool, prep: _Prepared) -> None:
         self.gen = gen
         self.model = model
         self.chat = chat
+        self.prep = prep
 
-    def _object(self, content: str, thinking: str) -> dict[str, Any]:
+    def _object(self, content: str, thinking: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         obj: dict[str, Any] = {"model": self.model, "created_at": _now_iso()}
         if self.chat:
             msg: dict[str, Any] = {"role": "assistant", "content": content}
             if thinking:
                 msg["thinking"] = thinking
+            if calls:
+                msg["tool_calls"] = calls
             obj["message"] = msg
         else:
             obj["response"] = content
@@ -399,11 +430,12 @@ class _OllamaFormat:
         obj["done"] = False
         return obj
 
-    def _final(self, reason: str | None, usage: Usage, content: str = "", thinking: str = "") -> dict[str, Any]:
+    def _final(self, reason: str | None, usage: Usage, content: str = "", thinking: str = "",
+               calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         now = time.monotonic()
         arrival = self.gen.arrival
         first = self.gen.first_token or now
-        obj = self._object(content, thinking)
+        obj = self._object(content, thinking, calls)
         obj.update(done=True, done_reason="length" if reason == "length" else "stop",
                    total_duration=int((now - arrival) * 1e9), load_duration=0,
                    prompt_eval_count=usage.prompt_tokens, prompt_eval_duration=int((first - arrival) * 1e9),
@@ -412,14 +444,24 @@ class _OllamaFormat:
 
     def whole(self, c: Completion) -> dict[str, Any]:
         thinking = c.reasoning if isinstance(c.reasoning, str) else ""
-        return self._final(c.finish_reason, c.usage, c.content, thinking)
+        content, calls = c.content, []
+        if self.prep.tool_format is not None:  # the /v1 parser; Ollama's call shape
+            content, calls = ollama_tools.reply(self.prep.tool_format.parse(c.content, self.prep.tools))
+        return self._final(c.finish_reason, c.usage, content, thinking, calls)
 
     async def lines(self) -> AsyncIterator[str]:
+        fmt = self.prep.tool_format
+        parser = ollama_tools.ToolCallLines(fmt, self.prep.tools) if fmt is not None else None
         async with contextlib.aclosing(self.gen.events()) as events:
             async for event in events:
                 if isinstance(event, Delta):
-                    yield _line(self._object(event.content, event.reasoning))
+                    content, calls = parser.feed(event.content) if parser is not None else (event.content, [])
+                    if parser is None or content or calls or event.reasoning:  # else the parser holds it back
+                        yield _line(self._object(content, event.reasoning, calls))
                 elif isinstance(event, Finished):
+                    content, calls = parser.finish() if parser is not None else ("", [])
+                    if content or calls:  # what the parser held back: the last call, trailing text
+                        yield _line(self._object(content, "", calls))
                     yield _line(self._final(event.reason, event.usage))
                 elif isinstance(event, Failed):
                     error = event.error

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from autoglm.errors import InvalidRequest, ModelNotFound
 from autoglm.store.store import DEFAULT_TAG, Manifest, ModelStore, full_name
+from autoglm.tokenizer.tool_parsers import ToolFormat, detect_tool_format
 
 if TYPE_CHECKING:
     from autoglm.models.loaded import LoadedModel
@@ -153,9 +154,25 @@ def capabilities(model: LoadedModel, template: OllamaTemplate | None) -> list[st
     tok = model.tokenizer
     if tok.token_to_id("<think>") is not None and tok.token_to_id("</think>") is not None:
         caps.append("thinking")
-    if template is not None and "tools" in template.vars:
+    if supports_tools(model, template):
         caps.append("tools")
     return caps
+
+
+def tool_format(model: LoadedModel, template: OllamaTemplate | None) -> ToolFormat | None:
+    """The tool-call syntax /api/chat parses replies with: what the Modelfile TEMPLATE's text teaches, else what the
+    model's own chat template teaches (the same detection as /v1, `detect_tool_format`)."""
+    source = template.text if template is not None else model.chat_template.source if model.chat_template else None
+    return detect_tool_format(source, model.architecture)
+
+
+def supports_tools(model: LoadedModel, template: OllamaTemplate | None) -> bool:
+    """What /api/chat accepts `tools` for and /api/show lists as "tools": a Modelfile TEMPLATE that uses `.Tools`
+    (as Ollama decides); without one, the model's own chat template when it teaches a tool-call syntax autoglm
+    parses."""
+    if template is not None:
+        return "tools" in template.vars
+    return tool_format(model, None) is not None
 
 
 def model_info(model: LoadedModel, context_length: int) -> dict[str, Any]:
@@ -236,4 +253,5 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-__all__ = ["ServedModel", "capabilities", "full_name", "ps_entries", "resolve", "show", "tag_entries"]
+__all__ = ["ServedModel", "capabilities", "full_name", "ps_entries", "resolve", "show", "supports_tools", "tag_entries",
+           "tool_format"]

@@ -1,9 +1,9 @@
 """Tool calls in OpenAI's shape: finished calls, streaming deltas, and what a request's `tools` say about them.
 
 A finished call is `{"id", "type": "function", "function": {"name", "arguments"}}` with `arguments` a JSON string
-(OpenAI's wire shape). A streaming call arrives as deltas with the same `index`: the first carries `id`, `type` and
-`function.name` (arguments ""), the following ones only `function.arguments` pieces; their concatenation is the
-finished call's `arguments`.
+(OpenAI's wire shape; `to_ollama` gives Ollama's, the arguments an object). A streaming call arrives as deltas
+with the same `index`: the first carries `id`, `type` and `function.name` (arguments ""), the following ones only
+`function.arguments` pieces; their concatenation is the finished call's `arguments`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ class ToolCall:
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+    def to_ollama(self, index: int) -> dict[str, Any] | None:
+        """Ollama's shape, `arguments` the JSON object itself; None when the text is not a JSON object."""
+        args = arguments_mapping(self.arguments)
+        if not isinstance(args, dict):
+            return None
+        return {"id": self.id, "function": {"index": index, "name": self.name, "arguments": args}}
 
 
 @dataclass

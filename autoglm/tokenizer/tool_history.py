@@ -38,17 +38,23 @@ def _call(call: Any, where: str) -> dict[str, Any]:
     return out
 
 
+def template_calls(calls: Any, index: int) -> list[dict[str, Any]]:
+    """`messages[index].tool_calls` (OpenAI's or Ollama's shape) checked, each with `type` set and its arguments a
+    mapping when they are a JSON object (or its text); a bad shape -> InvalidRequest naming the field."""
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"{where} must be a list", param=where)
+    return [_call(c, f"{where}[{j}]") for j, c in enumerate(calls)]
+
+
 def messages_for_template(messages: Sequence[Any], tool_format: ToolFormat | None) -> list[dict[str, Any]]:
     """Messages ready for `ChatTemplate.render`: every assistant tool call's arguments decoded to a mapping, and for
     GLM-4-0414-style templates calls and results rewritten as `metadata` / `observation` turns."""
     out: list[dict[str, Any]] = []
     for i, raw in enumerate(messages):
         msg = _as_dict(raw, i)
-        calls = msg.get("tool_calls")
-        if calls is not None:
-            if not isinstance(calls, list):
-                raise InvalidRequest(f"messages[{i}].tool_calls must be a list", param=f"messages[{i}].tool_calls")
-            msg["tool_calls"] = [_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
+        if msg.get("tool_calls") is not None:
+            msg["tool_calls"] = template_calls(msg["tool_calls"], i)
         if isinstance(tool_format, Glm4ToolFormat):
             out += _glm4_turns(msg)
         else:

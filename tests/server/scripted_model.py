@@ -11,7 +11,7 @@ Run as a script it serves that model: `python -m tests.server.scripted_model MOD
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +109,8 @@ def expected_texts(model: LoadedModel, script: Script) -> tuple[str, str]:
     return model.tokenizer.decode(list(script.reasoning_ids)), model.tokenizer.decode(list(script.answer_ids))
 
 
-def main(argv: list[str]) -> int:
+def serve_replaced(argv: list[str], replace: Callable[[LoadedModel], LoadedModel]) -> int:
+    """`autoglm serve argv` with the loaded model passed through `replace` (which swaps its decoder)."""
     import argparse
 
     from autoglm.commands.serve import register, serve
@@ -122,8 +123,11 @@ def main(argv: list[str]) -> int:
     args["model"] = args.get("model") or args.get("model_pos")
     config = ServerConfig.from_sources(args)
     torch.set_num_threads(1)
-    model, _ = scripted_model(load_model(config.model, no_vision=True))
-    return serve(config, model=model)
+    return serve(config, model=replace(load_model(config.model, no_vision=True, chat_template=config.chat_template)))
+
+
+def main(argv: list[str]) -> int:
+    return serve_replaced(argv, lambda model: scripted_model(model)[0])
 
 
 if __name__ == "__main__":
