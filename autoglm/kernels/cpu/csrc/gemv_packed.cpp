@@ -149,8 +149,10 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t G = N / kPackRows;
-  // units of work: one row group, or two for the pair tiles (K-quants on AVX-512; the last group may be alone)
-  const PackedTileFn* pairs = pair_tiles(q);
+  // units of work: one row group, or two for the pair tiles (K-quants on AVX-512, prefill: the last group may be
+  // alone). Decode (M = 1) keeps one group per tile: it reads the weights from DRAM once, where a second stream
+  // did not measurably help and single groups were the measured-at-the-bound path.
+  const PackedTileFn* pairs = M > 1 ? pair_tiles(q) : nullptr;
   const int64_t per = pairs ? 2 : 1, U = (G + per - 1) / per;
   const int64_t grain = std::max<int64_t>(1, U / (8 * at::get_num_threads()) + 1);
   at::parallel_for(0, U, grain, [&](int64_t u0, int64_t u1) {
