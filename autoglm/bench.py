@@ -30,6 +30,7 @@ class BenchConfig:
     dtype: str = "auto"
     runs: int = 1
     deterministic: bool = False  # EngineConfig.deterministic (batch-invariant kernels)
+    cpu_isa: str | None = None  # CPU kernel variant (autoglm --cpu-isa); None: $AUTOGLM_CPU_ISA, else the best
 
 
 @dataclass
@@ -133,7 +134,7 @@ def bench_autoglm(cfg: BenchConfig) -> BenchResult:
     threads = set_threads(cfg.threads)
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, dtype=cfg.dtype, no_vision=True)
+    loaded = load_model(cfg.model, dtype=cfg.dtype, no_vision=True, cpu_isa=cfg.cpu_isa)
     if cfg.quantization:
         from autoglm.quant.apply import apply_quantization, finalize_quantization
 

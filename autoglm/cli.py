@@ -61,15 +61,15 @@ def resolve_threads(flag: int | None, command: str | None) -> int | None:
 
 
 def _check_cpu_isa(flag: str | None, command: str | None) -> None:
-    """--cpu-isa > AUTOGLM_CPU_ISA: validated at start (CpuIsaError names what the CPU lacks). The flag is handed to
-    the model loader as $AUTOGLM_CPU_ISA, which `select_kernels` reads at each selection."""
+    """--cpu-isa > AUTOGLM_CPU_ISA: validated at start (CpuIsaError names what the CPU lacks). The environment is
+    left alone: each command hands the flag (`args.cpu_isa`) to the loader through its own config (ServerConfig,
+    BenchConfig, `LLM(cpu_isa=...)`, `load_model(cpu_isa=...)`); without it `select_kernels` reads
+    $AUTOGLM_CPU_ISA at each selection."""
     if flag is None and (command not in COMPUTE_COMMANDS or not os.environ.get("AUTOGLM_CPU_ISA")):
         return
     from autoglm.kernels.cpu import variants
 
     chosen = variants.resolve(flag)
-    if flag is not None:
-        os.environ[variants.ENV] = flag
     log.info("CPU kernels ISA: %s (requested %s)", chosen, variants.requested(flag))
 
 

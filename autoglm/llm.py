@@ -81,8 +81,11 @@ class LLM:
         max_model_len: int | None = None,
         quantization: str | None = None,
         chat_template: str | None = None,
+        cpu_isa: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
+        """`cpu_isa`: the CPU kernel variant of a GGUF decoder (`load_model`; None: $AUTOGLM_CPU_ISA, else the best
+        this CPU runs); ignored when `model` is already a LoadedModel."""
         if isinstance(model, LoadedModel):
             self.model = model
         else:
@@ -90,7 +93,7 @@ class LLM:
 
             self.model = load_model(
                 model, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization,
-                chat_template=chat_template,
+                chat_template=chat_template, cpu_isa=cpu_isa,
             )
         self.config = EngineConfig.from_sources({"max_model_len": max_model_len, **engine_kwargs})
         self.engine = Engine(self.model, self.config)

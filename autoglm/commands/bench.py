@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=str(model), prompt_len=args.prompt_len, gen_len=args.gen_len, concurrency=args.concurrency,
         threads=threads, quantization=args.quantization, dtype=args.dtype, runs=args.runs,
-        deterministic=args.deterministic,
+        deterministic=args.deterministic, cpu_isa=getattr(args, "cpu_isa", None),
     )  # fmt: skip
     results = []
     if args.inline:

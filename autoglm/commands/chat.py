@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from autoglm.llm import LLM
 
     llm = LLM(model_path, mmproj=args.mmproj, dtype=args.dtype, device=args.device, no_vision=args.no_vision,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, cpu_isa=getattr(args, "cpu_isa", None))
     sampling = {k: v for k, v in dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                       top_k=args.top_k, seed=args.seed).items() if v is not None}
     history: list[dict[str, Any]] = []

@@ -74,7 +74,8 @@ def _human(n: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from autoglm.loader import load_model
 
-    model = load_model(args.model, mmproj=args.mmproj, dtype=args.dtype, no_vision=args.no_vision)
+    model = load_model(args.model, mmproj=args.mmproj, dtype=args.dtype, no_vision=args.no_vision,
+                       cpu_isa=getattr(args, "cpu_isa", None))
     info = describe(model)
     if args.json:
         json.dump(info, sys.stdout, indent=2)

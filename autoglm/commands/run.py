@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_kwargs(params)
     if args.max_tokens is not None:
         sampling["max_tokens"] = args.max_tokens
-    llm = LLM(path)
+    llm = LLM(path, cpu_isa=getattr(args, "cpu_isa", None))  # autoglm --cpu-isa
 
     def reply(messages: list[dict[str, str]]) -> str:
         prompt: Any = messages

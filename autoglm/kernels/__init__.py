@@ -1,9 +1,11 @@
 """Compute kernels behind one interface (`base.Kernels`), chosen once per model and passed in.
 
-`select_kernels(device)` is the one place that decides: the fused CPU kernels (`cpu/`) when the weights are on CPU
-and the extension builds, else the torch reference (`reference.REFERENCE`). `AUTOGLM_GGUF_KERNELS=0` picks the
-reference; it is read at each selection, never kept as a process-wide switch, and so is `AUTOGLM_CPU_ISA` (the CPU
-kernel variant, `autoglm.kernels.cpu.variants`), unless the caller passes `cpu_isa`.
+`select_kernels(device, cpu_isa)` is the one place that decides: the fused CPU kernels (`cpu/`) when the weights are
+on CPU and the extension builds, else the torch reference (`reference.REFERENCE`). `AUTOGLM_GGUF_KERNELS=0` picks
+the reference; it is read at each selection, never kept as a process-wide switch. The CPU kernel variant
+(`autoglm.kernels.cpu.variants`) is the caller's `cpu_isa` argument: `autoglm --cpu-isa` reaches it as a value
+(command config -> `load_model(cpu_isa=...)` -> the loader), never through the environment; without one,
+`$AUTOGLM_CPU_ISA` is read at each selection, else the best variant this CPU runs.
 """
 
 from __future__ import annotations

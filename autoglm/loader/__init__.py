@@ -37,13 +37,20 @@ def load_model(
     no_vision: bool = False,
     quantization: str | None = None,
     chat_template: str | None = None,
+    cpu_isa: str | None = None,
 ) -> LoadedModel:
     """Load a model from an HF directory or a GGUF file (plus `mmproj` for its vision projector).
     `quantization` ("int8" | "int4") applies to HF checkpoints; GGUF weights keep their own block types.
+    `cpu_isa` (auto|avx512|avx2|scalar|neon): the CPU kernel variant a GGUF decoder on CPU computes with
+    (`autoglm.kernels.select_kernels`; None: `$AUTOGLM_CPU_ISA`, else the best this CPU runs; one this CPU lacks
+    raises CpuIsaError); HF checkpoints compute with torch and ignore it.
     `chat_template` (a Jinja file path or template text) replaces the model's own template; a model with none
     gets its family's built-in (GLM-4.1V, GLM-4, Gemma, Llama 3, ChatML for Qwen), else ChatML as llama-server
     does, with a warning (autoglm.tokenizer.builtin_templates.choose_chat_template decides and logs why)."""
-    model = _load(path, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization)
+    model = _load(
+        path, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, quantization=quantization,
+        cpu_isa=cpu_isa,
+    )
     _set_chat_template(model, chat_template)
     return model
 
@@ -70,6 +77,7 @@ def _load(
     device: Any,
     no_vision: bool,
     quantization: str | None,
+    cpu_isa: str | None,
 ) -> LoadedModel:
     if quantization not in (None, "none", "int8", "int4"):
         raise ModelLoadError(f"unknown quantization {quantization!r}; choose int8, int4 or none")
@@ -97,7 +105,7 @@ def _load(
             )
         from autoglm.loader.gguf import load_gguf
 
-        return load_gguf(p, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision)
+        return load_gguf(p, mmproj=mmproj, dtype=dtype, device=device, no_vision=no_vision, cpu_isa=cpu_isa)
     from autoglm.builtins import builtin_names
 
     raise ModelLoadError(f"{p}: no such file or directory (nor a built-in model: {', '.join(builtin_names())})")

@@ -130,9 +130,11 @@ def load_gguf(
     device: str | torch.device | dict[str, Any] = "cpu",
     no_vision: bool = False,
     dequantize: bool | None = None,
+    cpu_isa: str | None = None,
 ) -> LoadedModel:
     """Load a llama.cpp GGUF file (plus an optional `mmproj` vision projector GGUF) as a LoadedModel.
-    `dequantize`: decode the block-quantized weights once into dense ones (None: on CUDA only; loader/device.py)."""
+    `dequantize`: decode the block-quantized weights once into dense ones (None: on CUDA only; loader/device.py).
+    `cpu_isa`: the CPU kernel variant of the decoder (`select_kernels`; None: `$AUTOGLM_CPU_ISA`, else the best)."""
     t0 = time.perf_counter()
     path = Path(path)
     if not path.is_file():
@@ -149,7 +151,7 @@ def load_gguf(
     model = build_decoder(f)
     n_blocks = int(_need(f, f"{arch}.block_count"))
     names = gguf_names_for(arch, n_blocks, expected_tensors(model))
-    kernels = select_kernels(devices["decoder"])  # chosen once for this model: CPU kernels when built, else torch
+    kernels = select_kernels(devices["decoder"], cpu_isa)  # once for this model: CPU kernels when built, else torch
     if not dense:  # else every weight stays an ordinary Linear / Embedding, filled dequantized by the stream
         _swap_quantized(model, f, names, act_dtype, kernels)
         tied = getattr(model, "tied_parameters", None)

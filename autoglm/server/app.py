@@ -90,6 +90,7 @@ async def _start(state: ServerState, model: LoadedModel | None, engine: EngineCl
         model = await asyncio.to_thread(
             load_model, config.model, mmproj=config.mmproj, dtype=config.dtype, device=config.device,
             no_vision=config.no_vision, quantization=config.quantization, chat_template=config.chat_template,
+            cpu_isa=config.cpu_isa,
         )
         log.info("Model %s (%s) loaded in %.2f s", model.name, model.architecture, time.monotonic() - started)
     for info in model.modules:

@@ -49,6 +49,9 @@ class ServerConfig:
     remote_media_timeout: float = 5.0
     dtype: str = "auto"
     device: str = "cpu"
+    # `autoglm --cpu-isa` (the CLI frame's flag, handed over by `serve`): the CPU kernel variant of a GGUF decoder;
+    # None: $AUTOGLM_CPU_ISA at kernel selection, else the best this CPU runs
+    cpu_isa: str | None = None
     no_vision: bool = False
     quantization: str | None = None
     chat_template: str | None = None
@@ -90,6 +93,10 @@ class ServerConfig:
             raise ConfigError(f"--max-request-body-bytes must be >= 1024, got {self.max_request_body_bytes}")
         if self.drain_grace < 0:
             raise ConfigError(f"--drain-grace must be >= 0, got {self.drain_grace}")
+        if self.cpu_isa is not None:  # an unknown one, or one this CPU lacks: CpuIsaError before any model is read
+            from autoglm.kernels.cpu import variants
+
+            variants.resolve(self.cpu_isa)
         if self.device != "cpu":  # fail before any model is read (loader/device.py names the torch build)
             from autoglm.loader.device import check_device
 
@@ -114,6 +121,8 @@ class ServerConfig:
                 values[opt.dest] = _coerce(opt, given, source=opt.flags[0])
             elif opt.env in environ and environ[opt.env] != "":
                 values[opt.dest] = _coerce(opt, environ[opt.env], source=opt.env)
+        if cli.get("cpu_isa") is not None:  # the frame's flag; $AUTOGLM_CPU_ISA stays the kernel selection's default
+            values["cpu_isa"] = str(cli["cpu_isa"])
         return cls(**values)
 
 

@@ -1,9 +1,11 @@
 """The CPU ISA knob: `AUTOGLM_CPU_ISA` / `--cpu-isa` choose the variant, the chosen one is reported (CpuKernels,
 the decoder's ModuleInfo: start-up log line and /status/data), and asking for one this CPU lacks is a clear error
-at start."""
+at start. The flag is a value handed down (ServerConfig / BenchConfig / LLM -> `load_model(cpu_isa=...)`), never
+written into the environment."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,94 @@ def test_loaded_decoder_reports_the_isa(monkeypatch: pytest.MonkeyPatch, tiny_ge
     from dataclasses import asdict
 
     assert asdict(info)["kernels"] == "cpu avx2"  # /status/data's module rows are asdict(ModuleInfo)
+
+
+# --- the flag / argument is a value handed down, never written to the environment ------------------------------
+def _gguf_kernels(loaded: object) -> list[object]:
+    from autoglm.layers.linear.gguf import GGUFEmbedding, GGUFLinear
+
+    decoder = loaded.decoder  # type: ignore[attr-defined]
+    return [m.impl for m in decoder.modules() if isinstance(m, GGUFLinear | GGUFEmbedding)]
+
+
+def test_load_model_cpu_isa_argument_chooses_the_variant(
+    monkeypatch: pytest.MonkeyPatch, tiny_gemma3_gguf_q8: Path
+) -> None:
+    from autoglm.kernels.base import UsesKernels
+    from autoglm.loader import load_model
+
+    monkeypatch.setenv(variants.ENV, "auto")  # the argument beats the environment's default ...
+    loaded = load_model(str(tiny_gemma3_gguf_q8), no_vision=True, cpu_isa="scalar")
+    assert os.environ[variants.ENV] == "auto"  # ... and leaves it as it was
+    assert loaded.modules[0].kernels == "cpu scalar"
+    impls = _gguf_kernels(loaded)
+    assert impls and all(getattr(k, "isa", None) == "scalar" for k in impls)
+    bound = [m.kernels for m in loaded.decoder.modules() if isinstance(m, UsesKernels)]  # norms, rope, attention
+    assert bound and all(k is impls[0] for k in bound)  # one Kernels object for the whole decoder
+    monkeypatch.delenv(variants.ENV)
+    assert load_model(str(tiny_gemma3_gguf_q8), no_vision=True, cpu_isa="avx2").modules[0].kernels == "cpu avx2"
+    assert variants.ENV not in os.environ
+
+
+def test_serve_flag_reaches_the_loaded_model_through_the_config(
+    monkeypatch: pytest.MonkeyPatch, tiny_gemma3_gguf_q8: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from autoglm import cli
+    from autoglm.commands import serve as serve_command
+    from autoglm.server.app import create_app
+    from autoglm.server.config import ServerConfig
+
+    monkeypatch.delenv(variants.ENV, raising=False)
+    configs: list[ServerConfig] = []
+    monkeypatch.setattr(serve_command, "serve", lambda config: configs.append(config) or 0)  # no socket, no uvicorn
+    argv = ["--cpu-isa", "scalar", "serve", str(tiny_gemma3_gguf_q8), "--no-speech", "--no-vision",
+            "--max-model-len", "64", "--max-num-seqs", "1"]
+    assert cli.main(argv) == 0
+    assert variants.ENV not in os.environ  # the flag was not handed over as $AUTOGLM_CPU_ISA
+    (config,) = configs
+    assert config.cpu_isa == "scalar"
+    with TestClient(create_app(config)) as client:  # the lifespan loads config.model with config.cpu_isa
+        modules = client.get("/status/data").json()["modules"]
+    assert modules[0]["name"] == "decoder" and modules[0]["kernels"] == "cpu scalar"
+    assert variants.ENV not in os.environ
+    assert ServerConfig.from_sources({}, environ={variants.ENV: "avx2"}).cpu_isa is None  # env: read at selection
+    lacking = "neon" if variants.machine() in ("x86_64", "AMD64") else "avx2"
+    with pytest.raises(CpuIsaError, match="lacks"):
+        ServerConfig(cpu_isa=lacking)  # a config built in code is checked before any model is read
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_run_and_chat_flag_reaches_the_loaded_model(
+    monkeypatch: pytest.MonkeyPatch, tiny_gemma3_gguf_q8: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from autoglm import cli, llm
+
+    made: list[llm.LLM] = []
+
+    class Recording(llm.LLM):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(llm, "LLM", Recording)
+    monkeypatch.setenv(variants.ENV, "auto")
+    assert cli.main(["--cpu-isa", "scalar", command, str(tiny_gemma3_gguf_q8), "hi", "--max-tokens", "1"]) == 0
+    assert os.environ[variants.ENV] == "auto"
+    assert made and made[0].model.modules[0].kernels == "cpu scalar"
+
+
+def test_bench_flag_goes_into_the_bench_config(monkeypatch: pytest.MonkeyPatch, tiny_gemma3_gguf_q8: Path) -> None:
+    from autoglm import bench, cli
+
+    seen: list[bench.BenchConfig] = []
+
+    def fake_bench(cfg: bench.BenchConfig) -> bench.BenchResult:
+        seen.append(cfg)
+        raise CpuIsaError("stop here")  # the loader is covered above; only the config matters
+
+    monkeypatch.setattr(bench, "bench_autoglm", fake_bench)
+    monkeypatch.delenv(variants.ENV, raising=False)
+    assert cli.main(["--cpu-isa", "scalar", "bench", str(tiny_gemma3_gguf_q8), "--inline"]) == 1
+    assert [c.cpu_isa for c in seen] == ["scalar"] and variants.ENV not in os.environ

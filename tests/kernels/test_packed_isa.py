@@ -109,8 +109,9 @@ def test_an_avx2_model_packs_its_weights(avx2: CpuKernels, tmp_path: Path, monke
     from autoglm.loader.gguf import load_gguf
     from tests.fixtures.gguf import gemma3_to_gguf, tiny_gemma3_hf
 
-    monkeypatch.setenv(variants.ENV, "avx2")  # what --cpu-isa avx2 hands the loader
-    loaded = load_gguf(gemma3_to_gguf(tiny_gemma3_hf(0), tmp_path / "tiny.gguf", Q.Q8_0))
+    monkeypatch.delenv(variants.ENV, raising=False)
+    # what --cpu-isa avx2 hands the loader (load_model -> load_gguf -> select_kernels)
+    loaded = load_gguf(gemma3_to_gguf(tiny_gemma3_hf(0), tmp_path / "tiny.gguf", Q.Q8_0), cpu_isa="avx2")
     mods = [m for m in loaded.decoder.modules() if isinstance(m, GGUFLinear | GGUFEmbedding)]
     packable = [m for m in mods if m.weight_format.rows % 16 == 0]
     assert packable and all(isinstance(m.impl, CpuKernels) and m.impl.isa == "avx2" for m in mods)

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from autoglm.layers.attention.base import AttentionBackend, AttentionContext, AttentionGeometry
-from autoglm.layers.attention.torch_ref import uncached_attention
+from autoglm.layers.attention.torch_ref import prefill_segments, uncached_attention
 
 LENS = "lens"  # ctx.memo key: [B] int64 context lengths on the cache's device (decode steps)
 
@@ -93,20 +93,8 @@ class CudaSdpaBackend(AttentionBackend):
         self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext
     ) -> Tensor:
         """Each sequence's new tokens attend over its cached prefix plus themselves (causal, lower-right)."""
-        assert ctx.block_tables is not None
-        bs = self.block_size
-        outs = []
-        start = 0
-        for i, (ql, cl) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
-            qi = q[start : start + ql]
-            if ql == cl:  # nothing cached before: the new tokens' own K/V
-                ki, vi = k[start : start + ql], v[start : start + ql]
-            else:
-                blocks = ctx.block_tables[i, : (cl + bs - 1) // bs]
-                ki = kc.index_select(0, blocks).flatten(0, 1)[:cl].to(q.dtype)
-                vi = vc.index_select(0, blocks).flatten(0, 1)[:cl].to(q.dtype)
-            outs.append(sdpa_causal(layer, qi, ki, vi))
-            start += ql
+        segments = prefill_segments(q, k, v, kc, vc, ctx, self.block_size)  # the torch reference's paged gather
+        outs = [sdpa_causal(layer, qi, ki, vi) for qi, ki, vi in segments]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
     def decode(self, q: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext) -> Tensor:

@@ -11,7 +11,7 @@ own query and keys only: the same whether its prefix was cached, its prompt chun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,27 @@ def uncached_attention(layer: AttentionGeometry, q: Tensor, k: Tensor, v: Tensor
         outs.append(causal_attention(layer, q[sl], k[sl], v[sl]))
         start += ql
     return torch.cat(outs, 0)
+
+
+def prefill_segments(
+    q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, ctx: AttentionContext, block_size: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Per sequence of a cached prefill step (its K/V already written to kc/vc): (its new queries [ql, H, D], the
+    keys and values they attend over [cl, KV, D]). Nothing cached before (ql == cl): the step's own K/V; else the
+    sequence's first cl slots gathered from its cache blocks (`ctx.block_tables`), in q's dtype. Shared by the
+    torch reference and the CUDA backend (same paged layout)."""
+    assert ctx.block_tables is not None
+    start = 0
+    for i, (ql, cl) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
+        new = slice(start, start + ql)
+        start += ql
+        if ql == cl:
+            yield q[new], k[new], v[new]
+            continue
+        blocks = ctx.block_tables[i, : (cl + block_size - 1) // block_size]
+        ki = kc.index_select(0, blocks).flatten(0, 1)[:cl].to(q.dtype)  # index_select: ~10x aten::index
+        vi = vc.index_select(0, blocks).flatten(0, 1)[:cl].to(q.dtype)
+        yield q[new], ki, vi
 
 
 class TorchRefBackend(AttentionBackend):
@@ -112,21 +133,8 @@ class TorchRefBackend(AttentionBackend):
         self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext
     ) -> Tensor:
         """Chunks with more than one new token: new tokens attend over the cached prefix plus themselves."""
-        assert ctx.block_tables is not None
-        bs = self.block_size
-        outs = []
-        start = 0
-        for i, (ql, cl) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
-            qi = q[start : start + ql]
-            start += ql
-            if ql == cl:  # nothing cached before: attend over the new tokens directly
-                ki, vi = k[start - ql : start], v[start - ql : start]
-            else:
-                blocks = ctx.block_tables[i, : (cl + bs - 1) // bs]
-                ki = kc.index_select(0, blocks).flatten(0, 1)[:cl].to(q.dtype)  # index_select: ~10x aten::index
-                vi = vc.index_select(0, blocks).flatten(0, 1)[:cl].to(q.dtype)
-            outs.append(causal_attention(layer, qi, ki, vi))
-        return torch.cat(outs, 0)
+        segments = prefill_segments(q, k, v, kc, vc, ctx, self.block_size)
+        return torch.cat([causal_attention(layer, qi, ki, vi) for qi, ki, vi in segments], 0)
 
     def decode(self, q: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext) -> Tensor:
         """q [B, H, D], one new token per sequence -> [B, H, D]."""
