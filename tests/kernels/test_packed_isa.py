@@ -1,7 +1,8 @@
 """The packed layout on both x86 variants (issue 17): the avx2 tiles (`csrc/packed_tiles_avx2.h`) read the bytes
 `csrc/pack.cpp` writes and are bitwise equal to the avx512 tiles for every packed type, tile size and remainder
 (exact integer dots, the same float ops per output in the same order), within float32 rounding of F.linear(x_q, W),
-and an avx2 model packs its weights at start-up.
+and an avx2 model packs its weights at start-up. Q4_K / Q6_K run llama.cpp's q8_K activations (per 256) with an
+exact integer super-block reduction: bitwise the row-major q8_K kernel's result.
 
 Tolerance vs `F.linear(x_q, W)` (x_q: the int8 activations, `quantize_activations`): the integer dots are exact, so
 only float32 rounding differs: |y - ref| <= K * 2^-23 * (|x_q| @ |W|.T) (gamma_K, as in test_isa_variants.py).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from torch import Tensor
 from autoglm.kernels.cpu import cpu_kernels, variants
 from autoglm.kernels.cpu.ops import CpuKernels
 from autoglm.kernels.cpu.pack import PACKED_TYPES
+from autoglm.layers.linear.gguf import GGUFBlockFormat
 from tests.kernels.inputs import activations, quantize_rows
 
 Q = GGMLQuantizationType
@@ -95,13 +98,56 @@ def test_avx2_packed_within_float_rounding_of_the_reference(avx2: CpuKernels, ca
     qtype, cols = case
     raw, w = _weights(qtype, cols, seed=cols + 1)
     packed = avx2.ext.pack(raw, int(qtype), cols)
+    fmt = GGUFBlockFormat(qtype, ROWS, cols, packed=True)
     for m in (1, 11):
         x = _x(m, cols, seed=m)
-        xq = avx2.quantize_activations(x)
+        xq = avx2.quantize_activations(x, fmt)  # K-quants: q8_K per 256, else per 32
         ref = F.linear(xq.double(), w.double())
         bound = cols * 2.0**-23 * F.linear(xq.abs().double(), w.abs().double()) + 1e-30
         got = avx2.ext.gemv_packed(x, packed, int(qtype)).double()
         assert ((got - ref).abs() <= bound).all(), (qtype.name, cols, m, (got - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("cols", COLS[True])
+@pytest.mark.parametrize("qtype", sorted(K_TYPES), ids=lambda q: q.name)
+def test_k_quant_tiles_are_bitwise_the_file_order_q8k_kernel(
+    avx2: CpuKernels, avx512: CpuKernels, qtype: GGMLQuantizationType, cols: int
+) -> None:
+    """Packed Q4_K / Q6_K run llama.cpp's q8_K activations and integer super-block reduction: on both ISAs the
+    outputs are bitwise those of the row-major q8_K kernel (csrc/core/kquant_q8k.h) on the file's blocks."""
+    raw, _ = _weights(qtype, cols, seed=cols + 7)
+    packed = avx2.ext.pack(raw, int(qtype), cols)
+    for m in (1, 4, 9):
+        x = _x(m, cols, seed=3 * m)
+        want = avx512.ext.gemv_q8k(x, raw, int(qtype))
+        for k in (avx2, avx512):
+            got = k.ext.gemv_packed(x, packed, int(qtype))
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (k.isa, qtype.name, cols, m)
+
+
+def _llama_q8k(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's quantize_row_q8_K_ref (ggml-quants.c), vectorized: per 256 values the one of largest |x| (the
+    first if tied) maps to -127; q = min(127, round-half-even(x * (-127 / max))); d = 1 / iscale."""
+    b = x.astype(np.float32).reshape(-1, 256)
+    first = np.abs(b).argmax(axis=1)
+    mx = b[np.arange(b.shape[0]), first]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(mx == 0, np.float32(0), np.float32(-127.0) / mx).astype(np.float32)
+    q = np.minimum(127, np.rint(b * iscale[:, None])).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        d = np.where(iscale == 0, np.float32(0), np.float32(1.0) / iscale).astype(np.float32)
+    return (q * d[:, None]).reshape(x.shape)
+
+
+def test_k_quant_activations_are_llama_cpp_q8k(avx2: CpuKernels) -> None:
+    x = _x(5, 768, seed=11)
+    x[2, 256:512] = 0.0  # an all-zero super-block
+    x[3, 7] = -x[3, :256].abs().max() * 2  # the extreme is negative: d > 0 for that block
+    fmt = GGUFBlockFormat(Q.Q4_K, 16, 768, packed=True)
+    got = avx2.quantize_activations(x, fmt)
+    assert torch.equal(got, torch.from_numpy(_llama_q8k(x.numpy())))
+    assert not torch.equal(got, avx2.quantize_activations(x))  # per 32 is another grid
+    assert torch.equal(avx2.quantize_activations(x, GGUFBlockFormat(Q.Q4_K, 16, 768)), avx2.quantize_activations(x))
 
 
 def test_an_avx2_model_packs_its_weights(avx2: CpuKernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
 """Packed GGUF weights (`csrc/pack.cpp`, `csrc/gemv_packed.cpp`): the 16-row interleaved layout round-trips to the
-file's bytes exactly, the packed kernel computes F.linear(x_q, W) (x_q: the per-32 int8 activations; only float32
-summation order differs, bound derived in test_gguf_kernels.py) for every M, each row independent of the batch, and
+file's bytes exactly, the packed kernel computes F.linear(x_q, W) (x_q: the int8 activations, per 32, or llama.cpp's
+q8_K per 256 for Q4_K / Q6_K; only float32 summation order differs, bound derived in test_gguf_kernels.py) for every M, each row independent of the batch, and
 modules packed by the explicit `prepare_weights` step keep their memory, share a tied tensor, and read back through
 every path; modules built with the reference kernels are never packed.
 """
@@ -73,11 +73,13 @@ def test_packed_kernel_computes_the_quantized_product(gk: CpuKernels, qtype: GGM
         x = torch.randn(m, cols, generator=g)
         x[0, :32] = 0.0
         y = gk.matmul(x, packed, fmt)
-        xq = gk.quantize_activations(x)
+        xq = gk.quantize_activations(x, fmt)  # Q4_K / Q6_K: q8_K per 256, else per 32
         scale = F.linear(xq.abs(), w.abs()) + 1e-6
         assert ((y - F.linear(xq, w)).abs() <= 2e-6 * scale).all(), f"{qtype.name} M={m}"
-        # the same as the row-major decode kernel up to summation order
-        assert ((y - gk.gemv(x, raw, GGUFBlockFormat(qtype, rows, cols))).abs() <= 4e-6 * scale).all()
+        if qtype in (Q.Q4_K, Q.Q6_K):  # bitwise the row-major q8_K kernel
+            assert torch.equal(y, gk.ext.gemv_q8k(x, raw, int(qtype)))  # type: ignore[attr-defined]
+        else:  # the same as the row-major decode kernel up to summation order
+            assert ((y - gk.gemv(x, raw, GGUFBlockFormat(qtype, rows, cols))).abs() <= 4e-6 * scale).all()
     # prefill (M > GEMV_MAX_ROWS): float activations on the weight dequantized from the packed layout (bit-exact)
     x = torch.randn(40, cols, generator=g)
     torch.testing.assert_close(gk.gemm(x, packed, fmt), F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -48,6 +48,7 @@ _SUPPORTED_IDS = frozenset(int(q) for q in SUPPORTED_TYPES)  # int keys: enum ha
 # beats or ties the GEMM on every gemma-3-270m shape (Q4_K 640x2048 ties, Q5_0/Q6_K/Q8_0 lm_head win clearly)
 GEMV_MAX_ROWS = 16
 _Q8K_IDS = frozenset((12, 13, 14))  # Q4_K, Q5_K, Q6_K (gguf.GGMLQuantizationType)
+_PACKED_Q8K_IDS = frozenset((12, 14))  # the packed tiles' K-quants: q8_K activations (csrc/gemv_packed.cpp)
 # prefill dequantizes at most this many weight elements at a time into a reused buffer (16 MiB of float32)
 DEQUANT_SLAB_ELEMENTS = 1 << 22
 _FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # KV cache dtypes attention.cpp reads
@@ -122,9 +123,11 @@ class CpuKernels:
     def supports(self, fmt: GGUFBlockFormat) -> bool:
         return int(fmt.qtype) in _SUPPORTED_IDS
 
-    def quantize_activations(self, x: Tensor) -> Tensor:
-        """x [M, K] -> the float32 activations the int8 decode kernel effectively multiplies by (d * q per 32)."""
-        return self.ext.quantize_activations(x.float().contiguous())
+    def quantize_activations(self, x: Tensor, fmt: GGUFBlockFormat | None = None) -> Tensor:
+        """x [M, K] -> the float32 activations the int8 kernel for `fmt` effectively multiplies by: d * q per 256
+        (llama.cpp's q8_K) for packed Q4_K / Q6_K, else per 32."""
+        q8k = fmt is not None and fmt.packed and int(fmt.qtype) in _PACKED_Q8K_IDS
+        return self.ext.quantize_activations(x.float().contiguous(), q8k)
 
     def gemv(self, x: Tensor, raw: Tensor, fmt: GGUFBlockFormat, exact_activations: bool = False) -> Tensor:
         """x [M, cols] @ W.T -> [M, rows] float32 by the fused kernel (int8 activations unless `exact_activations`)."""

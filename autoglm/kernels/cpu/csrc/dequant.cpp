@@ -41,19 +41,27 @@ torch::Tensor dequantize(const torch::Tensor& raw, int64_t q, int64_t K, bool bf
   return out;
 }
 
-// x [M, K] float32 -> x_q as float32 (d * q): the activations the int8 path multiplies by (tests, error bounds)
-torch::Tensor quantize_activations(const torch::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0,
-              "x must be float32 [M, K], K % 32 == 0");
+// x [M, K] float32 -> x_q as float32 (d * q): the activations the int8 path multiplies by (tests, error bounds);
+// q8k: llama.cpp's q8_K per 256 (the K-quant packed tiles), else per 32
+torch::Tensor quantize_activations(const torch::Tensor& x, bool q8k) {
+  const int64_t blk = q8k ? 256 : 32;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) % blk == 0,
+              "x must be float32 [M, K], K % ", blk, " == 0");
   const int64_t M = x.size(0), K = x.size(1);
   std::vector<int8_t> q(K);
   std::vector<float> d(K / 32), s(K / 32);
   std::vector<int32_t> n4(K / 4);
+  std::vector<int16_t> b16(K / 16);
   auto out = torch::empty_like(x);
   for (int64_t m = 0; m < M; ++m) {
-    quantize_act_row(x.data_ptr<float>() + m * K, K, q.data(), d.data(), s.data(), n4.data());
+    const float* xm = x.data_ptr<float>() + m * K;
+    if (q8k) {
+      for (int64_t b = 0; b < K / 256; ++b) quantize_q8k(xm + 256 * b, q.data() + 256 * b, d[b], b16.data() + 16 * b);
+    } else {
+      quantize_act_row(xm, K, q.data(), d.data(), s.data(), n4.data());
+    }
     float* o = out.data_ptr<float>() + m * K;
-    for (int64_t i = 0; i < K; ++i) o[i] = d[i / 32] * q[i];
+    for (int64_t i = 0; i < K; ++i) o[i] = d[i / blk] * q[i];
   }
   return out;
 }

@@ -1,7 +1,10 @@
-// Decode (and prefill) matmul on packed weights (layout: pack.cpp): y[M, N] = x[M, K] @ W.T with int8 activations
-// per 32 (quantize_act_row), equal to F.linear(x_q, W) up to float32 summation order. Per 16 weight rows x 32
-// elements and activation row (AVX-512): 8 vpdpbusd, one int add, one convert and two or three float ops; the 16
-// lanes are 16 outputs, stored with no horizontal sum. The kernel was bound by the activation broadcasts, not the
+// Decode (and prefill) matmul on packed weights (layout: pack.cpp): y[M, N] = x[M, K] @ W.T with int8 activations,
+// equal to F.linear(x_q, W) up to float32 rounding. Block-32 types: per-32 activations (quantize_act_row); per 16
+// weight rows x 32 elements and activation row (AVX-512) 8 vpdpbusd, one int add, one convert and two float ops.
+// Q4_K / Q6_K: llama.cpp's q8_K activations (per 256, common.h quantize_q8k) and its integer reduction over the
+// super-block (one or two vpdpwssd / vpmulld per sub-block, one float step per super-block: kquant_q8k.h's order, so
+// the result is bitwise that of gemv_q8k on the file-order blocks). The 16 lanes are 16 outputs, stored with no
+// horizontal sum. The kernel was bound by the activation broadcasts, not the
 // dot products: for Q4_K and Q6_K the AVX-512 build runs pair tiles (two adjacent 16-row groups share every
 // broadcast, 1.2-1.4x prefill). The AVX2 build runs the same layout in two 8-row halves (packed_tiles_avx2.h),
 // bitwise equal to the AVX-512 build. Each group of 16 rows is unpacked once and used for every activation row, so
@@ -42,11 +45,11 @@ void tile(const uint8_t* grp0, int64_t nb, int64_t gbytes, const ActP* a, float*
   for (int r = 0; r < R; ++r) packed::acc_store(acc[r], y + r * ys);
 }
 
-// the same for two adjacent row groups (32 outputs per row) through the pair blocks (packed::kPairQ4K, kPairQ6K)
+// the same for two adjacent row groups (32 outputs per row) through the pair blocks (packed::kPairQ4K, kPairQ6K),
+// which accumulate into y in place
 template <int64_t Q, int R>
 void tile2(const uint8_t* grp0, int64_t nb, int64_t gbytes, const ActP* a, float* y, int64_t ys, bool pf) {
-  packed::Acc acc[2 * R];
-  for (int r = 0; r < 2 * R; ++r) packed::acc_zero(acc[r]);
+  for (int r = 0; r < R; ++r) std::fill(y + r * ys, y + r * ys + 2 * kPackRows, 0.f);
   const int64_t gs = nb * gbytes;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* g = grp0 + gbytes * b;
@@ -55,14 +58,10 @@ void tile2(const uint8_t* grp0, int64_t nb, int64_t gbytes, const ActP* a, float
       prefetch(g + gs, gbytes);
     }
     if constexpr (Q == Q4_K) {
-      packed::q4_k_block2<R>(g, gs, b, a, acc);
+      packed::q4_k_block2<R>(g, gs, b, a, y, ys);
     } else {
-      packed::q6_k_block2<R>(g, gs, b, a, acc);
+      packed::q6_k_block2<R>(g, gs, b, a, y, ys);
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    packed::acc_store(acc[r], y + r * ys);
-    packed::acc_store(acc[R + r], y + r * ys + kPackRows);
   }
 }
 
@@ -118,7 +117,7 @@ int zero_point(int64_t q) {
 
 }  // namespace
 
-// y [M, N] float32 = x [M, K] float32 @ W.T for a packed W; int8 activations per 32 (AVX512-VNNI and AVX2 builds)
+// y [M, N] float32 = x [M, K] float32 @ W.T for a packed W; int8 activations (AVX512-VNNI and AVX2 builds)
 torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, int64_t q) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
@@ -127,22 +126,36 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   auto y = torch::empty({M, N}, x.options());
 #if AUTOGLM_PACKED
   const int64_t nb = K / bs, n32 = K / 32, gbytes = kPackRows * ts;
+  const bool q8k = q == Q4_K || q == Q6_K;  // q8_K activations (per 256); the block-32 types: per 32
   std::vector<int8_t> aq(M * K);
-  std::vector<float> ad(M * n32), as(M * n32);
-  std::vector<int32_t> ainit(M * n32), ainit16(M * 2 * n32), ns4(M * (K / 4));
+  std::vector<float> ad(M * n32);
+  std::vector<int32_t> ainit(M * n32), ainit16(M * 2 * n32);
+  std::vector<int16_t> bs16(M * 2 * n32), bs32(M * n32);
   std::vector<ActP> acts(M);
   const int off = zero_point(q);
   // prefill quantizes hundreds of rows: in parallel (each row's values do not depend on the split)
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t m0, int64_t m1) {
+    std::vector<float> as(n32);
+    std::vector<int32_t> ns4(K / 4);
     for (int64_t m = m0; m < m1; ++m) {
-      int32_t* n4 = ns4.data() + m * (K / 4);
-      quantize_act_row(x.data_ptr<float>() + m * K, K, aq.data() + m * K, ad.data() + m * n32, as.data() + m * n32,
-                       n4);
-      int32_t* i16 = ainit16.data() + m * 2 * n32;
-      for (int64_t h = 0; h < 2 * n32; ++h)  // n4 holds -sum4(q)
-        i16[h] = off * (n4[4 * h] + n4[4 * h + 1] + n4[4 * h + 2] + n4[4 * h + 3]);
-      for (int64_t b = 0; b < n32; ++b) ainit[m * n32 + b] = i16[2 * b] + i16[2 * b + 1];
-      acts[m] = {aq.data() + m * K, ad.data() + m * n32, as.data() + m * n32, ainit.data() + m * n32, i16};
+      const float* xm = x.data_ptr<float>() + m * K;
+      int8_t* qm = aq.data() + m * K;
+      float* dm = ad.data() + m * n32;
+      int32_t *i32 = ainit.data() + m * n32, *i16 = ainit16.data() + m * 2 * n32;
+      int16_t *b16 = bs16.data() + m * 2 * n32, *b32 = bs32.data() + m * n32;
+      if (q8k) {
+        for (int64_t b = 0; b < nb; ++b) quantize_q8k(xm + 256 * b, qm + 256 * b, dm[b], b16 + 16 * b);
+        for (int64_t h = 0; h < 2 * n32; ++h) i16[h] = -32 * b16[h];
+        for (int64_t b = 0; b < n32; ++b) b32[b] = static_cast<int16_t>(b16[2 * b] + b16[2 * b + 1]);
+      } else {
+        quantize_act_row(xm, K, qm, dm, as.data(), ns4.data());
+        for (int64_t b = 0; b < n32; ++b) {  // ns4 holds -sum4(q)
+          int32_t s = 0;
+          for (int i = 0; i < 8; ++i) s += ns4[8 * b + i];
+          i32[b] = off * s;
+        }
+      }
+      acts[m] = {qm, dm, i32, i16, b16, b32};
     }
   });
   const PackedTileFn* tiles = packed_tiles(q);
@@ -154,6 +167,7 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   // did not measurably help and single groups were the measured-at-the-bound path.
   const PackedTileFn* pairs = M > 1 ? pair_tiles(q) : nullptr;
   const int64_t per = pairs ? 2 : 1, U = (G + per - 1) / per;
+  const int64_t step = q8k ? packed::kTileRowsK : kMaxTile;  // activation rows per single-group tile
   const int64_t grain = std::max<int64_t>(1, U / (8 * at::get_num_threads()) + 1);
   at::parallel_for(0, U, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
@@ -167,8 +181,8 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
         }
         continue;
       }
-      for (int64_t m = 0; m < M; m += kMaxTile) {
-        const int64_t r = std::min<int64_t>(kMaxTile, M - m);
+      for (int64_t m = 0; m < M; m += step) {
+        const int64_t r = std::min<int64_t>(step, M - m);
         tiles[r - 1](w, nb, gbytes, acts.data() + m, yg + m * N, N, m == 0);
       }
     }

@@ -14,7 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("dequantize", &dequantize, "raw GGUF blocks -> float32/bfloat16", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_out", &dequantize_out, "raw GGUF blocks -> out", py::call_guard<py::gil_scoped_release>());
-  m.def("quantize_activations", &quantize_activations);
+  m.def("quantize_activations", &quantize_activations, "x -> d * q (q8k: per 256, else per 32)", py::arg("x"),
+        py::arg("q8k") = false);
   m.def("pack", &pack, "Q4_0/Q5_0/Q8_0/Q4_K/Q6_K rows -> 16-row interleaved layout", py::call_guard<py::gil_scoped_release>());
   m.def("unpack_rows", &unpack_rows, "packed rows -> file order", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_packed_out", &dequantize_packed_out, "packed rows -> out (float32/bfloat16)",

@@ -8,14 +8,17 @@
 
 namespace autoglm::packed {
 
-// one activation row: int8 values; per 32-block scale d, d * sum(q) (K-quant mins) and -off * sum(q); per
-// 16-block -off * sum(q) (Q6_K's scales are per 16)
+// one activation row. Block-32 types (Q4_0, Q5_0, Q8_0): int8 per 32 (quantize_act_row), d per 32 and init =
+// -off * sum(q) per 32. K-quants (Q4_K, Q6_K): q8_K (common.h quantize_q8k), d per 256, and for the integer
+// super-block reduction of kquant_q8k.h: init16 = -32 * sum(q) per 16 (Q6_K's zero point), bsum16 = sum(q) per 16
+// and bsum32 = sum(q) per 32 as int16, read two at a time as one int32 (Q6_K's offset, Q4_K's mins).
 struct ActP {
   const int8_t* q;
   const float* d;
-  const float* s;
   const int32_t* init;
   const int32_t* init16;
+  const int16_t* bsum16;
+  const int16_t* bsum32;
 };
 
 #if AUTOGLM_PACKED
@@ -32,6 +35,22 @@ inline void q4_k_scale_min(const __m128i* B, int j, __m128i& sc, __m128i& mn) {
     sc = _mm_or_si128(_mm_and_si128(B[j + 4], m15), top_s);
     mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(B[j + 4], 4), m15), top_m);
   }
+}
+
+// the mins of sub-blocks 2p and 2p + 1, interleaved per row lane: (m_2p, m_2p+1) byte pairs, rows 0-7 in lo and
+// rows 8-15 in hi (an AVX2 half has 8 rows: lo only)
+inline void q4_k_min_pairs(const __m128i* B, int p, __m128i& lo, __m128i& hi) {
+  __m128i s0, m0, s1, m1;
+  q4_k_scale_min(B, 2 * p, s0, m0);
+  q4_k_scale_min(B, 2 * p + 1, s1, m1);
+  lo = _mm_unpacklo_epi8(m0, m1);
+  hi = _mm_unpackhi_epi8(m0, m1);
+}
+
+inline int32_t load_i32(const void* p) {  // two adjacent int16 as one int32 (little-endian: the first is the low half)
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 #endif
 

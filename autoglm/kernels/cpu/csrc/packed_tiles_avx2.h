@@ -24,23 +24,27 @@ inline __m128i load64(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cas
 inline __m256 load_half8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline __m256 u8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
-inline __m256 i8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+// each byte of the 8 low bytes of v twice, widened: the int16 pair of row lane i holds row i's value
+inline __m256i dup_u8_epi16(__m128i v) { return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v)); }
+inline __m256i dup_i8_epi16(__m128i v) { return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(v, v)); }
 inline __m256i bcast4(const int8_t* p) {  // vpbroadcastd from memory: a load, no shuffle
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
 }
 
-// init + sum over quads k < N of w[k] . (x quad k), int32 per row, int16 partial sums of G quads
+// sum over quads k < G of w[k] . (x quad k) as int16 pairs per row (exact for the G of each type, above)
+template <int G>
+inline __m256i quad_sum16(const __m256i* w, const int8_t* xb) {
+  __m256i s = _mm256_maddubs_epi16(w[0], bcast4(xb));
+  for (int k = 1; k < G; ++k) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[k], bcast4(xb + 4 * k)));
+  return s;
+}
+
+// acc + sum over quads k < N of w[k] . (x quad k) x the int16 pair weights sc (ones: the plain dot), int32 per row
 template <int N, int G>
-inline __m256i dot_quads(const __m256i* w, const int8_t* xb, __m256i acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int k0 = 0; k0 < N; k0 += G) {
-    __m256i s = _mm256_maddubs_epi16(w[k0], bcast4(xb + 4 * k0));
-    for (int k = k0 + 1; k < k0 + G; ++k) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[k], bcast4(xb + 4 * k)));
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
-  }
+inline __m256i dot_quads(const __m256i* w, const int8_t* xb, __m256i acc, __m256i sc) {
+  for (int k0 = 0; k0 < N; k0 += G) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(quad_sum16<G>(w + k0, xb + 4 * k0), sc));
   return acc;
 }
 
@@ -99,7 +103,7 @@ inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, Acc* acc) {
       if constexpr (Q == Q8_0) {
         dot = dot_quads_signed(w, xb);  // = the u8 dot + init (-128 * sum(x)), exactly
       } else {
-        dot = dot_quads<8, Q == Q5_0 ? 4 : 8>(w, xb, _mm256_set1_epi32(a[r].init[b]));
+        dot = dot_quads<8, Q == Q5_0 ? 4 : 8>(w, xb, _mm256_set1_epi32(a[r].init[b]), _mm256_set1_epi16(1));
       }
       const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(a[r].d[b]));
       acc[r].v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[r].v[h]);
@@ -107,48 +111,71 @@ inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, Acc* acc) {
   }
 }
 
-// Q4_K group: one 256-element super-block of 16 rows; w = d*sc[j]*q - dmin*m[j] per 32-element sub-block j
+// --- K-quants on q8_K activations: the integers of packed_tiles_avx512.h (exact, so in any order) and its float step
+// once per super-block, per 8-row half: acc = fma(isum, d * dx, acc), acc = fnmadd(msum, dmin * dx, acc)
+inline __m256 finish(__m256 acc, __m256i isum, __m256 d, float dx) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc);
+}
+
+// Q4_K group: one 256-element super-block of 16 rows; w = d*sc[j]*q - dmin*m[j] per 32-element sub-block j.
+// isum = sum_j sc_j * dot_j by vpmaddwd of the sub-block's int16 pair sums with the scale in both halves of a lane;
+// msum = sum_j m_j * bsum32_j by vpmaddwd of (m_2p, m_2p+1) with (bsum32_2p, bsum32_2p+1).
 template <int R>
 inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
   for (int h = 0; h < 2; ++h) {
-    const __m256 d = load_half8(g + 16 * h), dmin = load_half8(g + 32 + 16 * h);
     __m128i B[12];  // scale byte t of the 8 rows of this half
     for (int t = 0; t < 12; ++t) B[t] = load64(g + 64 + 16 * t + 8 * h);
+    __m256i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8  // unrolled: q4_k_scale_min's branch on j resolves at compile time
     for (int j = 0; j < 8; ++j) {
       __m128i sc, mn;
       q4_k_scale_min(B, j, sc, mn);
-      const __m256 scv = _mm256_mul_ps(d, u8_to_ps(sc)), mv = _mm256_mul_ps(dmin, u8_to_ps(mn));
+      const __m256i s16 = dup_u8_epi16(sc);
       __m256i w[8];
       nibbles(g + 256 + 256 * j, h, w);
-      const int64_t b = 8 * sb + j;
-      for (int r = 0; r < R; ++r) {
-        const __m256i dot = dot_quads<8, 8>(w, a[r].q + 32 * b, _mm256_setzero_si256());
-        const __m256 sc_r = _mm256_mul_ps(scv, _mm256_set1_ps(a[r].d[b]));
-        acc[r].v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc_r, acc[r].v[h]);
-        acc[r].v[h] = _mm256_fnmadd_ps(mv, _mm256_set1_ps(a[r].s[b]), acc[r].v[h]);
-      }
+      for (int r = 0; r < R; ++r) isum[r] = dot_quads<8, 8>(w, a[r].q + 256 * sb + 32 * j, isum[r], s16);
+    }
+    const __m256 d = load_half8(g + 16 * h), dmin = load_half8(g + 32 + 16 * h);
+    __m256i P[4];
+    for (int p = 0; p < 4; ++p) {
+      __m128i lo, hi;
+      q4_k_min_pairs(B, p, lo, hi);
+      P[p] = _mm256_cvtepu8_epi16(lo);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int16_t* bs = a[r].bsum32 + 8 * sb;
+      __m256i msum = _mm256_setzero_si256();
+      for (int p = 0; p < 4; ++p)
+        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(P[p], _mm256_set1_epi32(load_i32(bs + 2 * p))));
+      const float dx = a[r].d[sb];
+      acc[r].v[h] = finish(acc[r].v[h], isum[r], d, dx);
+      acc[r].v[h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, _mm256_set1_ps(dx)), acc[r].v[h]);
     }
   }
 }
 
 // no pair tile: two groups' weights and accumulators would not fit the 16 ymm registers
+constexpr int kTileRowsK = 4;  // activation rows per single-group K-quant tile (R isum + 8 weight vectors: 16 ymm)
 constexpr bool kPairQ4K = false;
 constexpr int kPairRows = 1;
 template <int R>
-inline void q4_k_block2(const uint8_t*, int64_t, int64_t, const ActP*, Acc*) {}
+inline void q4_k_block2(const uint8_t*, int64_t, int64_t, const ActP*, float*, int64_t) {}
 constexpr bool kPairQ6K = false;
 template <int R>
-inline void q6_k_block2(const uint8_t*, int64_t, int64_t, const ActP*, Acc*) {}
+inline void q6_k_block2(const uint8_t*, int64_t, int64_t, const ActP*, float*, int64_t) {}
 
-// Q6_K group: one 256-element super-block of 16 rows; w = d*sc[e/16]*(q - 32)
+// Q6_K group: one 256-element super-block of 16 rows; w = d*sc[e/16]*(q - 32). isum = sum_k sc_k * dot_k - 32 *
+// sum_k sc_k * bsum16_k over the 16-element blocks k (the AVX-512 tiles' value: exact integers)
 template <int R>
 inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
   const __m256i m30 = _mm256_set1_epi8(0x30);
   for (int h = 0; h < 2; ++h) {
-    const __m256 d = load_half8(g + 16 * h);
+    __m256i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
-      const __m256 s_lo = _mm256_mul_ps(d, i8_to_ps(load64(g + 32 + 16 * (2 * j) + 8 * h)));
-      const __m256 s_hi = _mm256_mul_ps(d, i8_to_ps(load64(g + 32 + 16 * (2 * j + 1) + 8 * h)));
+      const __m256i s_lo = dup_i8_epi16(load64(g + 32 + 16 * (2 * j) + 8 * h));
+      const __m256i s_hi = dup_i8_epi16(load64(g + 32 + 16 * (2 * j + 1) + 8 * h));
       const uint8_t* sbp = g + 288 + 384 * j;
       __m256i w[8];
       nibbles(sbp, h, w);
@@ -162,15 +189,21 @@ inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
       w[3] = _mm256_or_si256(w[3], _mm256_and_si256(_mm256_slli_epi16(H1, 2), m30));
       w[6] = _mm256_or_si256(w[6], _mm256_and_si256(H1, m30));
       w[7] = _mm256_or_si256(w[7], _mm256_and_si256(_mm256_srli_epi16(H1, 2), m30));
-      const int64_t b = 8 * sb + j;
       for (int r = 0; r < R; ++r) {
-        const int8_t* xb = a[r].q + 32 * b;
-        const __m256i lo = dot_quads<4, 2>(w, xb, _mm256_set1_epi32(a[r].init16[2 * b]));
-        const __m256i hi = dot_quads<4, 2>(w + 4, xb + 16, _mm256_set1_epi32(a[r].init16[2 * b + 1]));
-        const __m256 dx = _mm256_set1_ps(a[r].d[b]);
-        acc[r].v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(s_lo, dx), acc[r].v[h]);
-        acc[r].v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(s_hi, dx), acc[r].v[h]);
+        const int8_t* xb = a[r].q + 256 * sb + 32 * j;
+        isum[r] = dot_quads<4, 2>(w + 4, xb + 16, dot_quads<4, 2>(w, xb, isum[r], s_lo), s_hi);
       }
+    }
+    __m256i P[8];  // (sc_2p, sc_2p+1) int16 pairs of the 8 rows
+    for (int p = 0; p < 8; ++p)
+      P[p] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(load64(g + 32 + 16 * (2 * p) + 8 * h), load64(g + 32 + 16 * (2 * p + 1) + 8 * h)));
+    const __m256 d = load_half8(g + 16 * h);
+    for (int r = 0; r < R; ++r) {
+      const int16_t* bs = a[r].bsum16 + 16 * sb;
+      __m256i off = _mm256_setzero_si256();
+      for (int p = 0; p < 8; ++p)
+        off = _mm256_add_epi32(off, _mm256_madd_epi16(P[p], _mm256_set1_epi32(load_i32(bs + 2 * p))));
+      acc[r].v[h] = finish(acc[r].v[h], _mm256_sub_epi32(isum[r], _mm256_slli_epi32(off, 5)), d, a[r].d[sb]);
     }
   }
 }

@@ -69,6 +69,38 @@ inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
   }
 }
 
+// q8_K activations for one 256-value super-block, as llama.cpp's quantize_row_q8_K_ref: the value of largest |x|
+// (the first, if tied) maps to -127, iscale = -127 / max, q = min(127, round(iscale * x)), d = 1 / iscale (so d may
+// be negative and q = -round(127 x / amax)); bsum16[g] = sum of q over values 16 g .. 16 g + 15. All zero when x is.
+// Scalar everywhere: part of the numeric contract, and the K-quant packed tiles and kquant_q8k.h both read it.
+inline void quantize_q8k(const float* x, int8_t* q, float& d, int16_t* bsum16) {
+  float amax = 0.f, max = 0.f;
+  for (int i = 0; i < 256; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[i];
+    }
+  }
+  if (amax == 0.f) {
+    d = 0.f;
+    std::memset(q, 0, 256);
+    std::memset(bsum16, 0, 16 * sizeof(int16_t));
+    return;
+  }
+  const float iscale = -127.f / max;
+  for (int g = 0; g < 16; ++g) {
+    int s = 0;
+    for (int i = 16 * g; i < 16 * g + 16; ++i) {
+      const int v = std::min(127, static_cast<int>(std::nearbyint(iscale * x[i])));
+      q[i] = static_cast<int8_t>(v);
+      s += v;
+    }
+    bsum16[g] = static_cast<int16_t>(s);
+  }
+  d = 1.f / iscale;
+}
+
 // one weight block -> float32, bit-exact with ggml (built with -ffp-contract=off)
 using DeqFn = void (*)(const uint8_t*, float*);
 DeqFn deq_fn(int64_t q);

@@ -3,7 +3,7 @@
 // each weight super-block is unpacked once. ISA by macro (AUTOGLM_ISA_AVX512 / AUTOGLM_ISA_AVX2 / none: scalar).
 //
 // Numeric contract (every ISA bitwise equal to scalar):
-//  - quantize_row_q8k is scalar everywhere: amax over 256, d = amax/127, q = clamp(nearbyint(x * (127/amax))).
+//  - quantize_row_q8k is scalar everywhere: llama.cpp's quantize_row_q8_K_ref (common.h quantize_q8k).
 //  - per super-block the weight is unpacked to unsigned u[256] with one int16 scale per 16; the integer dot
 //    sumi = sum_g sc_g * sum_{i in g} u_i q_i (and the min/offset term from bsums) is exact int32, so any SIMD
 //    order gives the same value.
@@ -43,29 +43,9 @@ inline const char* kq_isa() {
 #endif
 }
 
-// k multiple of 256; scalar on every ISA (the activation grid is part of the contract)
+// k multiple of 256; scalar on every ISA (the activation grid is part of the contract: common.h's quantize_q8k)
 inline void quantize_row_q8k(const float* x, BlockQ8K* y, int64_t k) {
-  for (int64_t b = 0; b < k / 256; ++b, x += 256) {
-    float amax = 0.0f;
-    for (int i = 0; i < 256; ++i) amax = std::fmax(amax, std::fabs(x[i]));
-    BlockQ8K& o = y[b];
-    if (amax == 0.0f) {
-      std::memset(&o, 0, sizeof o);
-      continue;
-    }
-    const float iscale = 127.0f / amax;
-    o.d = amax / 127.0f;
-    for (int g = 0; g < 16; ++g) {
-      int s = 0;
-      for (int i = 16 * g; i < 16 * g + 16; ++i) {
-        float v = std::nearbyint(x[i] * iscale);
-        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-        o.qs[i] = static_cast<int8_t>(v);
-        s += o.qs[i];
-      }
-      o.bsums[g] = static_cast<int16_t>(s);
-    }
-  }
+  for (int64_t b = 0; b < k / 256; ++b) quantize_q8k(x + 256 * b, y[b].qs, y[b].d, y[b].bsums);
 }
 
 struct Unpacked {  // one weight super-block, shared by the M activation rows
