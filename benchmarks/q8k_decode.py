@@ -58,7 +58,8 @@ def agree(model: str, n: int, isa: str | None) -> dict:
         llm = LLM(model, cpu_isa=isa, max_num_batched_tokens=chunk, max_model_len=n + 64, kv_cache_dtype=kv)
         if ids is None:
             ids = llm.model.tokenizer.encode(text, add_special_tokens=False)[:n]
-        kernels = {m.impl for m in llm.model.decoder.modules() if hasattr(m, "impl") and hasattr(m.impl, "prefill_int8")}
+        mods = llm.model.decoder.modules()
+        kernels = {m.impl for m in mods if hasattr(m, "impl") and hasattr(m.impl, "prefill_int8")}
         for k in kernels:  # exact: float32 activations on the dequantized weights (a reference, not a served path)
             k.prefill_int8 = not exact
         runs[f"chunk{chunk}_kv_{kv}" + ("_float_activations" if exact else "")] = llm.score(ids).float().numpy()

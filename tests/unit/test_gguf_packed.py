@@ -1,8 +1,8 @@
 """Packed GGUF weights (`csrc/pack.cpp`, `csrc/gemv_packed.cpp`): the 16-row interleaved layout round-trips to the
 file's bytes exactly, the packed kernel computes F.linear(x_q, W) (x_q: the int8 activations, per 32, or llama.cpp's
-q8_K per 256 for Q4_K / Q6_K; only float32 summation order differs, bound derived in test_gguf_kernels.py) for every M, each row independent of the batch, and
-modules packed by the explicit `prepare_weights` step keep their memory, share a tied tensor, and read back through
-every path; modules built with the reference kernels are never packed.
+q8_K per 256 for Q4_K / Q6_K; only float32 summation order differs, bound derived in test_gguf_kernels.py) for every
+M, each row independent of the batch, and modules packed by the explicit `prepare_weights` step keep their memory,
+share a tied tensor, and read back through every path; modules built with the reference kernels are never packed.
 """
 
 from __future__ import annotations
