@@ -1,6 +1,6 @@
-"""Issue 15: decode/prefill of a real GGUF with the q8_K kernel (AUTOGLM_Q8K=1) vs our per-32 kernel and
-llama.cpp (llama-cpp-python), threads 1 and 2, each engine in its own process with the DRAM read bandwidth measured
-in that process (autoglm.bench); plus top-1 agreement with llama.cpp on teacher-forced real text. Outside CI.
+"""Issue 15: decode/prefill of a real GGUF, ours (packed tiles; Q4_K / Q6_K on q8_K activations) vs llama.cpp
+(llama-cpp-python), threads 1 and 2, each engine in its own process with the DRAM read bandwidth measured in that
+process (autoglm.bench); plus top-1 agreement with llama.cpp on teacher-forced real text. Outside CI.
 
     flock /tmp/autoglm-bench.lock python benchmarks/q8k_decode.py speed MODEL.gguf [--threads 1 2]
     flock /tmp/autoglm-bench.lock python benchmarks/q8k_decode.py agree MODEL.gguf [--tokens 500] [--isa avx2]
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -24,14 +23,10 @@ def speed(model: str, threads: list[int], prompt_len: int, gen_len: int) -> list
     rows = []
     for t in threads:
         cfg = BenchConfig(model=model, prompt_len=prompt_len, gen_len=gen_len, threads=t)
-        res = {"llama.cpp": run_isolated("llamacpp", cfg)}
-        for name, flag in (("autoglm-q8_32", "0"), ("autoglm-q8_K", "1")):
-            os.environ["AUTOGLM_Q8K"] = flag  # read by the spawned child's CpuKernels
-            res[name] = run_isolated("autoglm", cfg)
-        os.environ.pop("AUTOGLM_Q8K", None)
+        res = {"llama.cpp": run_isolated("llamacpp", cfg), "autoglm": run_isolated("autoglm", cfg)}
         lc = res["llama.cpp"]
         for name, r in res.items():
-            bound = res["autoglm-q8_K"].weight_bytes and r.read_bandwidth_gbs * 1e9 / res["autoglm-q8_K"].weight_bytes
+            bound = res["autoglm"].weight_bytes and r.read_bandwidth_gbs * 1e9 / res["autoglm"].weight_bytes
             rows.append({"threads": t, "engine": name, "decode_tok_s": r.decode_tok_s, "prefill_tok_s": r.prefill_tok_s,
                          "decode_vs_llamacpp": r.decode_tok_s / lc.decode_tok_s,
                          "prefill_vs_llamacpp": r.prefill_tok_s / lc.prefill_tok_s,

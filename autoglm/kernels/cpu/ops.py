@@ -25,7 +25,6 @@ Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K. Memory: no float copy of the model is
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -88,6 +87,7 @@ class CpuKernels:
         prefill_bf16: bool | None = None,
         prefill_int8: bool | None = None,
         slab_elements: int = DEQUANT_SLAB_ELEMENTS,
+        q8k_file_order: bool = False,
     ) -> None:
         self.ext = ext
         self.isa = str(ext.isa())  # the variant (autoglm.kernels.cpu.variants): "avx512", "avx2", "scalar", ...
@@ -99,8 +99,9 @@ class CpuKernels:
         self.slab_elements = slab_elements
         self._scratch: dict[tuple[int, torch.dtype], Tensor] = {}  # (thread, dtype) -> reused slab buffer
         gemv = ext.gemv
-        # AUTOGLM_Q8K=1: Q4_K/Q5_K/Q6_K decode on q8_K activations (csrc/core/kquant_q8k.h, issue 15)
-        self.q8k = os.environ.get("AUTOGLM_Q8K", "0") == "1" and hasattr(ext, "gemv_q8k")
+        # q8k_file_order: unpacked Q4_K/Q5_K/Q6_K decode on q8_K activations too (csrc/core/kquant_q8k.h: bitwise the
+        # packed tiles' result, but its NEON/scalar dot is slow); off: unpacked rows keep per-32 activations
+        self.q8k = q8k_file_order and hasattr(ext, "gemv_q8k")
         gemv_q8k = ext.gemv_q8k if self.q8k else None
 
         def direct(x: Tensor, raw: Tensor, qid: int) -> Tensor:  # = matmul() for float32 [M <= GEMV_MAX_ROWS, K]
