@@ -124,3 +124,11 @@ def test_variant_norms_and_attention_match_the_reference(isa: str) -> None:
     q = torch.randn(4, 64, generator=g)  # [H, D]; K/V [n, KV, D] with 2 KV heads
     kk, v = torch.randn(37, 2, 64, generator=g), torch.randn(37, 2, 64, generator=g)
     torch.testing.assert_close(k.attend_decode(q, kk, v, 0.125), REFERENCE.attend_decode(q, kk, v, 0.125))
+    # 4 query heads per KV head (the 4-head score loop), head_dim 128, and the float16 / bfloat16 caches the fused
+    # loops convert in registers (exactly: the reference sees the same values upcast)
+    q = torch.randn(8, 128, generator=g)
+    kk, v = torch.randn(70, 2, 128, generator=g), torch.randn(70, 2, 128, generator=g)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        kc, vc = kk.to(dt), v.to(dt)
+        want = REFERENCE.attend_decode(q, kc.float(), vc.float(), 0.09)
+        torch.testing.assert_close(k.attend_decode(q, kc, vc, 0.09), want, rtol=1e-5, atol=1e-5)

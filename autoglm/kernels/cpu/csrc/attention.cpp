@@ -1,7 +1,7 @@
 // Decode attention: one query per head over a cache span.
 #include "kernels.h"
 
-#if defined(__AVX512F__) && defined(__F16C__)
+#if (defined(__AVX512F__) || defined(__AVX2__)) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -71,6 +71,60 @@ void values_avx(const float* p, int64_t pn, const T* const* rows, int64_t ho, in
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * D + c0 + 16 * c, acc[g][c]);
 }
 #define AUTOGLM_ATTN_AVX 1
+constexpr int kValueHeads = 4;  // heads per values_avx call: 4 x 4 zmm accumulators
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+// the same loops at 8 lanes (x86-64-v3): 64 value columns are 8 ymm accumulators, so one head per values_avx call
+template <typename T>
+inline __m256 load8(const T* p);
+template <>
+inline __m256 load8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+inline __m256 load8<c10::Half>(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+inline __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+template <int GB, typename T>
+void scores_avx(const float* q, const T* const* rows, int64_t ho, int64_t j0, int64_t j1, int64_t D, float* s,
+                int64_t sn) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* kr = rows[j] + ho;
+    __m256 a[GB];
+    for (int g = 0; g < GB; ++g) a[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 x = load8(kr + d);
+      for (int g = 0; g < GB; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), x, a[g]);
+    }
+    for (int g = 0; g < GB; ++g) s[g * sn + j] = hsum8(a[g]);
+  }
+}
+
+template <int GB, typename T>
+void values_avx(const float* p, int64_t pn, const T* const* rows, int64_t ho, int64_t n, int64_t c0, int64_t D,
+                float* out) {
+  static_assert(GB == 1, "8 ymm accumulators per head");
+  __m256 acc[8];
+  for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vr = rows[j] + ho + c0;
+    const __m256 w = _mm256_set1_ps(p[j]);
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, load8(vr + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + c0 + 8 * c, acc[c]);
+}
+#define AUTOGLM_ATTN_AVX 1
+constexpr int kValueHeads = 1;
 #else
 #define AUTOGLM_ATTN_AVX 0
 #endif
@@ -126,8 +180,8 @@ void attend_impl(const float* q, const T* const* krow, const T* const* vrow, int
       int64_t g = 0;
 #if AUTOGLM_ATTN_AVX
       if (fast) {
-        for (; g + 4 <= G; g += 4)
-          values_avx<4>(s.data() + (kh * G + g) * n, n, vrow, ho, n, c0, D, out + (kh * G + g) * D);
+        for (; kValueHeads > 1 && g + kValueHeads <= G; g += kValueHeads)
+          values_avx<kValueHeads>(s.data() + (kh * G + g) * n, n, vrow, ho, n, c0, D, out + (kh * G + g) * D);
         for (; g < G; ++g) values_avx<1>(s.data() + (kh * G + g) * n, n, vrow, ho, n, c0, D, out + (kh * G + g) * D);
       }
 #endif
