@@ -20,6 +20,7 @@ inline void acc_store(const Acc& a, float* y) {
 }
 
 inline __m256i load256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store256(int16_t* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
 inline __m128i load64(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
 inline __m256 load_half8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -120,34 +121,55 @@ inline __m256 finish(__m256 acc, __m256i isum, __m256 d, float dx) {
 // Q4_K group: one 256-element super-block of 16 rows; w = d*sc[j]*q - dmin*m[j] per 32-element sub-block j.
 // isum = sum_j sc_j * dot_j by vpmaddwd of the sub-block's int16 pair sums with the scale in both halves of a lane;
 // msum = sum_j m_j * bsum32_j by vpmaddwd of (m_2p, m_2p+1) with (bsum32_2p, bsum32_2p+1).
+// Register budget (16 ymm): the scales go to a stack table first and each nibble vector is used for every row as
+// soon as it is loaded (2 weight registers live, not 8). Holding the 12 scale vectors and 8 quad vectors across
+// the sub-block loop spilled ~500 moves per call and halved the rate; the integers (exact) are the same.
 template <int R>
 inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
   for (int h = 0; h < 2; ++h) {
-    __m128i B[12];  // scale byte t of the 8 rows of this half
-    for (int t = 0; t < 12; ++t) B[t] = load64(g + 64 + 16 * t + 8 * h);
+    alignas(32) int16_t S[8][16];  // sub-block j's scale of the 8 rows, twice per row lane
+    alignas(32) int16_t P[4][16];  // (m_2p, m_2p+1) per row lane
+    {
+      __m128i B[12];  // scale byte t of the 8 rows of this half
+      for (int t = 0; t < 12; ++t) B[t] = load64(g + 64 + 16 * t + 8 * h);
+      for (int j = 0; j < 8; ++j) {
+        __m128i sc, mn;
+        q4_k_scale_min(B, j, sc, mn);
+        store256(S[j], dup_u8_epi16(sc));
+      }
+      for (int p = 0; p < 4; ++p) {
+        __m128i lo, hi;
+        q4_k_min_pairs(B, p, lo, hi);
+        store256(P[p], _mm256_cvtepu8_epi16(lo));
+      }
+    }
     __m256i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
-#pragma GCC unroll 8  // unrolled: q4_k_scale_min's branch on j resolves at compile time
     for (int j = 0; j < 8; ++j) {
-      __m128i sc, mn;
-      q4_k_scale_min(B, j, sc, mn);
-      const __m256i s16 = dup_u8_epi16(sc);
-      __m256i w[8];
-      nibbles(g + 256 + 256 * j, h, w);
-      for (int r = 0; r < R; ++r) isum[r] = dot_quads<8, 8>(w, a[r].q + 256 * sb + 32 * j, isum[r], s16);
+      const uint8_t* wj = g + 256 + 256 * j + 32 * h;
+      __m256i s[R];  // int16 pair sums of the sub-block's 8 quads (exact: 8 * 2 * 15 * 128 < 2^15)
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {  // nibble vector t: quad t (low nibbles) and quad t + 4 (high nibbles)
+        const __m256i v = load256(wj + 64 * t);
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xb = a[r].q + 256 * sb + 32 * j;
+          const __m256i d2 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xb + 4 * t)),
+                                              _mm256_maddubs_epi16(hi, bcast4(xb + 16 + 4 * t)));
+          s[r] = t == 0 ? d2 : _mm256_add_epi16(s[r], d2);
+        }
+      }
+      const __m256i s16 = load256(reinterpret_cast<const uint8_t*>(S[j]));
+      for (int r = 0; r < R; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(s[r], s16));
     }
     const __m256 d = load_half8(g + 16 * h), dmin = load_half8(g + 32 + 16 * h);
-    __m256i P[4];
-    for (int p = 0; p < 4; ++p) {
-      __m128i lo, hi;
-      q4_k_min_pairs(B, p, lo, hi);
-      P[p] = _mm256_cvtepu8_epi16(lo);
-    }
     for (int r = 0; r < R; ++r) {
       const int16_t* bs = a[r].bsum32 + 8 * sb;
       __m256i msum = _mm256_setzero_si256();
       for (int p = 0; p < 4; ++p)
-        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(P[p], _mm256_set1_epi32(load_i32(bs + 2 * p))));
+        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(load256(reinterpret_cast<const uint8_t*>(P[p])),
+                                                        _mm256_set1_epi32(load_i32(bs + 2 * p))));
       const float dx = a[r].d[sb];
       acc[r].v[h] = finish(acc[r].v[h], isum[r], d, dx);
       acc[r].v[h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, _mm256_set1_ps(dx)), acc[r].v[h]);
@@ -156,7 +178,7 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
 }
 
 // no pair tile: two groups' weights and accumulators would not fit the 16 ymm registers
-constexpr int kTileRowsK = 4;  // activation rows per single-group K-quant tile (R isum + 8 weight vectors: 16 ymm)
+constexpr int kTileRowsK = 4;  // activation rows per single-group K-quant tile (2R accumulators + 5: 16 ymm)
 constexpr bool kPairQ4K = false;
 constexpr int kPairRows = 1;
 template <int R>
@@ -166,32 +188,38 @@ template <int R>
 inline void q6_k_block2(const uint8_t*, int64_t, int64_t, const ActP*, float*, int64_t) {}
 
 // Q6_K group: one 256-element super-block of 16 rows; w = d*sc[e/16]*(q - 32). isum = sum_k sc_k * dot_k - 32 *
-// sum_k sc_k * bsum16_k over the 16-element blocks k (the AVX-512 tiles' value: exact integers)
+// sum_k sc_k * bsum16_k over the 16-element blocks k (the AVX-512 tiles' value: exact integers). As q4_k_block: the
+// scales from a stack table, and the quads built four at a time (those sharing one high-bit vector) and used at once.
 template <int R>
 inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
-  const __m256i m30 = _mm256_set1_epi8(0x30);
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
   for (int h = 0; h < 2; ++h) {
+    alignas(32) int16_t S[16][16];  // 16-element block k's scale of the 8 rows, twice per row lane
+    for (int k = 0; k < 16; ++k) store256(S[k], dup_i8_epi16(load64(g + 32 + 16 * k + 8 * h)));
     __m256i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
-      const __m256i s_lo = dup_i8_epi16(load64(g + 32 + 16 * (2 * j) + 8 * h));
-      const __m256i s_hi = dup_i8_epi16(load64(g + 32 + 16 * (2 * j + 1) + 8 * h));
-      const uint8_t* sbp = g + 288 + 384 * j;
-      __m256i w[8];
-      nibbles(sbp, h, w);
-      const __m256i H0 = load256(sbp + 256 + 32 * h), H1 = load256(sbp + 320 + 32 * h);
-      // quad k's high bits sit at bits 2p of H[(k % 4) / 2], p = k % 2 + 2 (k / 4): move them to bits 4-5
-      w[0] = _mm256_or_si256(w[0], _mm256_and_si256(_mm256_slli_epi16(H0, 4), m30));
-      w[1] = _mm256_or_si256(w[1], _mm256_and_si256(_mm256_slli_epi16(H0, 2), m30));
-      w[4] = _mm256_or_si256(w[4], _mm256_and_si256(H0, m30));
-      w[5] = _mm256_or_si256(w[5], _mm256_and_si256(_mm256_srli_epi16(H0, 2), m30));
-      w[2] = _mm256_or_si256(w[2], _mm256_and_si256(_mm256_slli_epi16(H1, 4), m30));
-      w[3] = _mm256_or_si256(w[3], _mm256_and_si256(_mm256_slli_epi16(H1, 2), m30));
-      w[6] = _mm256_or_si256(w[6], _mm256_and_si256(H1, m30));
-      w[7] = _mm256_or_si256(w[7], _mm256_and_si256(_mm256_srli_epi16(H1, 2), m30));
-      for (int r = 0; r < R; ++r) {
-        const int8_t* xb = a[r].q + 256 * sb + 32 * j;
-        isum[r] = dot_quads<4, 2>(w + 4, xb + 16, dot_quads<4, 2>(w, xb, isum[r], s_lo), s_hi);
+      const uint8_t* sbp = g + 288 + 384 * j + 32 * h;
+      const __m256i s_lo = load256(reinterpret_cast<const uint8_t*>(S[2 * j]));
+      const __m256i s_hi = load256(reinterpret_cast<const uint8_t*>(S[2 * j + 1]));
+#pragma GCC unroll 2
+      for (int c = 0; c < 2; ++c) {
+        // quads 2c, 2c + 1 (low nibbles of vectors 2c, 2c + 1) and 2c + 4, 2c + 5 (their high nibbles) take their
+        // high bits from H = vector c of the high-bit area: bits 2p of H, p = k % 2 + 2 (k / 4), moved to bits 4-5
+        const __m256i H = load256(sbp + 256 + 64 * c);
+        const __m256i v0 = load256(sbp + 64 * (2 * c)), v1 = load256(sbp + 64 * (2 * c + 1));
+        const __m256i wa = _mm256_or_si256(_mm256_and_si256(v0, m4), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30));
+        const __m256i wb = _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30));
+        const __m256i wc = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), _mm256_and_si256(H, m30));
+        const __m256i wd =
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xb = a[r].q + 256 * sb + 32 * j + 8 * c;
+          const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(wa, bcast4(xb)), _mm256_maddubs_epi16(wb, bcast4(xb + 4)));
+          const __m256i hi =
+              _mm256_add_epi16(_mm256_maddubs_epi16(wc, bcast4(xb + 16)), _mm256_maddubs_epi16(wd, bcast4(xb + 20)));
+          isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(_mm256_madd_epi16(lo, s_lo), _mm256_madd_epi16(hi, s_hi)));
+        }
       }
     }
     __m256i P[8];  // (sc_2p, sc_2p+1) int16 pairs of the 8 rows
