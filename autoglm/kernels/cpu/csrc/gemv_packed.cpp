@@ -181,9 +181,12 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
         }
         continue;
       }
-      for (int64_t m = 0; m < M; m += step) {
-        const int64_t r = std::min<int64_t>(step, M - m);
+      // ceil(M / step) tiles of balanced sizes (M = 8 at step 5: 4 + 4, not 5 + 3)
+      const int64_t nt = (M + step - 1) / step;
+      for (int64_t t = 0, m = 0; t < nt; ++t) {
+        const int64_t r = M / nt + (t < M % nt ? 1 : 0);
         tiles[r - 1](w, nb, gbytes, acts.data() + m, yg + m * N, N, m == 0);
+        m += r;
       }
     }
   });

@@ -178,7 +178,7 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
 }
 
 // no pair tile: two groups' weights and accumulators would not fit the 16 ymm registers
-constexpr int kTileRowsK = 4;  // activation rows per single-group K-quant tile (2R accumulators + 5: 16 ymm)
+constexpr int kTileRowsK = 5;  // activation rows per single-group K-quant tile (2R accumulators + 5: 16 ymm)
 constexpr bool kPairQ4K = false;
 constexpr int kPairRows = 1;
 template <int R>
