@@ -20,7 +20,9 @@ inline void acc_store(const Acc& a, float* y) {
 }
 
 inline __m256i load256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+// the stack scale tables (aligned int16 rows of 16)
 inline void store256(int16_t* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+inline __m256i load256(const int16_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m128i load64(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
 inline __m256 load_half8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -160,7 +162,7 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
           s[r] = t == 0 ? d2 : _mm256_add_epi16(s[r], d2);
         }
       }
-      const __m256i s16 = load256(reinterpret_cast<const uint8_t*>(S[j]));
+      const __m256i s16 = load256(S[j]);
       for (int r = 0; r < R; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(s[r], s16));
     }
     const __m256 d = load_half8(g + 16 * h), dmin = load_half8(g + 32 + 16 * h);
@@ -168,7 +170,7 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
       const int16_t* bs = a[r].bsum32 + 8 * sb;
       __m256i msum = _mm256_setzero_si256();
       for (int p = 0; p < 4; ++p)
-        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(load256(reinterpret_cast<const uint8_t*>(P[p])),
+        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(load256(P[p]),
                                                         _mm256_set1_epi32(load_i32(bs + 2 * p))));
       const float dx = a[r].d[sb];
       acc[r].v[h] = finish(acc[r].v[h], isum[r], d, dx);
@@ -200,8 +202,8 @@ inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
       const uint8_t* sbp = g + 288 + 384 * j + 32 * h;
-      const __m256i s_lo = load256(reinterpret_cast<const uint8_t*>(S[2 * j]));
-      const __m256i s_hi = load256(reinterpret_cast<const uint8_t*>(S[2 * j + 1]));
+      const __m256i s_lo = load256(S[2 * j]);
+      const __m256i s_hi = load256(S[2 * j + 1]);
 #pragma GCC unroll 2
       for (int c = 0; c < 2; ++c) {
         // quads 2c, 2c + 1 (low nibbles of vectors 2c, 2c + 1) and 2c + 4, 2c + 5 (their high nibbles) take their
