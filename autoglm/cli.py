@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from autoglm import __version__
 from autoglm.errors import AutoGLMError, InvalidRequest
 
+CPU_ISA_CHOICES = ("auto", "avx512", "avxvnni", "avx2", "scalar", "neon")
+
 COMMANDS: tuple[str, ...] = ("serve", "chat", "inspect", "convert", "quantize", "bench", "plan", "prune", "models")
 COMMANDS += ("store", "run", "ps")  # Ollama's verbs: store.py registers create / list / show / rm / cp
 
@@ -85,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", dest="global_threads", type=_threads_arg, default=None, metavar="N",
                         help="CPU threads for compute (torch.set_num_threads), set before the command runs "
                         "[env AUTOGLM_THREADS; default: all cores]")
+    # = autoglm.kernels.cpu.variants.CHOICES (not imported here: the kernels package imports torch)
     parser.add_argument("--cpu-isa", dest="cpu_isa", default=None, metavar="ISA",
-                        choices=("auto", "avx512", "avx2", "scalar", "neon"),
-                        help="CPU kernel variant: auto|avx512|avx2|scalar|neon; one this CPU lacks is an error at "
+                        choices=CPU_ISA_CHOICES,
+                        help=f"CPU kernel variant: {'|'.join(CPU_ISA_CHOICES)}; one this CPU lacks is an error at "
                         "start [env AUTOGLM_CPU_ISA; default: auto, the best this CPU runs]")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     skipped = []

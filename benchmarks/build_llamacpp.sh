@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's own C++ tools (llama-server, llama-bench, llama-cli, llama-mtmd-cli) from the llama.cpp sources
 # vendored in the llama-cpp-python 0.3.36 sdist, for side-by-side benchmarks. Outside CI; never committed output.
-#   benchmarks/build_llamacpp.sh [native|avx2] [DEST]   (default: native, /work/llamacpp)
+#   benchmarks/build_llamacpp.sh [native|avx2|avxvnni] [DEST]   (default: native, /work/llamacpp)
 # native: this CPU's features (AMX off: llama.cpp 0.3.36's AMX buffers segfault here, scripts/llamacpp_cmake_args.sh)
 # avx2:   GGML_NATIVE=OFF with AVX2+FMA+F16C only — llama.cpp as an AVX2-only laptop CPU runs it (issue 17).
+# avxvnni: the same plus AVX-VNNI (GGML_AVX_VNNI=ON) — llama.cpp on an Intel 12th gen+ laptop CPU (no AVX-512).
 set -euo pipefail
 variant=${1:-native}
 dest=${2:-/work/llamacpp}
@@ -26,7 +27,8 @@ fi
 case "$variant" in
   native) args=$("$here/scripts/llamacpp_cmake_args.sh") ;;
   avx2) args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
-  *) echo "unknown variant $variant (native|avx2)" >&2; exit 2 ;;
+  avxvnni) args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
+  *) echo "unknown variant $variant (native|avx2|avxvnni)" >&2; exit 2 ;;
 esac
 build="$dest/build-$variant"
 # shellcheck disable=SC2086

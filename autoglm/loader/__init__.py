@@ -41,7 +41,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a model from an HF directory or a GGUF file (plus `mmproj` for its vision projector).
     `quantization` ("int8" | "int4") applies to HF checkpoints; GGUF weights keep their own block types.
-    `cpu_isa` (auto|avx512|avx2|scalar|neon): the CPU kernel variant a GGUF decoder on CPU computes with
+    `cpu_isa` (auto|avx512|avxvnni|avx2|scalar|neon): the CPU kernel variant a GGUF decoder on CPU computes with
     (`autoglm.kernels.select_kernels`; None: `$AUTOGLM_CPU_ISA`, else the best this CPU runs; one this CPU lacks
     raises CpuIsaError); HF checkpoints compute with torch and ignore it.
     `chat_template` (a Jinja file path or template text) replaces the model's own template; a model with none

@@ -38,6 +38,21 @@ def test_missing_features_are_named() -> None:
     assert variants.missing(variants.variant("neon"), frozenset(), "x86_64")  # wrong architecture
 
 
+def test_avxvnni_needs_avx_vnni_and_builds_the_avx2_sources() -> None:
+    v = variants.variant("avxvnni")
+    assert variants.missing(v, frozenset({"avx2", "fma", "f16c", "bmi2", "movbe"}), "x86_64") == ["avx_vnni"]
+    assert v.isa_macro == "AUTOGLM_ISA_AVX2" and "-mavxvnni" in v.cflags
+    # best first: an AVX-512 CPU takes avx512, an AVX-VNNI-only one (Intel 12th gen+) avxvnni, then avx2
+    names = [x.name for x in variants.VARIANTS]
+    assert names.index("avx512") < names.index("avxvnni") < names.index("avx2")
+
+
+def test_cli_choices_are_the_variants() -> None:
+    from autoglm.cli import CPU_ISA_CHOICES
+
+    assert CPU_ISA_CHOICES == variants.CHOICES
+
+
 def test_unavailable_isa_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     lacking = "neon" if variants.machine() in ("x86_64", "AMD64") else "avx2"
     with pytest.raises(CpuIsaError, match=f"'{lacking}' was asked for.*lacks"):

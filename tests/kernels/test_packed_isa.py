@@ -1,5 +1,5 @@
-"""The packed layout on both x86 variants (issue 17): the avx2 tiles (`csrc/packed_tiles_avx2.h`) read the bytes
-`csrc/pack.cpp` writes and are bitwise equal to the avx512 tiles for every packed type, tile size and remainder
+"""The packed layout on the x86 variants (issue 17): the avx2 tiles (`csrc/packed_tiles_avx2.h`; also as the avxvnni
+build, vpdpbusd ymm, on CPUs with AVX-VNNI) read the bytes `csrc/pack.cpp` writes and are bitwise equal to the avx512 tiles for every packed type, tile size and remainder
 (exact integer dots, the same float ops per output in the same order), within float32 rounding of F.linear(x_q, W),
 and an avx2 model packs its weights at start-up. Q4_K / Q6_K run llama.cpp's q8_K activations (per 256) with an
 exact integer super-block reduction: bitwise the row-major q8_K kernel's result.
@@ -40,9 +40,13 @@ def _kernels(isa: str) -> CpuKernels:
     return k
 
 
-@pytest.fixture(scope="module")
-def avx2() -> CpuKernels:
-    return _kernels("avx2")
+@pytest.fixture(scope="module", params=["avx2", "avxvnni"])
+def avx2(request: pytest.FixtureRequest) -> CpuKernels:
+    """The x86-64-v3 tiles: plain AVX2 (vpmaddubsw) and, on CPUs with AVX-VNNI, the avxvnni build (vpdpbusd ymm)."""
+    if request.param not in variants.available():
+        lack = variants.missing(variants.variant(request.param))
+        pytest.skip(f"this CPU lacks {', '.join(lack)}: the {request.param} variant cannot run here")
+    return _kernels(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,7 @@ def _id(case: tuple[GGMLQuantizationType, int]) -> str:
 
 
 def test_both_x86_variants_run_the_packed_kernel(avx2: CpuKernels, avx512: CpuKernels) -> None:
-    assert avx2.has_packed and not avx2.has_vnni  # the AVX2 tiles, not VNNI
+    assert avx2.has_packed and not avx2.has_vnni  # the AVX2 tiles, not AVX-512 VNNI
     assert avx512.has_packed and avx512.has_vnni
     assert cpu_kernels("scalar").has_packed is False  # type: ignore[union-attr]
 
@@ -157,10 +161,10 @@ def test_an_avx2_model_packs_its_weights(avx2: CpuKernels, tmp_path: Path, monke
 
     monkeypatch.delenv(variants.ENV, raising=False)
     # what --cpu-isa avx2 hands the loader (load_model -> load_gguf -> select_kernels)
-    loaded = load_gguf(gemma3_to_gguf(tiny_gemma3_hf(0), tmp_path / "tiny.gguf", Q.Q8_0), cpu_isa="avx2")
+    loaded = load_gguf(gemma3_to_gguf(tiny_gemma3_hf(0), tmp_path / "tiny.gguf", Q.Q8_0), cpu_isa=avx2.isa)
     mods = [m for m in loaded.decoder.modules() if isinstance(m, GGUFLinear | GGUFEmbedding)]
     packable = [m for m in mods if m.weight_format.rows % 16 == 0]
-    assert packable and all(isinstance(m.impl, CpuKernels) and m.impl.isa == "avx2" for m in mods)
+    assert packable and all(isinstance(m.impl, CpuKernels) and m.impl.isa == avx2.isa for m in mods)
     lin = next(m for m in packable if isinstance(m, GGUFLinear))
     x = torch.randn(3, lin.weight_format.cols, generator=torch.Generator().manual_seed(0))
     before = lin(x)  # the file-order kernel

@@ -37,7 +37,7 @@ def kernels_spec(isa: str) -> ExtensionSpec:
         name=f"autoglm_gguf_kernels_{v.name}",
         sources=(*sorted(CSRC.glob("*.cpp")), *core),
         headers=(*sorted(CSRC.glob("*.h")), *sorted(CORE.glob("*.h"))),
-        cflags=(*FLAGS, *v.cflags, f"-DAUTOGLM_ISA_{v.name.upper()}"),
+        cflags=(*FLAGS, *v.cflags, f"-D{v.isa_macro}"),
         ldflags=("-fopenmp",),
         label=f"CPU kernels ({v.name})",
         cpu_keyed=False,  # fixed -march per variant: any CPU of this architecture with its features can reuse it

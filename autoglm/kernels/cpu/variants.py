@@ -4,6 +4,9 @@ Variants (each compiled from the same `csrc/` with its own flags, never `-march=
 here works on any CPU of the same architecture that has the variant's features):
 - `avx512`: x86-64-v4 + AVX512-VNNI (the file-order GEMV of `csrc/core/` plus the packed layout's vpdpbusd tiles,
   `csrc/packed_tiles_avx512.h`; AVX-512 attention);
+- `avxvnni`: x86-64-v3 + AVX-VNNI (Intel 12th gen+ and other CPUs with the VEX `vpdpbusd` but no AVX-512): the
+  avx2 sources (family `avx2`) with each u8 x s8 dot a `vpdpbusd ymm` (`csrc/packed_tiles_avxvnni.h`); same integers,
+  so bitwise equal to avx2 and avx512;
 - `avx2`: x86-64-v3 (AVX2 + FMA + F16C: vpmaddubsw/vpmaddwd int8 dots, file order and the same packed layout in two
   8-row halves, `csrc/packed_tiles_avx2.h`, bitwise equal to avx512's packed output);
 - `scalar`: the architecture's baseline (x86-64 or armv8-a), portable C++;
@@ -12,7 +15,7 @@ Every variant's file-order GEMV is bitwise equal to `scalar` (`csrc/core/README.
 pack (`CpuKernels.can_pack` is False there).
 
 The choice: `isa` argument (`autoglm --cpu-isa` arrives as this argument, passed down by the loader's `cpu_isa`),
-else `$AUTOGLM_CPU_ISA` (`auto|avx512|avx2|scalar|neon`, read at each call, never kept or written as a process-wide
+else `$AUTOGLM_CPU_ISA` (`auto|avx512|avxvnni|avx2|scalar|neon`, read at each call, never kept or written as a process-wide
 switch), `auto` = the best variant this CPU runs. Asking for one the CPU lacks raises `CpuIsaError` naming what is
 missing.
 """
@@ -27,7 +30,7 @@ from pathlib import Path
 from autoglm.errors import CpuIsaError
 
 ENV = "AUTOGLM_CPU_ISA"
-CHOICES = ("auto", "avx512", "avx2", "scalar", "neon")
+CHOICES = ("auto", "avx512", "avxvnni", "avx2", "scalar", "neon")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class Variant:
     machines: tuple[str, ...]  # platform.machine() values it builds for
     cflags: tuple[str, ...]  # arch flags (the ISA macro is added by the build)
     requires: tuple[str, ...]  # /proc/cpuinfo flags ("flags" on x86, "Features" on ARM) the CPU must list
+    family: str = ""  # the sources' ISA macro (AUTOGLM_ISA_<FAMILY>) when it is not the name's: avxvnni is avx2 code
+
+    @property
+    def isa_macro(self) -> str:
+        return f"AUTOGLM_ISA_{(self.family or self.name).upper()}"
 
 
 _X86 = ("x86_64", "AMD64")
@@ -44,6 +52,8 @@ _ARM = ("aarch64", "arm64")
 VARIANTS: tuple[Variant, ...] = (
     Variant("avx512", _X86, ("-march=x86-64-v4", "-mavx512vnni", "-mtune=generic"),
             ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma", "f16c")),
+    Variant("avxvnni", _X86, ("-march=x86-64-v3", "-mavxvnni", "-mtune=generic"),
+            ("avx2", "fma", "f16c", "bmi2", "movbe", "avx_vnni"), family="avx2"),
     Variant("avx2", _X86, ("-march=x86-64-v3", "-mtune=generic"), ("avx2", "fma", "f16c", "bmi2", "movbe")),
     Variant("neon", _ARM, ("-march=armv8.2-a+dotprod",), ("asimd", "asimddp")),
     Variant("scalar", (*_X86, *_ARM), (), ()),

@@ -167,7 +167,7 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   // did not measurably help and single groups were the measured-at-the-bound path.
   const PackedTileFn* pairs = M > 1 ? pair_tiles(q) : nullptr;
   const int64_t per = pairs ? 2 : 1, U = (G + per - 1) / per;
-  const int64_t step = q8k ? packed::kTileRowsK : kMaxTile;  // activation rows per single-group tile
+  const int64_t step = packed::tile_rows(q);  // activation rows per single-group tile
   const int64_t grain = std::max<int64_t>(1, U / (8 * at::get_num_threads()) + 1);
   at::parallel_for(0, U, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {

@@ -20,9 +20,13 @@ inline void acc_store(const Acc& a, float* y) {
 }
 
 inline __m256i load256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-// the stack scale tables (aligned int16 rows of 16)
-inline void store256(int16_t* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
-inline __m256i load256(const int16_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+// the stack scale tables (aligned rows of 32 bytes: int16 or int32 lanes)
+template <typename T>
+constexpr bool kTable = std::is_same_v<T, int16_t> || std::is_same_v<T, int32_t>;
+template <typename T, std::enable_if_t<kTable<T>, int> = 0>
+inline void store256(T* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+template <typename T, std::enable_if_t<kTable<T>, int> = 0>
+inline __m256i load256(const T* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m128i load64(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
 inline __m256 load_half8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -30,10 +34,35 @@ inline __m256 load_half8(const uint8_t* p) {
 // each byte of the 8 low bytes of v twice, widened: the int16 pair of row lane i holds row i's value
 inline __m256i dup_u8_epi16(__m128i v) { return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v)); }
 inline __m256i dup_i8_epi16(__m128i v) { return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(v, v)); }
+#if defined(__AVXVNNI__)
+constexpr bool kVnni = true;  // the avxvnni build: u8 x s8 dots by the VEX vpdpbusd
+inline __m256i vnni_dot(__m256i acc, __m256i u, __m256i x) { return _mm256_dpbusd_avx_epi32(acc, u, x); }
+#else
+constexpr bool kVnni = false;
+inline __m256i vnni_dot(__m256i acc, __m256i, __m256i) { return acc; }  // never called: `if constexpr (kVnni)`
+#endif
+// acc + vpmaddwd(a, b) (int16 pairs -> int32): one vpdpwssd on AVX-VNNI
+inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
 inline __m256i bcast4(const int8_t* p) {  // vpbroadcastd from memory: a load, no shuffle
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
+}
+
+// v + 16 in byte i where bit i of bits is set (Q5_0's 5th bits of 8 rows x 4 elements)
+inline __m256i add16_bits(__m256i v, uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(  // byte i <- byte i / 8 of bits
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bm = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bm), bm);
+  return _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16)));
 }
 
 // sum over quads k < G of w[k] . (x quad k) as int16 pairs per row (exact for the G of each type, above)
@@ -47,7 +76,7 @@ inline __m256i quad_sum16(const __m256i* w, const int8_t* xb) {
 // acc + sum over quads k < N of w[k] . (x quad k) x the int16 pair weights sc (ones: the plain dot), int32 per row
 template <int N, int G>
 inline __m256i dot_quads(const __m256i* w, const int8_t* xb, __m256i acc, __m256i sc) {
-  for (int k0 = 0; k0 < N; k0 += G) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(quad_sum16<G>(w + k0, xb + 4 * k0), sc));
+  for (int k0 = 0; k0 < N; k0 += G) acc = madd_acc(acc, quad_sum16<G>(w + k0, xb + 4 * k0), sc);
   return acc;
 }
 
@@ -57,7 +86,7 @@ inline __m256i dot_quads_signed(const __m256i* w, const int8_t* xb) {
   __m256i acc = _mm256_setzero_si256();
   for (int k = 0; k < 8; ++k) {
     const __m256i s = _mm256_maddubs_epi16(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(bcast4(xb + 4 * k), w[k]));
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    acc = madd_acc(acc, s, ones);
   }
   return acc;
 }
@@ -72,24 +101,17 @@ inline void nibbles(const uint8_t* p, int h, __m256i* w) {
   }
 }
 
-// v + 16 in byte i where bit i of bits is set (Q5_0's 5th bits of 8 rows x 4 elements)
-inline __m256i add16_bits(__m256i v, uint32_t bits) {
-  const __m256i spread = _mm256_shuffle_epi8(  // byte i <- byte i / 8 of bits
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-  const __m256i bm = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bm), bm);
-  return _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16)));
-}
-
-// Q4_0 / Q5_0 / Q8_0 group: one 32-element block of 16 rows
+// Q4_0 / Q5_0 / Q8_0 group: one 32-element block of 16 rows. The 8 quad vectors stay built for all R rows (what
+// does not fit the 16 ymm is spilled and read back as vpmaddubsw / vpdpbusd memory operands, nearly free: using
+// each pair of quads for every row at once, R dots live, measured 0.6-0.8x as fast)
 template <int64_t Q, int R>
 inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, Acc* acc) {
   for (int h = 0; h < 2; ++h) {
     __m256i w[8];
     const __m256 dw = load_half8(g + 16 * h);
     if constexpr (Q == Q8_0) {
-      for (int k = 0; k < 8; ++k) w[k] = _mm256_xor_si256(load256(g + 32 + 64 * k + 32 * h), _mm256_set1_epi8(-128));
+      for (int k = 0; k < 8; ++k) w[k] = load256(g + 32 + 64 * k + 32 * h);  // w + 128
+      if constexpr (!kVnni) for (int k = 0; k < 8; ++k) w[k] = _mm256_xor_si256(w[k], _mm256_set1_epi8(-128));
     } else {
       nibbles(g + (Q == Q5_0 ? 96 : 32), h, w);
       if constexpr (Q == Q5_0) {
@@ -103,7 +125,14 @@ inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, Acc* acc) {
     for (int r = 0; r < R; ++r) {
       const int8_t* xb = a[r].q + 32 * b;
       __m256i dot;
-      if constexpr (Q == Q8_0) {
+      if constexpr (kVnni) {  // init + the u8 dot (Q8_0: of w + 128), avx512's integers
+        __m256i lo = _mm256_set1_epi32(a[r].init[b]), hi = _mm256_setzero_si256();  // two chains, as avx512
+        for (int k = 0; k < 4; ++k) {
+          lo = vnni_dot(lo, w[k], bcast4(xb + 4 * k));
+          hi = vnni_dot(hi, w[k + 4], bcast4(xb + 16 + 4 * k));
+        }
+        dot = _mm256_add_epi32(lo, hi);
+      } else if constexpr (Q == Q8_0) {
         dot = dot_quads_signed(w, xb);  // = the u8 dot + init (-128 * sum(x)), exactly
       } else {
         dot = dot_quads<8, Q == Q5_0 ? 4 : 8>(w, xb, _mm256_set1_epi32(a[r].init[b]), _mm256_set1_epi16(1));
@@ -138,7 +167,11 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
       for (int j = 0; j < 8; ++j) {
         __m128i sc, mn;
         q4_k_scale_min(B, j, sc, mn);
+#if defined(__AVXVNNI__)
+        store256(S[j], _mm256_cvtepu8_epi32(sc));  // the scale in the low int16 of each row lane, for vpdpwssd
+#else
         store256(S[j], dup_u8_epi16(sc));
+#endif
       }
       for (int p = 0; p < 4; ++p) {
         __m128i lo, hi;
@@ -150,6 +183,22 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
       const uint8_t* wj = g + 256 + 256 * j + 32 * h;
+#if defined(__AVXVNNI__)
+      // quads 0-3 and 4-7 by vpdpbusd: each |dot| <= 16 * 15 * 127 < 2^15, so vpdpwssd multiplies it exactly
+      __m256i lo[R], hi[R];
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        const __m256i v = load256(wj + 64 * t);
+        const __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xb = a[r].q + 256 * sb + 32 * j;
+          lo[r] = _mm256_dpbusd_avx_epi32(t == 0 ? _mm256_setzero_si256() : lo[r], wl, bcast4(xb + 4 * t));
+          hi[r] = _mm256_dpbusd_avx_epi32(t == 0 ? _mm256_setzero_si256() : hi[r], wh, bcast4(xb + 16 + 4 * t));
+        }
+      }
+      const __m256i s32 = load256(S[j]);
+      for (int r = 0; r < R; ++r) isum[r] = _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(isum[r], lo[r], s32), hi[r], s32);
+#else
       __m256i s[R];  // int16 pair sums of the sub-block's 8 quads (exact: 8 * 2 * 15 * 128 < 2^15)
 #pragma GCC unroll 4
       for (int t = 0; t < 4; ++t) {  // nibble vector t: quad t (low nibbles) and quad t + 4 (high nibbles)
@@ -163,15 +212,15 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
         }
       }
       const __m256i s16 = load256(S[j]);
-      for (int r = 0; r < R; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(s[r], s16));
+      for (int r = 0; r < R; ++r) isum[r] = madd_acc(isum[r], s[r], s16);
+#endif
     }
     const __m256 d = load_half8(g + 16 * h), dmin = load_half8(g + 32 + 16 * h);
     for (int r = 0; r < R; ++r) {
       const int16_t* bs = a[r].bsum32 + 8 * sb;
       __m256i msum = _mm256_setzero_si256();
       for (int p = 0; p < 4; ++p)
-        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(load256(P[p]),
-                                                        _mm256_set1_epi32(load_i32(bs + 2 * p))));
+        msum = madd_acc(msum, load256(P[p]), _mm256_set1_epi32(load_i32(bs + 2 * p)));
       const float dx = a[r].d[sb];
       acc[r].v[h] = finish(acc[r].v[h], isum[r], d, dx);
       acc[r].v[h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, _mm256_set1_ps(dx)), acc[r].v[h]);
@@ -180,7 +229,15 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
 }
 
 // no pair tile: two groups' weights and accumulators would not fit the 16 ymm registers
-constexpr int kTileRowsK = 5;  // activation rows per single-group K-quant tile (2R accumulators + 5: 16 ymm)
+// activation rows per single-group tile (gemv_packed.cpp): as many as keep a block's live vectors in the 16 ymm
+// (K-quants: R int16 sums + R isums + 5, AVX-VNNI's Q4_K 3R + 4; the block-32 types: see simple_block)
+constexpr int tile_rows(int64_t q) {
+#if defined(__AVXVNNI__)
+  return q == Q4_K ? 4 : q == Q6_K ? 5 : kMaxTile;
+#else
+  return q == Q4_K || q == Q6_K ? 5 : kMaxTile;
+#endif
+}
 constexpr bool kPairQ4K = false;
 constexpr int kPairRows = 1;
 template <int R>
@@ -220,7 +277,7 @@ inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
           const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(wa, bcast4(xb)), _mm256_maddubs_epi16(wb, bcast4(xb + 4)));
           const __m256i hi =
               _mm256_add_epi16(_mm256_maddubs_epi16(wc, bcast4(xb + 16)), _mm256_maddubs_epi16(wd, bcast4(xb + 20)));
-          isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(_mm256_madd_epi16(lo, s_lo), _mm256_madd_epi16(hi, s_hi)));
+          isum[r] = madd_acc(madd_acc(isum[r], lo, s_lo), hi, s_hi);
         }
       }
     }
@@ -232,7 +289,7 @@ inline void q6_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
       const int16_t* bs = a[r].bsum16 + 16 * sb;
       __m256i off = _mm256_setzero_si256();
       for (int p = 0; p < 8; ++p)
-        off = _mm256_add_epi32(off, _mm256_madd_epi16(P[p], _mm256_set1_epi32(load_i32(bs + 2 * p))));
+        off = madd_acc(off, P[p], _mm256_set1_epi32(load_i32(bs + 2 * p)));
       acc[r].v[h] = finish(acc[r].v[h], _mm256_sub_epi32(isum[r], _mm256_slli_epi32(off, 5)), d, a[r].d[sb]);
     }
   }

@@ -132,7 +132,7 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
 // feeds both groups' vpdpbusd. At prefill sizes the broadcasts, not the dot products, bound q4_k_block (its
 // vpdpbusd with register operands alone run ~2.4x as fast). Per output the same integers (exact, in any order: a
 // whole sub-block's dot times its scale by vpmulld) and the same float ops as q4_k_block, so bitwise equal.
-constexpr int kTileRowsK = 8;  // activation rows per single-group K-quant tile (kMaxTile)
+constexpr int tile_rows(int64_t) { return kMaxTile; }  // activation rows per single-group tile
 constexpr bool kPairQ4K = true;
 constexpr int kPairRows = 4;  // activation rows per pair tile: 8 dot + 8 isum accumulators in the 32 registers
 template <int R>
