@@ -1,8 +1,9 @@
-"""The packed layout on the x86 variants (issue 17): the avx2 tiles (`csrc/packed_tiles_avx2.h`; also as the avxvnni
-build, vpdpbusd ymm, on CPUs with AVX-VNNI) read the bytes `csrc/pack.cpp` writes and are bitwise equal to the avx512 tiles for every packed type, tile size and remainder
-(exact integer dots, the same float ops per output in the same order), within float32 rounding of F.linear(x_q, W),
-and an avx2 model packs its weights at start-up. Q4_K / Q6_K run llama.cpp's q8_K activations (per 256) with an
-exact integer super-block reduction: bitwise the row-major q8_K kernel's result.
+"""The packed layout on the x86 variants (issue 17): the avx2 tiles (`csrc/packed_tiles_avx2.h`; also as the
+avxvnni build, vpdpbusd ymm, on CPUs with AVX-VNNI) read the bytes `csrc/pack.cpp` writes and are bitwise equal to
+the avx512 tiles for every packed type, tile size and remainder (exact integer dots, the same float ops per output
+in the same order), within float32 rounding of F.linear(x_q, W), and an avx2 model packs its weights at start-up.
+Q4_K / Q6_K run llama.cpp's q8_K activations (per 256) with an exact integer super-block reduction: bitwise the
+row-major q8_K kernel's result.
 
 Tolerance vs `F.linear(x_q, W)` (x_q: the int8 activations, `quantize_activations`): the integer dots are exact, so
 only float32 rounding differs: |y - ref| <= K * 2^-23 * (|x_q| @ |W|.T) (gamma_K, as in test_isa_variants.py).
