@@ -16,8 +16,8 @@ pack (`CpuKernels.can_pack` is False there).
 
 The choice: `isa` argument (`autoglm --cpu-isa` arrives as this argument, passed down by the loader's `cpu_isa`),
 else `$AUTOGLM_CPU_ISA` (`auto|avx512|avxvnni|avx2|scalar|neon`, read at each call, never kept or written as a
-process-wide switch), `auto` = the best variant this CPU runs. Asking for one the CPU lacks raises `CpuIsaError` naming what is
-missing.
+process-wide switch), `auto` = the best variant this CPU runs. Asking for one the CPU lacks raises `CpuIsaError`
+naming what is missing.
 """
 
 from __future__ import annotations
