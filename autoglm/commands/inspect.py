@@ -46,6 +46,7 @@ def describe(model: Any) -> dict[str, Any]:
                 "format": m.format,
                 "quantization": m.quantization,
                 "device": m.device,
+                "kernels": m.kernels,
                 "parameters": m.parameters,
                 "bytes": m.bytes,
                 "load_seconds": round(m.load_seconds, 3),
@@ -93,11 +94,12 @@ def run(args: argparse.Namespace) -> int:
         out(f"defaults:      {json.dumps(info['generation_defaults'])}\n")
     if info["missing_projector"]:
         out(f"warning:       {info['missing_projector']}\n")
-    out(f"\n{'module':<10} {'format':<12} {'dtype':<10} {'device':<8} {'parameters':>14} {'bytes':>12}  types\n")
+    out(f"\n{'module':<10} {'format':<12} {'dtype':<10} {'device':<8} {'kernels':<12} {'parameters':>14} "
+        f"{'bytes':>12}  types\n")
     for m in info["modules"]:
         types = ", ".join(f"{k} {_human(v)}" for k, v in sorted(m["bytes_by_type"].items())) or "-"
-        out(f"{m['name']:<10} {m['format']:<12} {m['quantization']:<10} {m['device']:<8} {m['parameters']:>14,} "
-            f"{_human(m['bytes']):>12}  {types}\n")
+        out(f"{m['name']:<10} {m['format']:<12} {m['quantization']:<10} {m['device']:<8} {m['kernels'] or '-':<12} "
+            f"{m['parameters']:>14,} {_human(m['bytes']):>12}  {types}\n")
     total_p = sum(m["parameters"] for m in info["modules"])
     total_b = sum(m["bytes"] for m in info["modules"])
     out(f"{'total':<10} {'':<12} {'':<10} {'':<8} {total_p:>14,} {_human(total_b):>12}\n")

@@ -164,6 +164,18 @@ def test_run_and_chat_flag_reaches_the_loaded_model(
     assert made and made[0].model.modules[0].kernels == "cpu scalar"
 
 
+def test_inspect_reports_the_kernels_in_use(tiny_gemma3_gguf_q8: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from autoglm import cli
+
+    assert cli.main(["--cpu-isa", "scalar", "inspect", str(tiny_gemma3_gguf_q8), "--json"]) == 0
+    decoder = json.loads(capsys.readouterr().out)["modules"][0]
+    assert decoder["name"] == "decoder" and decoder["kernels"] == "cpu scalar"
+    assert cli.main(["--cpu-isa", "scalar", "inspect", str(tiny_gemma3_gguf_q8)]) == 0
+    assert "cpu scalar" in capsys.readouterr().out
+
+
 def test_bench_flag_goes_into_the_bench_config(monkeypatch: pytest.MonkeyPatch, tiny_gemma3_gguf_q8: Path) -> None:
     from autoglm import bench, cli
 

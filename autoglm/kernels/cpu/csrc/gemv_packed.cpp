@@ -18,6 +18,7 @@ namespace {
 #if AUTOGLM_PACKED
 using packed::ActP;
 constexpr int64_t kPrefetch = 4096;
+constexpr int64_t kMinTaskBytes = 256 * 1024;
 
 // the weights are one sequential stream: fetch kPrefetch bytes ahead so memory overlaps the arithmetic (the hardware
 // prefetcher alone left the 8-row lm_head at memory time + compute time). Only on the first pass over a group: later
@@ -168,7 +169,10 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   const PackedTileFn* pairs = M > 1 ? pair_tiles(q) : nullptr;
   const int64_t per = pairs ? 2 : 1, U = (G + per - 1) / per;
   const int64_t step = packed::tile_rows(q);  // activation rows per single-group tile
-  const int64_t grain = std::max<int64_t>(1, U / (8 * at::get_num_threads()) + 1);
+  // ~8 tasks per thread, each at least kMinTaskBytes of weights x activation rows: a decode k/v projection (0.2 MB)
+  // runs inline, where a thread hand-off took longer than its weights' DRAM time
+  const int64_t unit_bytes = per * nb * gbytes * M;
+  const int64_t grain = std::max({int64_t{1}, U / (8 * at::get_num_threads()) + 1, kMinTaskBytes / unit_bytes});
   at::parallel_for(0, U, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = per * u;

@@ -6,6 +6,9 @@
 //   Q8_0 (stored w + 128): signed w, |w| x sign(x, w) per quad (G = 1: 2 * 128 * 127 = 32512), no zero point.
 // The integer dots are exact, and the float ops per output are those of the AVX-512 tiles in the same order, so the
 // outputs are bitwise equal. A tile row's accumulators are two __m256 (16 outputs).
+// The avxvnni variant compiles this file with -mavxvnni (__AVXVNNI__): the block-32 types and Q4_K take vpdpbusd ymm
+// (avx512's integers: init + the u8 dot, Q4_K's half sub-block dots scaled by vpdpwssd), every vpmaddwd + add
+// becomes one vpdpwssd (Q6_K keeps its vpmaddubsw int16 pairs: its dots need vpmulld after vpdpbusd, no faster).
 #pragma once
 
 namespace autoglm::packed {
@@ -192,12 +195,12 @@ inline void q4_k_block(const uint8_t* g, int64_t sb, const ActP* a, Acc* acc) {
         const __m256i wl = _mm256_and_si256(v, m4), wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
         for (int r = 0; r < R; ++r) {
           const int8_t* xb = a[r].q + 256 * sb + 32 * j;
-          lo[r] = _mm256_dpbusd_avx_epi32(t == 0 ? _mm256_setzero_si256() : lo[r], wl, bcast4(xb + 4 * t));
-          hi[r] = _mm256_dpbusd_avx_epi32(t == 0 ? _mm256_setzero_si256() : hi[r], wh, bcast4(xb + 16 + 4 * t));
+          lo[r] = vnni_dot(t == 0 ? _mm256_setzero_si256() : lo[r], wl, bcast4(xb + 4 * t));
+          hi[r] = vnni_dot(t == 0 ? _mm256_setzero_si256() : hi[r], wh, bcast4(xb + 16 + 4 * t));
         }
       }
       const __m256i s32 = load256(S[j]);
-      for (int r = 0; r < R; ++r) isum[r] = _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(isum[r], lo[r], s32), hi[r], s32);
+      for (int r = 0; r < R; ++r) isum[r] = madd_acc(madd_acc(isum[r], lo[r], s32), hi[r], s32);
 #else
       __m256i s[R];  // int16 pair sums of the sub-block's 8 quads (exact: 8 * 2 * 15 * 128 < 2^15)
 #pragma GCC unroll 4
