@@ -115,8 +115,8 @@ def test_top1_agrees_with_transformers_dequantized(
     print(f"\ntop-1 agreement with transformers (dequantized float32): {same}/{total} = {same / total:.2%}")
     from autoglm.layers.linear.gguf import GGUFLinear
 
-    # Prefill GEMMs run in bfloat16 on CPUs with BF16 dot products (2x faster; weights and activations rounded to
-    # 2^-9): one near-tie of 163 flips there (162/163 measured on a Xeon with avx512_bf16), none in float32.
+    # Prefill GEMMs run in bfloat16 on CPUs with AMX BF16 tiles (weights and activations rounded to 2^-9): one
+    # near-tie of 163 flipped there (162/163 measured with bf16 prefill on a Xeon with avx512_bf16), none in float32.
     bf16 = any(getattr(m.impl, "prefill_bf16", False) for m in gemma.decoder.modules() if isinstance(m, GGUFLinear))
     assert same / total >= (0.99 if bf16 else 0.995)
 

@@ -12,7 +12,7 @@ GGUF matmuls, picked per call by the number of activation rows M (measured in `b
   way); 1.1-1.4x a float32 GEMM at 512 rows, 1.5-2x at 128 (BENCHMARKS.md, "Packed prefill").
 - larger M otherwise: the weight is dequantized once per call, a slab of rows at a time into a buffer this object
   owns (bounded memory, one per thread and dtype), by the same C++ code (bit-exact with `gguf.quants`), then one
-  GEMM per slab — in bfloat16 on CPUs with BF16 dot products (`prefill_bf16`: weight and activations rounded to
+  GEMM per slab — in bfloat16 on CPUs with AMX BF16 tiles (`prefill_bf16`: weight and activations rounded to
   bfloat16), else float32.
 Packed weights (`pack`, the avx512 and avx2 variants: `has_packed`; see `autoglm.kernels.cpu.pack`): one vpdpbusd
 (avx2: two 8-row vpmaddubsw halves, bitwise the same result) yields 16 outputs, ~2-4.6x faster decode matmuls on
@@ -53,13 +53,13 @@ DEQUANT_SLAB_ELEMENTS = 1 << 22
 _FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # KV cache dtypes attention.cpp reads
 
 
-def cpu_has_bf16() -> bool:
-    """Whether the CPU has BF16 dot products (AVX512-BF16 or AMX)."""
+def cpu_has_amx_bf16() -> bool:
+    """Whether the CPU has AMX BF16 tiles (Sapphire Rapids and later Xeons; oneDNN's bf16 GEMMs use them)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "amx_bf16" in flags
 
 
 def _f32_cpu(x: Tensor, w: Tensor) -> bool:
@@ -69,9 +69,10 @@ def _f32_cpu(x: Tensor, w: Tensor) -> bool:
 class CpuKernels:
     """The C++ kernels of one built extension (`ext`, from `autoglm.kernels.cpu.load`).
 
-    prefill_bf16: prefill GEMMs in bfloat16 (default: the avx512 variant on a CPU with BF16 dot products: ~2x faster
-    at 512 tokens, an activation error (2^-9 relative) no larger than decode's int8-per-32 rounding); False:
-    float32 prefill GEMMs.
+    prefill_bf16: prefill GEMMs in bfloat16 (default: the avx512 variant on a CPU with AMX BF16 tiles; an activation
+    error (2^-9 relative) no larger than decode's int8-per-32 rounding). Not on AVX512-BF16 alone: there the packed
+    int8 kernel ran 3x faster than dequantize + bf16 GEMM at 512 tokens (BENCHMARKS.md, 2026-12-07); False:
+    float32 prefill GEMMs where the int8 kernel does not run.
     prefill_int8: prefill on packed weights through the packed int8 kernel (default: when prefill is not bf16);
     False: dequantize + GEMM as for unpacked weights (float32 activations).
     slab_elements: weight elements dequantized per prefill slab.
@@ -93,8 +94,8 @@ class CpuKernels:
         self.isa = str(ext.isa())  # the variant (autoglm.kernels.cpu.variants): "avx512", "avx2", "scalar", ...
         self.has_vnni = bool(ext.has_vnni())  # AVX512-VNNI built in (the packed tiles' vpdpbusd)
         self.has_packed = bool(ext.has_packed())  # the packed layout's kernel built in (AVX512-VNNI or AVX2 tiles)
-        # BF16 dot products are AVX-512/AMX features: a variant below avx512 stands for a CPU without them
-        self.prefill_bf16 = (cpu_has_bf16() and self.isa == "avx512") if prefill_bf16 is None else prefill_bf16
+        # AMX is an AVX-512-era feature: a variant below avx512 stands for a CPU without it
+        self.prefill_bf16 = (cpu_has_amx_bf16() and self.isa == "avx512") if prefill_bf16 is None else prefill_bf16
         self.prefill_int8 = (not self.prefill_bf16) if prefill_int8 is None else prefill_int8
         self.slab_elements = slab_elements
         self._scratch: dict[tuple[int, torch.dtype], Tensor] = {}  # (thread, dtype) -> reused slab buffer
