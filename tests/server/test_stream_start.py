@@ -37,7 +37,7 @@ def _requests_counted(server: ServerProcess, endpoint: str) -> float:
 
 def test_sdk_with_short_read_timeout_reads_slow_prefill_stream(slow_server: ServerProcess) -> None:
     client = openai.OpenAI(base_url=slow_server.v1, api_key="x", max_retries=2,
-                           timeout=httpx.Timeout(10.0, read=1.0))
+                           timeout=openai.Timeout(10.0, read=1.0))  # the SDK's own HTTP library's type
     before = _requests_counted(slow_server, "chat")
     t0 = time.monotonic()
     stream = client.chat.completions.create(
