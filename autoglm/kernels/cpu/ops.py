@@ -26,7 +26,6 @@ Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K. Memory: no float copy of the model is
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from autoglm.kernels.base import GemvKernel, GGUFBlockFormat
 from autoglm.kernels.cpu import pack as packing
+from autoglm.kernels.cpu import variants
 from autoglm.kernels.reference import REFERENCE
 
 Q = GGMLQuantizationType
@@ -55,11 +55,7 @@ _FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # KV cache
 
 def cpu_has_amx_bf16() -> bool:
     """Whether the CPU has AMX BF16 tiles (Sapphire Rapids and later Xeons; oneDNN's bf16 GEMMs use them)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+    return "amx_bf16" in variants.cpu_features()
 
 
 def _f32_cpu(x: Tensor, w: Tensor) -> bool:

@@ -5,8 +5,8 @@ here works on any CPU of the same architecture that has the variant's features):
 - `avx512`: x86-64-v4 + AVX512-VNNI (the file-order GEMV of `csrc/core/` plus the packed layout's vpdpbusd tiles,
   `csrc/packed_tiles_avx512.h`; AVX-512 attention);
 - `avxvnni`: x86-64-v3 + AVX-VNNI (Intel 12th gen+ and other CPUs with the VEX `vpdpbusd` but no AVX-512): the
-  avx2 sources (family `avx2`) with each u8 x s8 dot a `vpdpbusd ymm` (`csrc/packed_tiles_avxvnni.h`); same integers,
-  so bitwise equal to avx2 and avx512;
+  avx2 sources (family `avx2`) with each u8 x s8 dot a `vpdpbusd ymm` (`__AVXVNNI__` in `csrc/packed_tiles_avx2.h`,
+  `csrc/core/isa_avx2.h`); same integers, so bitwise equal to avx2 and avx512;
 - `avx2`: x86-64-v3 (AVX2 + FMA + F16C: vpmaddubsw/vpmaddwd int8 dots, file order and the same packed layout in two
   8-row halves, `csrc/packed_tiles_avx2.h`, bitwise equal to avx512's packed output);
 - `scalar`: the architecture's baseline (x86-64 or armv8-a), portable C++;

@@ -38,11 +38,8 @@ inline __m256 load_half8(const uint8_t* p) {
 inline __m256i dup_u8_epi16(__m128i v) { return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v)); }
 inline __m256i dup_i8_epi16(__m128i v) { return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(v, v)); }
 #if defined(__AVXVNNI__)
-constexpr bool kVnni = true;  // the avxvnni build: u8 x s8 dots by the VEX vpdpbusd
+// the avxvnni build: u8 x s8 dots by the VEX vpdpbusd
 inline __m256i vnni_dot(__m256i acc, __m256i u, __m256i x) { return _mm256_dpbusd_avx_epi32(acc, u, x); }
-#else
-constexpr bool kVnni = false;
-inline __m256i vnni_dot(__m256i acc, __m256i, __m256i) { return acc; }  // never called: `if constexpr (kVnni)`
 #endif
 // acc + vpmaddwd(a, b) (int16 pairs -> int32): one vpdpwssd on AVX-VNNI
 inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
@@ -114,7 +111,9 @@ inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, Acc* acc) {
     const __m256 dw = load_half8(g + 16 * h);
     if constexpr (Q == Q8_0) {
       for (int k = 0; k < 8; ++k) w[k] = load256(g + 32 + 64 * k + 32 * h);  // w + 128
-      if constexpr (!kVnni) for (int k = 0; k < 8; ++k) w[k] = _mm256_xor_si256(w[k], _mm256_set1_epi8(-128));
+#if !defined(__AVXVNNI__)
+      for (int k = 0; k < 8; ++k) w[k] = _mm256_xor_si256(w[k], _mm256_set1_epi8(-128));  // the signed w
+#endif
     } else {
       nibbles(g + (Q == Q5_0 ? 96 : 32), h, w);
       if constexpr (Q == Q5_0) {
@@ -128,18 +127,22 @@ inline void simple_block(const uint8_t* g, int64_t b, const ActP* a, Acc* acc) {
     for (int r = 0; r < R; ++r) {
       const int8_t* xb = a[r].q + 32 * b;
       __m256i dot;
-      if constexpr (kVnni) {  // init + the u8 dot (Q8_0: of w + 128), avx512's integers
+#if defined(__AVXVNNI__)
+      {  // init + the u8 dot (Q8_0: of w + 128), avx512's integers
         __m256i lo = _mm256_set1_epi32(a[r].init[b]), hi = _mm256_setzero_si256();  // two chains, as avx512
         for (int k = 0; k < 4; ++k) {
           lo = vnni_dot(lo, w[k], bcast4(xb + 4 * k));
           hi = vnni_dot(hi, w[k + 4], bcast4(xb + 16 + 4 * k));
         }
         dot = _mm256_add_epi32(lo, hi);
-      } else if constexpr (Q == Q8_0) {
+      }
+#else
+      if constexpr (Q == Q8_0) {
         dot = dot_quads_signed(w, xb);  // = the u8 dot + init (-128 * sum(x)), exactly
       } else {
         dot = dot_quads<8, Q == Q5_0 ? 4 : 8>(w, xb, _mm256_set1_epi32(a[r].init[b]), _mm256_set1_epi16(1));
       }
+#endif
       const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(a[r].d[b]));
       acc[r].v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[r].v[h]);
     }
