@@ -137,7 +137,7 @@ void attend_impl(const float* q, const T* const* krow, const T* const* vrow, int
   const int64_t G = H / KV;
   std::vector<float> s(H * n);  // scores / probabilities [H, n]
   const bool fast = AUTOGLM_ATTN_AVX && D % 64 == 0;
-  at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
+  parallel_chunks(n, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t kh = 0; kh < KV; ++kh) {
       const int64_t ho = kh * ks1;
       int64_t g = 0;
@@ -176,7 +176,7 @@ void attend_impl(const float* q, const T* const* krow, const T* const* vrow, int
   // a task gets at least ~64K multiply-adds: a short context's few units run inline (a thread hand-off cost more
   // than the work, measured 2x slower at 2 threads on a 40-token context)
   const int64_t vgrain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * 64 * G));
-  at::parallel_for(0, KV * chunks, vgrain, [&](int64_t u0, int64_t u1) {
+  parallel_chunks(KV * chunks, vgrain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t kh = u / chunks, c0 = (u % chunks) * 64, c = std::min<int64_t>(64, D - c0);
       const int64_t ho = kh * vs1;
@@ -229,7 +229,7 @@ void attend_paged_impl(const float* q, const T* k, const T* v, const int64_t* ta
   if (B == 1) {
     one(0);  // parallel inside the sequence
   } else {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {  // a sequence per thread (inner loops run inline)
+    parallel_chunks(B, 1, [&](int64_t b0, int64_t b1) {  // a sequence per thread (inner loops run inline)
       for (int64_t b = b0; b < b1; ++b) one(b);
     });
   }

@@ -21,7 +21,7 @@ void dequantize_out(const torch::Tensor& raw, int64_t q, int64_t K, torch::Tenso
   const int64_t nb = K / bs, rs = raw.stride(0);
   const uint8_t* wp = raw.data_ptr<uint8_t>();
   const DeqFn f = deq_fn(q);
-  at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
+  parallel_chunks(N, 4, [&](int64_t n0, int64_t n1) {
     std::vector<float> tmp(bf16 ? K : 0);
     for (int64_t n = n0; n < n1; ++n) {
       if (!bf16) {

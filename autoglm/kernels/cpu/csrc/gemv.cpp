@@ -49,13 +49,13 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& raw, int64_t q, 
                        an.data() + m * K / 4);
       acts[m] = {aq.data() + m * K, ad.data() + m * K / 32, as.data() + m * K / 32, an.data() + m * K / 4};
     }
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    parallel_chunks(N, grain, [&](int64_t n0, int64_t n1) {
       gemv_rows(q, wp, rs, nb, n0, n1, acts.data(), M, yp, N);
     });
     return y;
   }
   const DeqFn f = deq_fn(q);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  parallel_chunks(N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> w(K);
     for (int64_t n = n0; n < n1; ++n) {
       deq_row(f, wp + n * rs, nb, bs, ts, w.data());
@@ -89,7 +89,7 @@ torch::Tensor gemv_q8k(const torch::Tensor& x, const torch::Tensor& raw, int64_t
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = raw.data_ptr<uint8_t>();
   const int64_t grain = std::max<int64_t>(8, N / (8 * at::get_num_threads()) + 1);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  parallel_chunks(N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kq::KQ_MAX_M) {
       const int mm = static_cast<int>(std::min<int64_t>(kq::KQ_MAX_M, M - m0));
       kq::gemv_q8k(q, wp, rs, nsb, xq.data() + m0 * nsb, mm, yp + m0 * N, N, n0, n1);

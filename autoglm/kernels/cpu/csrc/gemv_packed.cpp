@@ -135,7 +135,7 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   std::vector<ActP> acts(M);
   const int off = zero_point(q);
   // prefill quantizes hundreds of rows: in parallel (each row's values do not depend on the split)
-  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t m0, int64_t m1) {
+  parallel_chunks(M, std::max<int64_t>(1, 4096 / K), [&](int64_t m0, int64_t m1) {
     std::vector<float> as(n32);
     std::vector<int32_t> ns4(K / 4);
     for (int64_t m = m0; m < m1; ++m) {
@@ -173,7 +173,7 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   // runs inline, where a thread hand-off took longer than its weights' DRAM time
   const int64_t unit_bytes = per * nb * gbytes * M;
   const int64_t grain = std::max({int64_t{1}, U / (8 * at::get_num_threads()) + 1, kMinTaskBytes / unit_bytes});
-  at::parallel_for(0, U, grain, [&](int64_t u0, int64_t u1) {
+  parallel_chunks(U, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = per * u;
       const uint8_t* w = wp + g * nb * gbytes;

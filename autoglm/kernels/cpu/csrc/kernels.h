@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <utility>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +37,26 @@
 #endif
 
 namespace autoglm {
+
+// f(i0, i1) over [0, n) in chunks of `grain`, taken by each thread from a shared counter: a slower core (a hybrid
+// CPU's E-core, a VM sibling that is busy) runs fewer chunks instead of holding the others at the region's end, as
+// at::parallel_for's equal static shares do (llama.cpp's mul_mat hands out chunks the same way). Callers' work per
+// index must not depend on which thread runs it (every kernel here: the split never changes a result).
+template <class F>
+void parallel_chunks(int64_t n, int64_t grain, const F& f) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t nth = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (nth <= 1 || at::in_parallel_region()) {
+    if (n > 0) f(int64_t{0}, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      f(c * grain, std::min(n, (c + 1) * grain));
+  });
+}
 
 inline void check_rows(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), name,

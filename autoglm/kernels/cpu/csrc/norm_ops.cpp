@@ -48,7 +48,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor
   auto out = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(T, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) norm_row(xp + t * D, wp, offset, eps, D, op + t * D);
   });
   return out;
@@ -71,7 +71,7 @@ std::tuple<torch::Tensor, c10::optional<torch::Tensor>> add_rms_norm(
   const float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>();
   float* hnp = hn.data_ptr<float>();
   float* xnp = w2p != nullptr ? xn->data_ptr<float>() : nullptr;
-  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(T, 64, [&](int64_t t0, int64_t t1) {
     std::vector<float> tmp(D);
     for (int64_t t = t0; t < t1; ++t) {
       norm_row(yp + t * D, w1p, offset, eps, D, tmp.data());
@@ -98,7 +98,7 @@ torch::Tensor norm_rope(const torch::Tensor& x, const c10::optional<torch::Tenso
   auto out = torch::empty_like(x);
   const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, T * H, 64, [&](int64_t r0, int64_t r1) {
+  parallel_chunks(T * H, 64, [&](int64_t r0, int64_t r1) {
     std::vector<float> nrm(D);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / H;

@@ -194,7 +194,7 @@ torch::Tensor pack(const torch::Tensor& raw, int64_t q, int64_t K) {
   auto out = torch::empty_like(raw, torch::MemoryFormat::Contiguous);
   const uint8_t* src = raw.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N / kPackRows, 16, [&](int64_t g0, int64_t g1) {
+  parallel_chunks(N / kPackRows, 16, [&](int64_t g0, int64_t g1) {
     const uint8_t* blk[kPackRows];
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < nb; ++b) {
@@ -217,7 +217,7 @@ torch::Tensor unpack_rows(const torch::Tensor& packed, int64_t q, int64_t K, con
   for (int64_t j = 0; j < n; ++j) TORCH_CHECK(ip[j] >= 0 && ip[j] < N, "row id ", ip[j], " out of range [0, ", N, ")");
   const uint8_t* src = packed.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
+  parallel_chunks(n, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t g = ip[j] / kPackRows;
       for (int64_t b = 0; b < nb; ++b)
@@ -311,7 +311,7 @@ void dequantize_packed_out(const torch::Tensor& packed, int64_t q, int64_t K, in
                   out.size(1) == K, "out must be a contiguous float32/bfloat16 [rows, ", K, "] tensor");
   TORCH_CHECK(row0 % kPackRows == 0 && row0 >= 0 && row0 + rows <= packed.size(0), "bad row range");
   const uint8_t* src = packed.data_ptr<uint8_t>();
-  at::parallel_for(0, (rows + kPackRows - 1) / kPackRows, 4, [&](int64_t g0, int64_t g1) {
+  parallel_chunks((rows + kPackRows - 1) / kPackRows, 4, [&](int64_t g0, int64_t g1) {
     std::vector<float> tmp(bf16 ? K : 0);
     for (int64_t gl = g0; gl < g1; ++gl) {
       const int64_t g = row0 / kPackRows + gl;
