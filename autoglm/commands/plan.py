@@ -29,8 +29,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-vision", action="store_true", help="plan without the vision tower")
     p.add_argument("--mmproj", default=None, help="GGUF vision projector file to include")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size used for the activation estimate")
+    p.add_argument(
+        "--image",
+        type=image_size,
+        default=None,
+        metavar="WxH",
+        help="plan one image of this size, e.g. 1080x2400 [the largest the model's image processor allows]",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="write the plan as JSON to this file ('-': stdout)")
     p.set_defaults(func=run)
+
+
+def image_size(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 1080x2400; got {text!r}")
+    return int(w), int(h)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.mmproj:
         kwargs["mmproj"] = args.mmproj
+    if args.image:
+        kwargs["image_size"] = args.image
     plan = plan_model(args.model, **kwargs)
     if args.json_out == "-":
         print(json.dumps(plan.to_dict(), indent=2))

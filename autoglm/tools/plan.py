@@ -7,7 +7,8 @@ cache at the context and a runtime overhead estimate.
 
 Formats: none (the checkpoint dtype), int8 / int4 (our HF path: `autoglm.quant.apply` defaults — vision tower and
 embeddings stay dense, lm_head int8 under int4), q8_0 / q4_k_m (GGUF: llama.cpp's per-tensor types incl. Q4_K_M's
-Q6_K layers and the 256-column fallbacks; the vision projector (mmproj) at Q8_0).
+Q6_K layers and the 256-column fallbacks; the vision tower in float32, as the loader holds an mmproj whatever its
+file type). A vision model also gets one image's working set (`autoglm.tools.image_memory`).
 Sizes: "8GB" and "8GiB" both mean 8 * 2**30 bytes (RAM is sold in binary units); "MB"/"MiB" likewise.
 """
 
@@ -20,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.errors import ConfigError, InvalidRequest
+from autoglm.multimodal.image import ImageProcessorConfig
+from autoglm.tools.image_memory import image_memory
 
 QUANTIZATIONS = ("none", "int8", "int4", "q8_0", "q4_k_m")
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_BASE_BYTES = 400 * 2**20  # Python + torch + tokenizer, measured RSS after import (~230 MB) plus slack
 INT4_GROUP = 32
+MMPROJ_HELD = "float32 (mmproj dequantized at load)"
+PHONE_SCREENSHOT = (1080, 2400)  # an Open-AutoGLM screenshot: suggested when the largest image does not fit
 
 # GLM-4.1V-9B-Thinking / AutoGLM-Phone-9B published config.json (the fields the planner reads)
 AUTOGLM_PHONE_9B: dict[str, Any] = {
@@ -129,6 +134,9 @@ class Plan:
     fits: bool
     suggestions: list[str]
     notes: list[str] = field(default_factory=list)
+    image_bytes: int = 0  # peak of one image through the vision encoder (autoglm.tools.image_memory); in total_bytes
+    image_patches: int = 0
+    image_size: tuple[int, int] | None = None  # (width, height) planned for; None: the processor's largest image
 
     @property
     def weight_bytes(self) -> int:
@@ -153,6 +161,11 @@ class Plan:
             f"{'weights':<14}{sum(m.parameters for m in self.modules):>16,}{human(self.weight_bytes):>14}",
             f"{'KV cache':<14}{'':>16}{human(self.kv_bytes):>14}  {self.kv_bytes_per_token:,} bytes/token x {self.ctx}",
             f"{'runtime':<14}{'':>16}{human(self.overhead_bytes):>14}  interpreter + activations (estimate)",
+        ]
+        if self.image_patches:
+            which = "the largest image" if self.image_size is None else "a {}x{} image".format(*self.image_size)
+            lines.append(f"{'image':<14}{'':>16}{human(self.image_bytes):>14}  {which}: {self.image_patches:,} patches")
+        lines += [
             f"{'total':<14}{'':>16}{human(self.total_bytes):>14}",
             "",
             f"{'FITS' if self.fits else 'DOES NOT FIT'} in {human(self.ram)} "
@@ -255,12 +268,10 @@ def price(w: Tensor2D, quant: str, dtype: str, n_layers: int) -> tuple[str, int]
     """(format label, bytes) for one weight under a quantization choice."""
     dense = _DTYPE_BYTES.get(dtype, 2)
     if w.module == "vision":
-        # HF path: the vision tower stays in the checkpoint dtype (autoglm.quant.apply). GGUF: a Q8_0 mmproj (llama.cpp
-        # publishes F16 and Q8_0 ones); 4-bit vision weights hurt GUI grounding, so 8 bits is the floor we plan with.
+        # HF path: the vision tower stays in the checkpoint dtype (autoglm.quant.apply). GGUF: whatever the mmproj
+        # file's type (F16, Q8_0), the loader dequantizes the tower to the decoder's float32 (gguf/mmproj.py)
         if quant in ("q8_0", "q4_k_m"):
-            if w.linear and w.shape[-1] % 32 == 0:
-                return "Q8_0", _gguf_bytes("Q8_0", w.numel)
-            return "float16", w.numel * 2
+            return MMPROJ_HELD, w.numel * 4
         return dtype, w.numel * dense
     if not w.linear or len(w.shape) != 2:
         if quant in ("q8_0", "q4_k_m"):
@@ -347,8 +358,12 @@ def plan_config(
     no_vision: bool = False,
     chunk: int = 512,
     suggest: bool = True,
+    image_size: tuple[int, int] | None = None,
+    processor: ImageProcessorConfig | None = None,
 ) -> Plan:
-    """Plan for an HF config.json dict (weights not needed)."""
+    """Plan for an HF config.json dict (weights not needed). With a vision tower, one image's working set is
+    added: an image of `image_size` (width, height), else the largest `processor` (preprocessor_config.json;
+    default GLM-4.1V's) lets through."""
     if quantization not in QUANTIZATIONS:
         raise InvalidRequest(f"unknown quantization {quantization!r}; one of {', '.join(QUANTIZATIONS)}")
     t = _text_section(config)
@@ -370,14 +385,31 @@ def plan_config(
         kv_dtype=kv_dtype,
         dtype=dtype,
     )
+    if any(w.module == "vision" for w in weights) and "hidden_size" in (config.get("vision_config") or {}):
+        act = 4 if quantization in ("q8_0", "q4_k_m") else _DTYPE_BYTES[dtype]  # GGUF: the tower runs in float32
+        _add_image(plan, config["vision_config"], processor or ImageProcessorConfig(), act, image_size)
     if ctx > int(t.get("max_position_embeddings", ctx)):
         plan.notes.append(f"context {ctx} exceeds the model's max_position_embeddings {t['max_position_embeddings']}")
     if suggest:
-        kw = dict(model=model, ctx=ctx, ram=ram, kv_dtype=kv_dtype, no_vision=no_vision, chunk=chunk, suggest=False)
+        kw = dict(model=model, ctx=ctx, ram=ram, kv_dtype=kv_dtype, no_vision=no_vision, chunk=chunk, suggest=False,
+                  image_size=image_size, processor=processor)
         plan.suggestions = _suggestions(
             plan, lambda **o: plan_config(config, **{**kw, **o}), has_vision=any(w.module == "vision" for w in weights)
         )
     return plan
+
+
+def _add_image(
+    plan: Plan, vision: dict[str, Any], cfg: ImageProcessorConfig, act_bytes: int, size: tuple[int, int] | None
+) -> None:
+    mem = image_memory(vision, cfg, act_bytes, size)
+    plan.image_bytes, plan.image_patches, plan.image_size = mem.peak_bytes, mem.patches, size
+    plan.total_bytes += mem.peak_bytes
+    plan.fits = plan.total_bytes <= plan.ram
+    plan.notes.append(
+        "the encoder cache can keep up to 256 MiB more of image embeddings (EngineConfig.encoder_cache_memory), "
+        "not counted"
+    )
 
 
 def _suggestions(plan: Plan, replan: Any, *, has_vision: bool) -> list[str]:
@@ -396,6 +428,14 @@ def _suggestions(plan: Plan, replan: Any, *, has_vision: bool) -> list[str]:
     if plan.kv_dtype == "float32":
         alt = replan(kv_dtype="bfloat16", quantization=plan.quantization)
         out.append(f"--kv-dtype bfloat16 halves the KV cache ({'fits' if alt.fits else 'still too big'})")
+    if plan.image_patches and plan.image_size is None:
+        shot = replan(quantization=plan.quantization, image_size=PHONE_SCREENSHOT)
+        if shot.fits:
+            out.append(
+                f"a phone screenshot fits (--image {PHONE_SCREENSHOT[0]}x{PHONE_SCREENSHOT[1]}: "
+                f"{human(shot.image_bytes)} instead of {human(plan.image_bytes)} for the largest image); "
+                "preprocessor_config.json's size.longest_edge caps the pixels larger images are resized to"
+            )
     if has_vision:
         vision = next((m.bytes for m in plan.modules if m.name == "vision"), 0)
         alt = replan(no_vision=True, quantization=plan.quantization)
@@ -414,8 +454,10 @@ def plan_gguf(
     ram: int | str = "8GB",
     kv_dtype: str = "float32",
     chunk: int = 512,
+    image_size: tuple[int, int] | None = None,
 ) -> Plan:
-    """Plan for a GGUF file from its metadata and tensor types (the file's own quantization)."""
+    """Plan for a GGUF file from its metadata and tensor types (the file's own quantization); with an mmproj, its
+    tower as held (float32) and one image of `image_size` (default: the largest its processor allows)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -457,7 +499,7 @@ def plan_gguf(
         for t in GGUFReader(str(mmproj)).tensors:
             name = "mmproj:" + t.name
             weights.append(Tensor2D(name, tuple(int(s) for s in t.shape.tolist()), "vision", linear=False))
-            priced[name] = (t.tensor_type.name, int(t.n_bytes))
+            priced[name] = (MMPROJ_HELD, int(t.n_elements) * 4)  # the file's type is not what the engine holds
     main_type = max(types, key=lambda k: types[k]) if types else "?"
     ff = meta(f"{arch}.feed_forward_length", 4 * d)
     cfg = {
@@ -480,6 +522,15 @@ def plan_gguf(
         dtype="float16",
         priced=priced,
     )
+    if mmproj is not None:
+        from autoglm.gguf import mmproj as mm
+
+        f = mm.open_mmproj(mmproj)
+        if mm.projector_type(f) in mm.SUPPORTED_PROJECTORS:
+            vc = mm.vision_config(f)
+            _add_image(plan, asdict(vc), mm.image_processor_config(f, vc), 4, image_size)
+        else:  # the loader refuses it too; the plan still prices its tensors
+            plan.notes.append(f"projector type {mm.projector_type(f)!r}: no image working set estimated")
     fixed = plan.total_bytes - plan.kv_bytes
     if plan.fits:
         plan.suggestions = [f"fits; the KV cache could hold ~{(plan.ram - fixed) // plan.kv_bytes_per_token} tokens"]
@@ -497,13 +548,14 @@ def plan_model(model: str, **kwargs: Any) -> Plan:
     key = model.lower()
     if key in BUILTIN_CONFIGS:
         kwargs.pop("mmproj", None)
-        return plan_config(BUILTIN_CONFIGS[key], model=model, **kwargs)
+        return plan_config(BUILTIN_CONFIGS[key], model=model, **kwargs)  # GLM-4.1V's image processor defaults
     p = Path(model).expanduser()
     if p.is_file():
         with p.open("rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
             kwargs.pop("no_vision", None)
+            kwargs.pop("processor", None)
             q = kwargs.pop("quantization", "none")
             if q != "none":
                 raise InvalidRequest(
@@ -524,4 +576,6 @@ def plan_model(model: str, **kwargs: Any) -> Plan:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{config_path}: invalid JSON: {e}") from e
     kwargs.pop("mmproj", None)
+    if "processor" not in kwargs and config_path.parent.joinpath("preprocessor_config.json").is_file():
+        kwargs["processor"] = ImageProcessorConfig.from_dir(config_path.parent)
     return plan_config(config, model=model, **kwargs)

@@ -76,3 +76,28 @@ def test_our_writer_writes_what_llamacpp_writes(llamacpp_files, interop_glm4v_di
     ours_mm = convert_mmproj(interop_glm4v_dir, tmp_path / "mmproj-ours.gguf", outtype=outtype)
     _same_file_content(text, ours_text)
     _same_file_content(mm, ours_mm)
+
+
+def test_plan_prices_the_mmproj_as_the_loader_holds_it(llamacpp_files) -> None:
+    """`autoglm plan MODEL.gguf --mmproj`: the tower at the float32 the loader dequantizes it to (not the file's
+    q8_0 bytes), and one image's working set from the mmproj's own processor."""
+    import torch
+
+    from autoglm.tools.image_memory import image_patches
+    from autoglm.tools.plan import plan_model
+
+    text, mm = llamacpp_files["q8_0"]
+    llm = LLM(text, mmproj=mm, dtype="float32")
+    enc = llm.model.encoders["image"]
+    tower = list(enc.visual.parameters())
+    assert tower and all(p.dtype == torch.float32 for p in tower)
+    held = sum(p.numel() * 4 for p in tower)
+    plan = plan_model(str(text), mmproj=str(mm), image_size=(1080, 2400))
+    vision = next(m for m in plan.modules if m.name == "vision")
+    f = GGUFFile(mm)
+    file_bytes = sum(len(f.raw(t)) for t in f.tensors.values())
+    # every tower parameter priced as held; the file stores the same values in fewer bytes
+    assert vision.parameters == sum(p.numel() for p in tower) and vision.bytes == held > file_bytes
+    assert plan.image_patches == image_patches(enc.image_processor, (1080, 2400)) > 0
+    assert plan.image_bytes > 0
+    assert plan.total_bytes == plan.weight_bytes + plan.kv_bytes + plan.overhead_bytes + plan.image_bytes
