@@ -7,8 +7,9 @@ Each model runs in its own fresh child process: `Engine` with a KV pool of exact
 prices), `max_num_seqs` 1, prefill chunks of `--chunk`, one prompt of ctx - gen tokens and `--gen` generated
 tokens; the child reports `ru_maxrss` (peak resident set, the number a machine's RAM must hold). The plan is
 `autoglm.tools.plan.plan_model(MODEL, ctx=, chunk=, kv_dtype=<the engine's cache dtype>)`, computed in the parent.
-With `--image WxH` the model keeps its vision tower and the one request is a chat message with a WxH PNG (random
-pixels) and a line of text, through `LLM.generate` on the same engine config; the plan prices that image.
+With `--image WxH` the model keeps its vision tower and the requests are two chat messages, each with its own WxH
+PNG (random pixels: the largest encoded file) and a line of text, through `LLM.chat` on the same engine config (the
+second finds every weight resident); the plan prices that image.
 """
 
 from __future__ import annotations
@@ -63,15 +64,19 @@ def measure_image(model: str, ctx: int, gen: int, chunk: int, size: tuple[int, i
     torch.set_grad_enabled(False)
     llm = LLM(model, max_model_len=ctx, max_num_seqs=1, max_num_batched_tokens=chunk, num_kv_blocks=ctx // 16,
               block_size=16)
-    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    del pixels
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    del buf
-    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "What is on the screen?"}]}]  # fmt: skip
-    out = llm.chat(msgs, max_tokens=gen, temperature=0.0, ignore_eos=True)
+    # two requests, two different images: the first pages in mmap-ed weights as it reaches them (a checkpoint in
+    # the load dtype is not copied), so only the second has every weight resident beside the image's working set
+    for seed in (0, 1):
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        del pixels
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        del buf
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is on the screen?"}]}]  # fmt: skip
+        out = llm.chat(msgs, max_tokens=gen, temperature=0.0, ignore_eos=True)
+        del msgs, url
     cache_dtype = str(plan_kv_cache(llm.model, llm.config, ctx).cache_dtype).removeprefix("torch.")
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kv_dtype": cache_dtype,
             "prompt_tokens": out.usage["prompt_tokens"]}

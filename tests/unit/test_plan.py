@@ -234,7 +234,7 @@ def test_image_working_set_is_priced_per_patch() -> None:
     n = 78 * 172
     tower = n * max(12 * 1536, 2 * 1536 + 3 * 4096) * 2
     merger = n // 4 * (4 * 1536 + 2 * 4096 + 3 * 13696) * 2
-    want = max(n * 196 * 39, n * 1176 * 4 + max(tower, merger)) + n // 4 * 4096 * 2
+    want = 1080 * 2400 * 10 + max(n * 196 * 42, n * 1176 * 4 + max(tower, merger)) + n // 4 * 4096 * 2
     assert image_memory(vision, cfg, 2, (1080, 2400)).peak_bytes == want
     # the largest image: max_pixels counts both temporal frames, in whole 28x28 merge blocks
     assert image_patches(cfg, None) == cfg.max_pixels // (2 * 28 * 28) * 4
