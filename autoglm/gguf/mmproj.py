@@ -5,8 +5,11 @@ The file is what `convert_hf_to_gguf.py --mmproj` writes for `Glm4vForConditiona
 named by the `gguf` package's MMPROJ table, the Conv3d patch kernel split into two frames
 (`v.patch_embd.weight`, `v.patch_embd.weight.1`). We rebuild `autoglm.models.glm4v_vision.Glm4vVisionModel` from it.
 
-The tower is dequantized to float (`dtype`) at load: it is small (~0.6 B params for the 9B model, vs 9 B in the
-decoder, which stays quantized) and runs once per image, so float weights cost little and keep it simple.
+With the decoder's CPU kernels (`kernels`, the GGUF loader's), every block-quantized linear of the tower stays in
+its file blocks as a `GGUFLinear` (packed by `prepare_weights` here, like the decoder's): a Q8_0 mmproj of the 9B holds
+0.9 GiB instead of 3.3 GiB of float32, and its matmuls run on the int8 kernels (per-32 int8 activations, as
+llama.cpp's clip computes a Q8_0 projector). F32/F16/BF16 tensors, the patch and merge convolutions, the position
+table and the norms are float (`dtype`); without kernels (CUDA, or none built) the whole tower is dequantized.
 
 Rules (issue 4): the projection size (`clip.vision.projection_dim`) must equal the text model's embedding size, and
 the projector type must be one the text model can use (`glm4v` needs the GLM-4.1V text model, i.e. M-RoPE); each
@@ -27,6 +30,9 @@ from torch import Tensor
 from autoglm.errors import ConfigError, ModelLoadError
 from autoglm.gguf.quants import dequantize
 from autoglm.gguf.reader import GGUFFile
+from autoglm.kernels import Kernels
+from autoglm.layers.linear import Linear
+from autoglm.layers.linear.gguf import GGUFBlockFormat, GGUFLinear, prepare_weights
 from autoglm.loader.weights import expected_tensors, fill_parameters
 from autoglm.models.config import VisionConfig
 from autoglm.models.glm4v import IMAGE_PLACEHOLDER, VisionEncoder
@@ -41,6 +47,7 @@ SUPPORTED_PROJECTORS = ("glm4v",)
 GLM4V_MIN_PIXELS = 12544
 GLM4V_MAX_PIXELS = 9633792
 _PATCH = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH]  # "v.patch_embd"
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
 
 class MmprojVisionEncoder(VisionEncoder):
@@ -167,9 +174,37 @@ def _gguf_names(tower: Glm4vVisionModel, depth: int) -> dict[str, str]:
     return out
 
 
-def _stream(f: GGUFFile, names: dict[str, str], frames: int):  # -> Iterator[tuple[str, Tensor]]
+def _keep_quantized(
+    tower: Glm4vVisionModel, f: GGUFFile, names: dict[str, str], kernels: Kernels
+) -> dict[str, tuple[int, int]]:
+    """Swap each tower Linear whose file weight is block-quantized (and runs on `kernels`) for a GGUFLinear of that
+    type; -> GGUF name -> raw block shape of the weights now filled with the file's blocks."""
+    raw: dict[str, tuple[int, int]] = {}
+    for gname, pname in names.items():
+        info = f.tensors.get(gname)
+        if info is None or info.qtype in _FLOAT_TYPES or not pname.endswith(".weight"):
+            continue
+        parent, _, _ = pname.rpartition(".")
+        mod = tower.get_submodule(parent)
+        if not isinstance(mod, Linear):
+            continue  # the position table, convolutions: float
+        fmt = GGUFBlockFormat(info.qtype, mod.out_features, mod.in_features)
+        if kernels.direct_gemv(fmt) is None:
+            continue  # no fused kernel for it (the torch reference): float weights are faster
+        owner, _, child = parent.rpartition(".")
+        with torch.device("meta"):
+            new = GGUFLinear(mod.in_features, mod.out_features, info.qtype, bias=mod.bias is not None, impl=kernels,
+                             name=gname)  # fmt: skip
+        setattr(tower.get_submodule(owner) if owner else tower, child, new)
+        raw[gname] = fmt.raw_shape
+    return raw
+
+
+def _stream(f: GGUFFile, names: dict[str, str], frames: int, raw: dict[str, tuple[int, int]]):  # -> Iterator
     def deq(gname: str) -> Tensor:
         info = f.tensors[gname]
+        if gname in raw:  # the file's blocks, a view of the mmap (GGUFLinear.weight)
+            return torch.from_numpy(f.raw(info)).view(raw[gname])
         return dequantize(f.raw(info), info.qtype, info.shape, gname)
 
     kernels = [deq(f"{_PATCH}.weight" + (f".{i}" if i else "")) for i in range(frames)]  # each [D, C, P, P]
@@ -188,8 +223,10 @@ def load_mmproj(
     dtype: torch.dtype = torch.float32,
     image_token_id: int | None = None,
     out_dtype: torch.dtype | None = None,
+    kernels: Kernels | None = None,
 ) -> MmprojVisionEncoder:
-    """Read a glm4v mmproj GGUF and build the vision tower (dequantized to `dtype`) as an image encoder.
+    """Read a glm4v mmproj GGUF and build the vision tower as an image encoder: block-quantized linears kept and
+    packed for `kernels` (None: everything dequantized), the rest in `dtype`.
 
     `image_token_id` is the text vocabulary's `<|image|>` id (the placeholder the prompt expands); `out_dtype` the
     decoder's activation dtype (default `dtype`). Raises ModelLoadError on a projector that does not fit."""
@@ -198,9 +235,13 @@ def load_mmproj(
     vc = vision_config(f)
     with torch.device("meta"):
         tower = Glm4vVisionModel(vc)
-    fill_parameters(tower, _stream(f, _gguf_names(tower, vc.depth), vc.temporal_patch_size), source=str(f.path),
-                    dtype=dtype, device=device)
+    names = _gguf_names(tower, vc.depth)
+    on_cpu = torch.device(device).type == "cpu"
+    raw = _keep_quantized(tower, f, names, kernels) if kernels is not None and on_cpu else {}
+    fill_parameters(tower, _stream(f, names, vc.temporal_patch_size, raw), source=str(f.path), dtype=dtype,
+                    device=device)
     tower.eval()
+    prepare_weights(tower)  # the packed layout where the kernels have one (as the runner does for the decoder)
     if image_token_id is None:
         raise ConfigError(f"{f.path}: the text vocabulary has no {IMAGE_PLACEHOLDER} token for image placeholders")
     return MmprojVisionEncoder(
@@ -209,8 +250,16 @@ def load_mmproj(
     )
 
 
-def attach_mmproj(loaded: LoadedModel, path: str | Path, *, dtype: torch.dtype, device: str | torch.device) -> None:
-    """Load `path` as `loaded`'s image encoder (the GGUF loader's `--mmproj` step); adds its ModuleInfo line."""
+def attach_mmproj(
+    loaded: LoadedModel,
+    path: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    kernels: Kernels | None = None,
+) -> None:
+    """Load `path` as `loaded`'s image encoder (the GGUF loader's `--mmproj` step, `kernels`: the decoder's CPU
+    kernels, None to dequantize the tower); adds its ModuleInfo line."""
     t0 = time.perf_counter()
     f = open_mmproj(path)
     cfg = getattr(loaded.decoder, "config", None)
@@ -225,23 +274,29 @@ def attach_mmproj(loaded: LoadedModel, path: str | Path, *, dtype: torch.dtype, 
     check_compatible(f, text_hidden_size=hidden, text_model=text_model)
     encoder = load_mmproj(
         path, text_hidden_size=hidden, device=device, dtype=torch.float32 if dtype == torch.float16 else dtype,
-        image_token_id=loaded.tokenizer.token_to_id(IMAGE_PLACEHOLDER), out_dtype=dtype,
+        image_token_id=loaded.tokenizer.token_to_id(IMAGE_PLACEHOLDER), out_dtype=dtype, kernels=kernels,
     )
     loaded.encoders["image"] = encoder
     loaded.missing_projector = None
-    n_params = sum(p.numel() for p in encoder.visual.parameters())
+    tower = encoder.visual
+    kept = [m for m in tower.modules() if isinstance(m, GGUFLinear)]
+    n_params = sum(p.numel() for p in tower.parameters()) + sum(m.in_features * m.out_features for m in kept)
+    held = sum(p.numel() * p.element_size() for p in tower.parameters()) + sum(m.weight.numel() for m in kept)
     types: dict[str, int] = {}
     for info in f.tensors.values():
         types[info.qtype.name] = types.get(info.qtype.name, 0) + info.nbytes
+    main = max(types, key=types.__getitem__)
+    dense = str(tower.dtype).removeprefix("torch.")
+    label = f"{main} (linears kept, the rest {dense})" if kept else f"{main} (dequantized to {dense})"
     loaded.modules.append(
         ModuleInfo(
             name="vision",
             path=str(f.path),
             format="gguf",
-            quantization=f"{max(types, key=types.__getitem__)} (dequantized to {str(encoder.visual.dtype)[6:]})",
+            quantization=label,
             device=str(encoder.device),
             parameters=n_params,
-            bytes=sum(p.numel() * p.element_size() for p in encoder.visual.parameters()),
+            bytes=held,
             load_seconds=time.perf_counter() - t0,
             bytes_by_type=types,
         )

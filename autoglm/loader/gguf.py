@@ -196,7 +196,8 @@ def load_gguf(
         max_model_len=int(f.get(f"{arch}.context_length", 4096)),
         modules=[info],
     )
-    _attach_vision(loaded, f, mmproj, no_vision=no_vision, dtype=act_dtype, device=devices["vision"])
+    _attach_vision(loaded, f, mmproj, no_vision=no_vision, dtype=act_dtype, device=devices["vision"],
+                   kernels=None if dense else kernels)  # fmt: skip
     log.info(
         "loaded %s: %s %s, %d tensors, %.1f MiB in %.2fs",
         path,
@@ -304,6 +305,7 @@ def _attach_vision(
     no_vision: bool,
     dtype: torch.dtype,
     device: torch.device,
+    kernels: Kernels | None = None,
 ) -> None:
     if mmproj is None:
         if _has_vision(f) and not no_vision:
@@ -319,4 +321,4 @@ def _attach_vision(
         return
     from autoglm.gguf.mmproj import attach_mmproj
 
-    attach_mmproj(loaded, Path(mmproj), dtype=dtype, device=device)
+    attach_mmproj(loaded, Path(mmproj), dtype=dtype, device=device, kernels=kernels)

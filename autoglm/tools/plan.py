@@ -7,8 +7,8 @@ cache at the context and a runtime overhead estimate.
 
 Formats: none (the checkpoint dtype), int8 / int4 (our HF path: `autoglm.quant.apply` defaults — vision tower and
 embeddings stay dense, lm_head int8 under int4), q8_0 / q4_k_m (GGUF: llama.cpp's per-tensor types incl. Q4_K_M's
-Q6_K layers and the 256-column fallbacks; the vision tower in float32, as the loader holds an mmproj whatever its
-file type). A vision model also gets one image's working set (`autoglm.tools.image_memory`).
+Q6_K layers and the 256-column fallbacks; a Q8_0 mmproj, its linears kept in blocks and the rest float32, as the loader
+holds it). A vision model also gets one image's working set (`autoglm.tools.image_memory`).
 Sizes: "8GB" and "8GiB" both mean 8 * 2**30 bytes (RAM is sold in binary units); "MB"/"MiB" likewise.
 """
 
@@ -28,7 +28,7 @@ QUANTIZATIONS = ("none", "int8", "int4", "q8_0", "q4_k_m")
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_BASE_BYTES = 400 * 2**20  # Python + torch + tokenizer, measured RSS after import (~230 MB) plus slack
 INT4_GROUP = 32
-MMPROJ_HELD = "float32 (mmproj dequantized at load)"
+MMPROJ_HELD = "float32 (dequantized at load)"
 PHONE_SCREENSHOT = (1080, 2400)  # an Open-AutoGLM screenshot: suggested when the largest image does not fit
 
 # GLM-4.1V-9B-Thinking / AutoGLM-Phone-9B published config.json (the fields the planner reads)
@@ -268,9 +268,12 @@ def price(w: Tensor2D, quant: str, dtype: str, n_layers: int) -> tuple[str, int]
     """(format label, bytes) for one weight under a quantization choice."""
     dense = _DTYPE_BYTES.get(dtype, 2)
     if w.module == "vision":
-        # HF path: the vision tower stays in the checkpoint dtype (autoglm.quant.apply). GGUF: whatever the mmproj
-        # file's type (F16, Q8_0), the loader dequantizes the tower to the decoder's float32 (gguf/mmproj.py)
+        # HF path: the vision tower stays in the checkpoint dtype (autoglm.quant.apply). GGUF: a Q8_0 mmproj (llama.cpp
+        # publishes F16 and Q8_0 ones; 4-bit vision weights hurt GUI grounding): the loader keeps its linears in
+        # blocks and dequantizes the rest (convolutions, position table, norms) to float32 (gguf/mmproj.py)
         if quant in ("q8_0", "q4_k_m"):
+            if w.linear and w.shape[-1] % 32 == 0:
+                return "Q8_0", _gguf_bytes("Q8_0", w.numel)
             return MMPROJ_HELD, w.numel * 4
         return dtype, w.numel * dense
     if not w.linear or len(w.shape) != 2:
@@ -499,7 +502,9 @@ def plan_gguf(
         for t in GGUFReader(str(mmproj)).tensors:
             name = "mmproj:" + t.name
             weights.append(Tensor2D(name, tuple(int(s) for s in t.shape.tolist()), "vision", linear=False))
-            priced[name] = (MMPROJ_HELD, int(t.n_elements) * 4)  # the file's type is not what the engine holds
+            kept = len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16", "BF16") and "position" not in name
+            # the loader keeps block-quantized linears in their blocks (gguf/mmproj.py), the rest in float32
+            priced[name] = (t.tensor_type.name, int(t.n_bytes)) if kept else (MMPROJ_HELD, int(t.n_elements) * 4)
     main_type = max(types, key=lambda k: types[k]) if types else "?"
     ff = meta(f"{arch}.feed_forward_length", 4 * d)
     cfg = {

@@ -78,26 +78,31 @@ def test_our_writer_writes_what_llamacpp_writes(llamacpp_files, interop_glm4v_di
     _same_file_content(mm, ours_mm)
 
 
-def test_plan_prices_the_mmproj_as_the_loader_holds_it(llamacpp_files) -> None:
-    """`autoglm plan MODEL.gguf --mmproj`: the tower at the float32 the loader dequantizes it to (not the file's
-    q8_0 bytes), and one image's working set from the mmproj's own processor."""
+def test_q8_0_mmproj_keeps_its_blocks_and_the_plan_prices_what_is_held(llamacpp_files) -> None:
+    """A Q8_0 mmproj: the tower's linears stay Q8_0 GGUFLinears on the decoder's kernels (packed), the rest float32;
+    `autoglm plan MODEL.gguf --mmproj` prices exactly those bytes, and one image from the mmproj's own processor."""
     import torch
 
+    from autoglm.layers.linear.gguf import GGUFLinear
     from autoglm.tools.image_memory import image_patches
     from autoglm.tools.plan import plan_model
 
     text, mm = llamacpp_files["q8_0"]
     llm = LLM(text, mmproj=mm, dtype="float32")
-    enc = llm.model.encoders["image"]
-    tower = list(enc.visual.parameters())
-    assert tower and all(p.dtype == torch.float32 for p in tower)
-    held = sum(p.numel() * 4 for p in tower)
+    tower = llm.model.encoders["image"].visual
+    kept = [m for m in tower.modules() if isinstance(m, GGUFLinear)]
+    f = GGUFFile(mm)
+    q8 = [n for n, t in f.tensors.items() if t.qtype.name == "Q8_0"]
+    assert kept and len(kept) == len(q8), (len(kept), q8)
+    assert all(m.weight_format.packed == m.impl.can_pack(m.weight_format.unpacked()) for m in kept)
+    dense = list(tower.parameters())
+    assert all(p.dtype == torch.float32 for p in dense)
+    held = sum(p.numel() * 4 for p in dense) + sum(m.weight.numel() for m in kept)
+    info = next(m for m in llm.model.modules if m.name == "vision")
+    assert info.bytes == held and "kept" in info.quantization
     plan = plan_model(str(text), mmproj=str(mm), image_size=(1080, 2400))
     vision = next(m for m in plan.modules if m.name == "vision")
-    f = GGUFFile(mm)
-    file_bytes = sum(len(f.raw(t)) for t in f.tensors.values())
-    # every tower parameter priced as held; the file stores the same values in fewer bytes
-    assert vision.parameters == sum(p.numel() for p in tower) and vision.bytes == held > file_bytes
-    assert plan.image_patches == image_patches(enc.image_processor, (1080, 2400)) > 0
-    assert plan.image_bytes > 0
+    assert vision.bytes == held
+    assert vision.parameters == sum(p.numel() for p in dense) + sum(m.in_features * m.out_features for m in kept)
+    assert plan.image_patches == image_patches(llm.model.encoders["image"].image_processor, (1080, 2400)) > 0
     assert plan.total_bytes == plan.weight_bytes + plan.kv_bytes + plan.overhead_bytes + plan.image_bytes
