@@ -1,7 +1,7 @@
 """The phone-agent step as a benchmark: ours vs llama-server on the same GLM-4.1V-architecture model (outside CI).
 
     flock /tmp/autoglm-bench.lock python benchmarks/phone_agent.py [--preset synthetic|tiny] [--work DIR]
-        [--image-max-tokens N] [--gen-tokens 16] [--llama-server PATH] [--json OUT]
+        [--image-max-tokens N] [--gen-tokens 16] [--llama-server PATH] [--json OUT] [--weights f32|q8_0]
 
 Four Open-AutoGLM-style steps (benchmarks/phone_agent_request.py: ~3,500-character system prompt, one new
 1080x2400 PNG per step, history without old screenshots). Each side gets the same messages; per step we record time
@@ -9,6 +9,8 @@ to first token (wall clock, request sent -> first generated token), vision-encod
 served from the prefix cache and encoder-cache hits.
   ours: autoglm's LLM in this process on the HF checkpoint (f32), prefix caching on (as `autoglm serve` runs),
         the encoder cache at its default; vision time = the image encoder's `encode` (the tower + merger).
+        `--weights q8_0`: both sides load the same llama.cpp-converted Q8_0 GGUF + Q8_0 mmproj instead (ours: the
+        int8 kernels for the decoder and the tower's linears).
   llama-server: the llama.cpp-converted GGUF + mmproj (f32), `-t 2`, streamed /v1/chat/completions; prefix reuse
         = `timings.cache_n`; vision time = its log (`-lv 4`), "encoding mtmd batch" -> "decoding image batch 1/".
 Random weights never emit a stop token on purpose: Open-AutoGLM sends `max_tokens` 3000, both sides here get
@@ -59,13 +61,21 @@ def set_image_cap(hf: Path, max_tokens: int) -> None:
     (hf / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
 
 
-def run_ours(hf: Path, shots: list[bytes], gen: int) -> list[dict[str, Any]]:
+def run_ours(hf: Path, shots: list[bytes], gen: int, gguf: tuple[Path, Path] | None = None,
+             cap: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+    import dataclasses
+
     import torch
 
     from autoglm.llm import LLM
 
-    llm = LLM(str(hf), dtype="float32", enable_prefix_caching=True, max_model_len=16384)
+    if gguf is None:
+        llm = LLM(str(hf), dtype="float32", enable_prefix_caching=True, max_model_len=16384)
+    else:
+        llm = LLM(str(gguf[0]), mmproj=str(gguf[1]), enable_prefix_caching=True, max_model_len=16384)
     enc = llm.model.encoders["image"]
+    if gguf is not None and cap:  # the HF side reads the cap from preprocessor_config.json (set_image_cap)
+        enc.image_processor = dataclasses.replace(enc.image_processor, max_pixels=cap * 28 * 28)
     spent = {"encode": 0.0, "preprocess": 0.0}
     encode, preprocess = enc.encode, enc.preprocess
 
@@ -225,15 +235,20 @@ def main() -> None:
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--weights", choices=["f32", "q8_0"], default="f32",
+                    help="f32: ours on the HF checkpoint, llama-server on its f32 conversion; q8_0: both on one Q8_0 "
+                         "GGUF + mmproj")  # fmt: skip
     a = ap.parse_args()
     out = a.work / a.preset
-    hf, gguf, mmproj = make(out, a.preset, corpus())
+    hf, gguf, mmproj = make(out, a.preset, corpus(), a.weights)
     set_image_cap(hf, a.image_max_tokens)
     shots = [screenshot(k) for k in range(STEPS)]
-    result: dict[str, Any] = {"preset": a.preset, "image_max_tokens": a.image_max_tokens, "gen_tokens": a.gen_tokens,
+    result: dict[str, Any] = {"preset": a.preset, "weights": a.weights, "image_max_tokens": a.image_max_tokens,
+                              "gen_tokens": a.gen_tokens,
                               "uptime_before": _load()}  # fmt: skip
     if not a.skip_ours:
-        result["ours"] = run_ours(hf, shots, a.gen_tokens)
+        result["ours"] = run_ours(hf, shots, a.gen_tokens, None if a.weights == "f32" else (gguf, mmproj),
+                                  a.image_max_tokens)  # fmt: skip
     if not a.skip_llama:
         result["llama_server"] = run_llama(a.llama_server, gguf, mmproj, shots, a.gen_tokens,
                                            a.image_max_tokens if a.llama_image_max_tokens is None

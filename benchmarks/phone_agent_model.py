@@ -117,9 +117,10 @@ def write_hf(path: Path, preset: str, corpus: list[str], seed: int = 0) -> Path:
     return path
 
 
-def convert(hf: Path, out: Path) -> tuple[Path, Path]:
-    """llama.cpp's converter: text GGUF and mmproj, both f32 (the same weights our side loads from `hf`)."""
-    model, mmproj = out / "model-f32.gguf", out / "mmproj-f32.gguf"
+def convert(hf: Path, out: Path, outtype: str = "f32") -> tuple[Path, Path]:
+    """llama.cpp's converter: text GGUF and mmproj, both `outtype` (f32: the same weights our side loads from `hf`;
+    q8_0: the files both sides load)."""
+    model, mmproj = out / f"model-{outtype}.gguf", out / f"mmproj-{outtype}.gguf"
     env = {**os.environ}
     if Path("/work/llamacpp/src/convert_hf_to_gguf.py").is_file():
         env.setdefault("AUTOGLM_LLAMACPP_DIR", "/work/llamacpp/src")
@@ -127,7 +128,7 @@ def convert(hf: Path, out: Path) -> tuple[Path, Path]:
         if dest.is_file():
             continue
         cmd = [sys.executable, str(ROOT / "scripts" / "llamacpp_convert.py"), str(hf), "--outfile", str(dest),
-               "--outtype", "f32", *extra]  # fmt: skip
+               "--outtype", outtype, *extra]  # fmt: skip
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -136,11 +137,11 @@ def convert(hf: Path, out: Path) -> tuple[Path, Path]:
     return model, mmproj
 
 
-def make(out: Path, preset: str, corpus: list[str]) -> tuple[Path, Path, Path]:
+def make(out: Path, preset: str, corpus: list[str], outtype: str = "f32") -> tuple[Path, Path, Path]:
     hf = out / "hf"
     if not (hf / "config.json").is_file():
         write_hf(hf, preset, corpus)
-    model, mmproj = convert(hf, out)
+    model, mmproj = convert(hf, out, outtype)
     return hf, model, mmproj
 
 
