@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from autoglm import __version__
 from autoglm.errors import AutoGLMError, InvalidRequest
@@ -105,7 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
     if skipped:
         log.debug("commands not available in this build: %s", ", ".join(skipped))
+    _frame_flags_after_command(parser, sub)
     return parser
+
+
+def _frame_flags_after_command(parser: argparse.ArgumentParser, sub: Any) -> None:
+    """`autoglm serve --cpu-isa avx2` as well as `autoglm --cpu-isa avx2 serve` (vLLM / llama.cpp users put every flag
+    after the command): each command also takes the frame's flags, defaulting to "not given" so the frame's value
+    stays; a command's own flag of the same name (`bench --threads`) wins."""
+    frame = [a for a in parser._actions if a.dest in ("cpu_isa", "global_threads", "log_level")]
+    for command in sub.choices.values():
+        for action in frame:
+            if any(o in command._option_string_actions for o in action.option_strings):
+                continue
+            command.add_argument(*action.option_strings, dest=action.dest, default=argparse.SUPPRESS,
+                                 type=action.type, choices=action.choices, metavar=action.metavar,
+                                 help=action.help)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,3 +95,24 @@ def test_torch_free_mirrors_match_their_sources() -> None:
 
     assert convert.OUTTYPES == OUTTYPES
     assert quantize.HF_TYPES == MODES
+
+
+def test_frame_flags_also_after_the_command() -> None:
+    """`autoglm serve --cpu-isa avx2 --threads 3` parses as `autoglm --cpu-isa avx2 --threads 3 serve`; a flag given
+    at neither place keeps the frame's default, and a command's own `--threads` (bench) stays its own."""
+    parser = cli.build_parser()
+    after = parser.parse_args(["serve", "--cpu-isa", "avx2", "--threads", "3"])
+    before = parser.parse_args(["--cpu-isa", "avx2", "--threads", "3", "serve"])
+    assert (after.cpu_isa, after.global_threads) == (before.cpu_isa, before.global_threads) == ("avx2", 3)
+    plan = parser.parse_args(["plan", "autoglm-phone-9b", "--log-level", "INFO"])
+    assert plan.log_level == "INFO"
+    # serve's own --log-level (the server's, default info) stays its own, as bench's --threads
+    serve = parser.parse_args(["serve", "--log-level", "debug"])
+    assert serve.serve_log_level == "debug" and serve.log_level == parser.get_default("log_level")
+    plain = parser.parse_args(["serve"])
+    assert plain.cpu_isa is None and plain.global_threads is None
+    assert parser.parse_args(["--cpu-isa", "scalar", "serve"]).cpu_isa == "scalar"  # not reset by the command
+    bench = parser.parse_args(["bench", "m.gguf", "--threads", "2", "--cpu-isa", "avx2"])
+    assert bench.threads == 2 and bench.global_threads is None and bench.cpu_isa == "avx2"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--cpu-isa", "bogus"])
