@@ -22,6 +22,7 @@ from typing import Any
 
 from autoglm.errors import ConfigError, InvalidRequest
 from autoglm.multimodal.image import ImageProcessorConfig
+from autoglm.multimodal.media import MediaPolicy
 from autoglm.tools.image_memory import image_memory
 
 QUANTIZATIONS = ("none", "int8", "int4", "q8_0", "q4_k_m")
@@ -405,6 +406,12 @@ def plan_config(
 def _add_image(
     plan: Plan, vision: dict[str, Any], cfg: ImageProcessorConfig, act_bytes: int, size: tuple[int, int] | None
 ) -> None:
+    if size is not None and size[0] * size[1] > MediaPolicy.max_pixels:
+        raise InvalidRequest(
+            f"a {size[0]}x{size[1]} image ({size[0] * size[1]:,} pixels) is over the server's limit of "
+            f"{MediaPolicy.max_pixels:,} pixels (--max-image-pixels): it would be refused, not planned for",
+            param="image",
+        )
     mem = image_memory(vision, cfg, act_bytes, size)
     plan.image_bytes, plan.image_patches, plan.image_size = mem.peak_bytes, mem.patches, size
     plan.total_bytes += mem.peak_bytes

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from autoglm.errors import InvalidRequest
 from autoglm.tools.plan import AUTOGLM_PHONE_9B, RUNTIME_BASE_BYTES, parse_bytes, plan_config, plan_model
 
 TINY = {
@@ -253,6 +254,9 @@ def test_image_working_set_is_priced_per_patch() -> None:
     assert gguf.image_bytes == image_memory(vc, cfg, 4, (1080, 2400)).peak_bytes
     assert plan.total_bytes == plan.weight_bytes + plan.kv_bytes + plan.overhead_bytes + plan.image_bytes
     assert "1080x2400 image: 13,416 patches" in plan.render()
+    # an image the server refuses (over --max-image-pixels) is an error naming the limit, not a 90 GiB plan
+    with pytest.raises(InvalidRequest, match="24,000,000 pixels"):
+        plan_model("autoglm-phone-9b", image_size=(99999, 99999))
     text_only = plan_model("autoglm-phone-9b", ctx=4096, quantization="q4_k_m", no_vision=True)
     assert text_only.image_bytes == 0 and text_only.image_patches == 0
 
