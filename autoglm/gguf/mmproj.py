@@ -30,7 +30,7 @@ from torch import Tensor
 from autoglm.errors import ConfigError, ModelLoadError
 from autoglm.gguf.quants import dequantize
 from autoglm.gguf.reader import GGUFFile
-from autoglm.kernels import Kernels
+from autoglm.kernels import Kernels, kernels_label
 from autoglm.layers.linear import Linear
 from autoglm.layers.linear.gguf import GGUFBlockFormat, GGUFLinear, prepare_weights
 from autoglm.loader.weights import expected_tensors, fill_parameters
@@ -285,9 +285,12 @@ def attach_mmproj(
     types: dict[str, int] = {}
     for info in f.tensors.values():
         types[info.qtype.name] = types.get(info.qtype.name, 0) + info.nbytes
-    main = max(types, key=types.__getitem__)
     dense = str(tower.dtype).removeprefix("torch.")
-    label = f"{main} (linears kept, the rest {dense})" if kept else f"{main} (dequantized to {dense})"
+    if kept:
+        kept_types = "/".join(sorted({m.qtype.name for m in kept}))
+        label = f"{kept_types} linears kept, the rest {dense}"
+    else:
+        label = f"{max(types, key=types.__getitem__)} (dequantized to {dense})"
     loaded.modules.append(
         ModuleInfo(
             name="vision",
@@ -297,6 +300,7 @@ def attach_mmproj(
             device=str(encoder.device),
             parameters=n_params,
             bytes=held,
+            kernels=kernels_label(kernels) if kept and kernels is not None else "",
             load_seconds=time.perf_counter() - t0,
             bytes_by_type=types,
         )
