@@ -191,11 +191,7 @@ def _keep_quantized(
         fmt = GGUFBlockFormat(info.qtype, mod.out_features, mod.in_features)
         if kernels.direct_gemv(fmt) is None:
             continue  # no fused kernel for it (the torch reference): float weights are faster
-        owner, _, child = parent.rpartition(".")
-        with torch.device("meta"):
-            new = GGUFLinear(mod.in_features, mod.out_features, info.qtype, bias=mod.bias is not None, impl=kernels,
-                             name=gname)  # fmt: skip
-        setattr(tower.get_submodule(owner) if owner else tower, child, new)
+        tower.set_submodule(parent, GGUFLinear.replacing(mod, info.qtype, impl=kernels, name=gname))
         raw[gname] = fmt.raw_shape
     return raw
 

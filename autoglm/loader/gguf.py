@@ -105,13 +105,8 @@ def _swap_quantized(
             continue
         parent_name, _, attr = pname.rpartition(".")
         mod = model.get_submodule(parent_name)
-        owner_name, _, child = parent_name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
         if isinstance(mod, Linear | nn.Linear):
-            with torch.device("meta"):
-                new: nn.Module = GGUFLinear(
-                    mod.in_features, mod.out_features, info.qtype, bias=mod.bias is not None, impl=kernels, name=gname
-                )
+            new: nn.Module = GGUFLinear.replacing(mod, info.qtype, impl=kernels, name=gname)
         elif isinstance(mod, nn.Embedding):
             with torch.device("meta"):
                 new = GGUFEmbedding(
@@ -119,7 +114,7 @@ def _swap_quantized(
                 )
         else:
             continue  # a quantized norm or other 1-D tensor: decoded to float in the stream
-        setattr(owner, child, new)
+        model.set_submodule(parent_name, new)
 
 
 def load_gguf(

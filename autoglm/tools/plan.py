@@ -467,7 +467,8 @@ def plan_gguf(
     image_size: tuple[int, int] | None = None,
 ) -> Plan:
     """Plan for a GGUF file from its metadata and tensor types (the file's own quantization); with an mmproj, its
-    tower as held (float32) and one image of `image_size` (default: the largest its processor allows)."""
+    tower as the loader holds it (block-quantized linears in their blocks, the rest float32) and one image of
+    `image_size` (default: the largest its processor allows)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))

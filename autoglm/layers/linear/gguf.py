@@ -141,6 +141,12 @@ class GGUFLinear(nn.Module):
             mod.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
         return mod
 
+    @classmethod
+    def replacing(cls, mod: nn.Module, qtype: GGMLQuantizationType | int, *, impl: Kernels, name: str) -> GGUFLinear:
+        """An unfilled (meta) GGUFLinear of `mod`'s shape and bias, to take its place before a weight fill."""
+        with torch.device("meta"):
+            return cls(mod.in_features, mod.out_features, qtype, bias=mod.bias is not None, impl=impl, name=name)
+
     @property
     def qtype(self) -> GGMLQuantizationType:
         return self.weight_format.qtype
