@@ -61,10 +61,17 @@ def agree(model: str, n: int, isa: str | None) -> dict:
         for k in kernels:
             k.prefill_int8 = True
         llm.close()
-    ref = llama_cpp.Llama(model_path=model, n_ctx=n + 64, logits_all=True, verbose=False, n_threads=2)
-    ref.eval(ids)
-    theirs = np.array(ref.scores[:n])
+    def llama_cpp_logits(**kw: object) -> np.ndarray:
+        ref = llama_cpp.Llama(model_path=model, n_ctx=n + 64, logits_all=True, verbose=False, n_threads=2, **kw)
+        ref.eval(ids)
+        got = np.array(ref.scores[:n])
+        ref.close()
+        return got
+
+    theirs = llama_cpp_logits()
     top = theirs.argmax(-1)
+    # the metric's own noise floor: llama.cpp against itself with one setting changed (float32 KV; flash attention)
+    controls = {"type_k_v_f32": llama_cpp_logits(type_k=0, type_v=0), "flash_attn": llama_cpp_logits(flash_attn=True)}
     out: dict = {"tokens": n, "isa": isa}
     for name, v in runs.items():
         miss = np.nonzero(v.argmax(-1) != top)[0]
@@ -76,6 +83,10 @@ def agree(model: str, n: int, isa: str | None) -> dict:
     ref_f = runs["chunk512_kv_auto_float_activations"].argmax(-1)  # both engines against the float reference
     out["llama.cpp_vs_float_activations_top1"] = float((top == ref_f).mean())
     out["ours_int8_vs_float_activations_top1"] = float((runs["chunk512_kv_auto"].argmax(-1) == ref_f).mean())
+    for name, v in controls.items():
+        out[f"llama.cpp_vs_llama.cpp_{name}_top1"] = float((v.argmax(-1) == top).mean())
+    srt = np.sort(runs["chunk512_kv_auto_float_activations"], -1)
+    out["float_reference_positions_with_top2_gap_below_0.1"] = int((srt[:, -1] - srt[:, -2] < 0.1).sum())
     return out
 
 

@@ -15,8 +15,8 @@ documented activation rounding of the int8 decode GEMV (`CpuKernels` docstring).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from gguf import GGMLQuantizationType
@@ -47,6 +47,48 @@ class GGUFBlockFormat(Protocol):
 
 # Direct decode matmul: x [M, in] float32 contiguous (M <= its max rows), raw blocks, GGML type id -> [M, out] float32
 GemvKernel = Callable[[Tensor, Tensor, int], Tensor]
+
+
+class AttentionShape(Protocol):
+    """The geometry `decode_layers` reads of an attention module (`autoglm.layers.attention.Attention`)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: int | None
+
+
+class DecoderLayerModules(NamedTuple):
+    """The modules of one LLaMA-family pre-norm decoder layer, as `Kernels.decode_layers` reads them."""
+
+    linears: tuple[nn.Module, ...]  # q, k, v, o, gate, up, down
+    input_norm: nn.Module
+    post_norm: nn.Module
+    q_norm: nn.Module | None  # Qwen3's per-head norms
+    k_norm: nn.Module | None
+    attn: AttentionShape
+
+
+class PagedDecodeKV(NamedTuple):
+    """Every layer's paged cache for a decode step, as an attention backend hands it to `Kernels.decode_layers`:
+    where the step's K/V rows go (`slots` [B]) and the cache positions lo[b] <= j < hi[b] each sequence sees."""
+
+    k_caches: list[Tensor]  # per layer [blocks, block_size, KV, D]
+    v_caches: list[Tensor]
+    slots: Tensor  # [B] int64
+    block_tables: Tensor  # [B, max_blocks] int64
+    lo: Tensor  # [B] int64
+    hi: Tensor  # [B] int64
+
+
+class RopeOperands(NamedTuple):
+    """A step's whole-head rotary tables (`autoglm.layers.rotary.RopeTables` without its partner index)."""
+
+    cos: Tensor  # [T, 1, D]
+    sin: Tensor  # [T, 1, D]
+    rotary_dim: int
+    interleaved: bool
 
 
 class Kernels(Protocol):
@@ -115,6 +157,15 @@ class Kernels(Protocol):
     ) -> Tensor | None:
         """q [B, H, D]; caches [blocks, block_size, KV, D]; sequence b sees cache positions lo[b] <= j < hi[b] of
         its block table -> [B, H, D], or None when this implementation has no kernel for these inputs."""
+        ...
+
+    # --- a stack of decoder layers ----------------------------------------------------------------------------
+    def decode_layers(
+        self, h: Tensor, layers: Sequence[DecoderLayerModules], rope: RopeOperands, kv: PagedDecodeKV
+    ) -> Tensor | None:
+        """LLaMA-family pre-norm layers for a decode step in one call: h [B, D] -> for each layer h + attn(norm(h)),
+        then + mlp(norm(.)) ([B, D]), storing the step's K/V at `kv.slots`. Must equal the modules' own forward
+        bitwise; None when this implementation cannot run these operands (the caller runs the modules)."""
         ...
 
 

@@ -7,10 +7,12 @@ It holds no state, so one shared instance (`REFERENCE`) is every module's defaul
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from autoglm.kernels.base import GemvKernel, GGUFBlockFormat
+from autoglm.kernels.base import DecoderLayerModules, GemvKernel, GGUFBlockFormat, PagedDecodeKV, RopeOperands
 
 
 class TorchKernels:
@@ -91,6 +93,11 @@ class TorchKernels:
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lo: Tensor, hi: Tensor, scale: float
     ) -> Tensor | None:
         return None  # no single-call kernel: the torch backend gathers blocks and masks (attention/torch_ref.py)
+
+    def decode_layers(
+        self, h: Tensor, layers: Sequence[DecoderLayerModules], rope: RopeOperands, kv: PagedDecodeKV
+    ) -> Tensor | None:
+        return None  # the modules' own forward is the reference
 
 
 REFERENCE = TorchKernels()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError
+from autoglm.kernels.base import DecoderLayerModules, RopeOperands
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
 from autoglm.layers.norm import RMSNorm
@@ -213,6 +214,14 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def decode_modules(self) -> DecoderLayerModules:
+        """This layer's modules in the shape `Kernels.decode_layers` runs (the same computation as `forward`)."""
+        a, m = self.self_attn, self.mlp
+        return DecoderLayerModules(
+            (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj),
+            self.input_layernorm, self.post_attention_layernorm, a.q_norm, a.k_norm, a.attn,
+        )  # fmt: skip
+
 
 class LlamaModel(nn.Module):
     """Embedding + decoder layers + final norm (HF `LlamaModel`). forward(ids [T], positions [T], ctx) -> [T, D]."""
@@ -235,9 +244,25 @@ class LlamaModel(nn.Module):
         if positions.dim() == 2:  # a 3-row layout from a generic caller: text rows are all equal
             positions = positions[0]
         rope = self.rotary_emb.tables(positions, h.dtype, self.head_dim)  # once per step, shared by every layer
+        fused = self._decode_in_one_call(h, rope, ctx)
+        if fused is not None:
+            return self.norm(fused)
         for layer in self.layers:
             h = layer(h, rope, ctx)
         return self.norm(h)
+
+    def _decode_in_one_call(self, h: Tensor, rope: RopeTables, ctx: AttentionContext) -> Tensor | None:
+        """A decode step's whole layer stack as one kernel call where the kernels have one (`Kernels.decode_layers`:
+        the same ops in the same order, so bitwise the layers' forward, without the Python around ~25 small calls
+        per layer, which costs more than its count suggests: the weights streaming through evict it from cache)."""
+        kernels = self.norm.kernels
+        if not ctx.is_decode or ctx.backend is None or rope.kernels is not kernels:
+            return None
+        layers = [layer.decode_modules() for layer in self.layers]
+        kv = ctx.backend.decode_kv([m.attn for m in layers], ctx, kernels)
+        if kv is None:
+            return None
+        return kernels.decode_layers(h, layers, RopeOperands(rope.cos, rope.sin, rope.rotary_dim, rope.interleaved), kv)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -26,6 +26,7 @@ Types: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K. Memory: no float copy of the model is
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
-from autoglm.kernels.base import GemvKernel, GGUFBlockFormat
+from autoglm.kernels.base import DecoderLayerModules, GemvKernel, GGUFBlockFormat, PagedDecodeKV, RopeOperands
 from autoglm.kernels.cpu import pack as packing
 from autoglm.kernels.cpu import variants
 from autoglm.kernels.reference import REFERENCE
@@ -194,6 +195,15 @@ class CpuKernels:
             return None
         return (self.ext.gemv_packed if fmt.packed else self._direct), GEMV_MAX_ROWS
 
+    def gemv_kind(self, fmt: GGUFBlockFormat) -> int | None:
+        """How `direct_gemv`'s kernel multiplies `fmt` (csrc/decode_layer.cpp's GemvKind): 0 the packed tiles,
+        1 file order with per-32 activations, 2 file order on q8_K; None: no direct kernel."""
+        if not self.supports(fmt):
+            return None
+        if fmt.packed:
+            return 0
+        return 2 if self.q8k and int(fmt.qtype) in _Q8K_IDS else 1
+
     def can_pack(self, fmt: GGUFBlockFormat) -> bool:
         return self.has_packed and packing.packable(fmt)
 
@@ -245,3 +255,58 @@ class CpuKernels:
         if not k_cache.is_contiguous():
             return None
         return self.ext.attend_decode_paged(q.contiguous(), k_cache, v_cache, block_tables, lo, hi, scale)
+
+    # --- a stack of decoder layers ----------------------------------------------------------------------------
+    def decode_layers(
+        self, h: Tensor, layers: Sequence[DecoderLayerModules], rope: RopeOperands, kv: PagedDecodeKV
+    ) -> Tensor | None:
+        # one C++ call (csrc/decode_layer.cpp) running the kernels each module's forward would, in its order. The
+        # operands are read afresh each step (~200 attribute reads): a cache would need as many to stay valid.
+        if not (h.dtype == torch.float32 and h.is_cpu and h.dim() == 2 and h.shape[0] <= GEMV_MAX_ROWS and layers):
+            return None
+        if rope.cos.dtype != torch.float32 or any(c.dtype not in _FUSED_CACHE_DTYPES for c in kv.k_caches):
+            return None
+        attn = layers[0].attn
+        geometry = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
+        eps, qk_eps = float(layers[0].input_norm.variance_epsilon), 0.0
+        if layers[0].q_norm is not None:
+            qk_eps = float(layers[0].q_norm.variance_epsilon)
+        weights: list[Tensor] = []
+        kinds: list[int] = []
+        qids: list[int] = []
+        biases: list[Tensor | None] = []
+        norms: tuple[list[Tensor | None], ...] = ([], [], [], [])
+        for mods in layers:
+            a = mods.attn
+            if (a.num_heads, a.num_kv_heads, a.head_dim, a.scale) != geometry:
+                return None
+            for lin in mods.linears:
+                fmt = getattr(lin, "weight_format", None)  # GGUFLinear; dense linears run their own forward
+                if fmt is None or getattr(lin, "impl", None) is not self or not lin.weight.is_cpu:
+                    return None
+                kind = self.gemv_kind(fmt)
+                if kind is None:
+                    return None
+                weights.append(lin.weight)
+                kinds.append(kind)
+                qids.append(int(fmt.qtype))
+                biases.append(lin.bias)
+            for out, n, want in zip(norms, (mods.input_norm, mods.post_norm, mods.q_norm, mods.k_norm),
+                                    (eps, eps, qk_eps, qk_eps), strict=True):  # fmt: skip
+                if n is None:
+                    out.append(None)
+                    continue
+                # only LLaMA's RMSNorm (scale = weight) bound to these kernels, one eps per pair in the C++ signature
+                if getattr(n, "offset", None) != 0.0 or getattr(n, "kernels", None) is not self:
+                    return None
+                if n.weight.dtype != torch.float32 or float(n.variance_epsilon) != want:
+                    return None
+                out.append(n.weight)
+        if any(w is None for w in norms[0] + norms[1]):
+            return None
+        return self.ext.decode_layers(
+            h.contiguous(), weights, kinds, qids, biases, norms[0], norms[1], eps, norms[2], norms[3], qk_eps,
+            rope.cos, rope.sin, rope.rotary_dim or attn.head_dim, rope.interleaved,
+            kv.k_caches, kv.v_caches, kv.slots, kv.block_tables, kv.lo, kv.hi, float(attn.scale),
+            attn.num_heads, attn.num_kv_heads, attn.head_dim,
+        )  # fmt: skip

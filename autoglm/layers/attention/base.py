@@ -28,10 +28,13 @@ torch reference stays the oracle in its tests (same tokens, logits within the ke
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import Tensor
+
+from autoglm.kernels.base import Kernels, PagedDecodeKV
 
 
 class AttentionGeometry(Protocol):
@@ -112,3 +115,10 @@ class AttentionBackend(ABC):
     @abstractmethod
     def release(self) -> None:
         """Free the cache tensors (the backend is unusable for cached steps afterwards)."""
+
+    def decode_kv(
+        self, layers: Sequence[AttentionGeometry], ctx: AttentionContext, kernels: Kernels
+    ) -> PagedDecodeKV | None:
+        """The paged caches of `layers` for `kernels.decode_layers` (a stack of decoder layers in one kernel call)
+        in a decode step, or None: the layers then run module by module through `forward`."""
+        return None

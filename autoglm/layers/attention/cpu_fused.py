@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from autoglm.kernels.base import Kernels
+from autoglm.kernels.base import Kernels, PagedDecodeKV
 from autoglm.layers.attention.base import AttentionContext, AttentionGeometry
 from autoglm.layers.attention.torch_ref import TorchRefBackend
 
@@ -50,6 +50,29 @@ class CpuFusedBackend(TorchRefBackend):
         super().prepare(ctx)
         if ctx.is_decode:
             ctx.memo["hi"] = torch.tensor(ctx.context_lens, dtype=torch.long)
+
+    def decode_kv(
+        self, layers: Sequence[AttentionGeometry], ctx: AttentionContext, kernels: Kernels
+    ) -> PagedDecodeKV | None:
+        """The caches of `layers` for `kernels.decode_layers` in a decode step, when `forward` would run this
+        backend's `kernels.attend_decode_paged` on them (the same kernels, contiguous caches, one window); else
+        None."""
+        if kernels is not self.kernels or not ctx.is_decode or ctx.slot_mapping is None or ctx.block_tables is None:
+            return None
+        if not layers or len({layer.sliding_window for layer in layers}) != 1:
+            return None
+        ks, vs = [], []
+        for layer in layers:
+            i = self._index.get(id(layer))
+            if i is None:
+                return None
+            kc = self.k_caches[i]
+            if kc.dtype not in _FUSED_CACHE_DTYPES or not kc.is_contiguous() or not kc.is_cpu:
+                return None
+            ks.append(kc)
+            vs.append(self.v_caches[i])
+        lo, hi = self._spans(ctx, layers[0].sliding_window)
+        return PagedDecodeKV(ks, vs, ctx.slot_mapping, ctx.block_tables, lo, hi)
 
     def decode(self, q: Tensor, kc: Tensor, vc: Tensor, layer: AttentionGeometry, ctx: AttentionContext) -> Tensor:
         # q: [B, H, D] -> [B, H, D]

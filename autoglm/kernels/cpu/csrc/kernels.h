@@ -95,5 +95,16 @@ torch::Tensor attend_decode(const torch::Tensor& q, const torch::Tensor& k, cons
 torch::Tensor attend_decode_paged(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                   const torch::Tensor& tables, const torch::Tensor& lo, const torch::Tensor& hi,
                                   double scale);
+// a stack of LLaMA-family decoder layers for a decode step (decode_layer.cpp)
+torch::Tensor decode_layers(const torch::Tensor& h, const std::vector<torch::Tensor>& weights,
+                            const std::vector<int64_t>& kinds, const std::vector<int64_t>& qtypes,
+                            const std::vector<c10::optional<torch::Tensor>>& biases,
+                            const std::vector<torch::Tensor>& in_norms, const std::vector<torch::Tensor>& post_norms,
+                            double eps, const std::vector<c10::optional<torch::Tensor>>& q_norms,
+                            const std::vector<c10::optional<torch::Tensor>>& k_norms, double qk_eps,
+                            const torch::Tensor& cos, const torch::Tensor& sin, int64_t rotary_dim, bool interleaved,
+                            const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
+                            const torch::Tensor& slots, const torch::Tensor& tables, const torch::Tensor& lo,
+                            const torch::Tensor& hi, double scale, int64_t heads, int64_t kv_heads, int64_t head_dim);
 
 }  // namespace autoglm

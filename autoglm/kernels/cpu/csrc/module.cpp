@@ -28,4 +28,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("attend_decode_paged", &attend_decode_paged, "one query per sequence and head over its paged cache span",
         py::call_guard<py::gil_scoped_release>());
+  m.def("decode_layers", &decode_layers, "a stack of LLaMA-family decoder layers for a decode step",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,100 @@
+// LLaMA-family decoder layers of a decode step (one float32 row per sequence), the whole stack in a single call.
+//
+// Each layer runs the same kernels and ATen ops, in the same order, as LlamaDecoderLayer.forward does through the
+// Python layers with the CPU kernels and the fused attention backend, so the result is bitwise the same
+// (tests/unit/test_decode_layers.py). What it removes is the Python between them: ~25 dispatched calls per layer,
+// which cost ~100 us a layer in a real decode step (the weights streaming through evict the interpreter from cache).
+#include "kernels.h"
+
+namespace autoglm {
+
+namespace {
+
+// how a linear's weight is multiplied (CpuKernels.gemv_kind): the packed tiles, the file-order kernel with per-32
+// activations, or the file-order q8_K kernel
+enum GemvKind : int64_t { kPacked = 0, kFileOrder = 1, kFileOrderQ8K = 2 };
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t kind, int64_t q,
+                     const c10::optional<torch::Tensor>& bias) {
+  torch::Tensor y;
+  switch (kind) {
+    case kPacked:
+      y = gemv_packed(x, w, q);
+      break;
+    case kFileOrder:
+      y = gemv(x, w, q, false);
+      break;
+    case kFileOrderQ8K:
+      y = gemv_q8k(x, w, q);
+      break;
+    default:
+      TORCH_CHECK(false, "decode_layer: unknown gemv kind ", kind);
+  }
+  if (bias.has_value()) y.add_(*bias);  // as GGUFLinear.forward: in place on the kernel's output
+  return y;
+}
+
+// One layer: h [B, D] -> its output [B, D]. `w`, `kinds`, `qtypes`, `biases`: the layer's 7 linears in the order
+// q, k, v, o, gate, up, down. Writes this step's K/V at `slots` of the layer's cache.
+torch::Tensor layer_step(const torch::Tensor& h, const torch::Tensor* w, const int64_t* kinds, const int64_t* qtypes,
+                         const c10::optional<torch::Tensor>* biases, const torch::Tensor& in_norm,
+                         const torch::Tensor& post_norm, double eps, const c10::optional<torch::Tensor>& q_norm,
+                         const c10::optional<torch::Tensor>& k_norm, double qk_eps, const torch::Tensor& cos,
+                         const torch::Tensor& sin, int64_t rotary_dim, bool interleaved, const torch::Tensor& k_cache,
+                         const torch::Tensor& v_cache, const torch::Tensor& slots, const torch::Tensor& tables,
+                         const torch::Tensor& lo, const torch::Tensor& hi, double scale, int64_t heads,
+                         int64_t kv_heads, int64_t head_dim) {
+  const int64_t B = h.size(0);
+  auto lin = [&](const torch::Tensor& x, int i) { return linear(x, w[i], kinds[i], qtypes[i], biases[i]); };
+
+  const torch::Tensor x = rms_norm(h, in_norm, eps, 0.0);
+  auto q = lin(x, 0).view({B, heads, head_dim});
+  q = norm_rope(q, q_norm, qk_eps, 0.0, cos, sin, rotary_dim, interleaved);
+  auto k = lin(x, 1).view({B, kv_heads, head_dim});
+  k = norm_rope(k, k_norm, qk_eps, 0.0, cos, sin, rotary_dim, interleaved);
+  const auto v = lin(x, 2).view({B, kv_heads, head_dim});
+  k_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, k.to(k_cache.scalar_type()));
+  v_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, v.to(v_cache.scalar_type()));
+  const auto o = attend_decode_paged(q, k_cache, v_cache, tables, lo, hi, scale);
+  const auto h1 = h + lin(o.reshape({B, heads * head_dim}), 3);
+
+  const torch::Tensor x2 = rms_norm(h1, post_norm, eps, 0.0);
+  const auto g = torch::silu(lin(x2, 4));
+  return h1 + lin(g * lin(x2, 5), 6);
+}
+
+}  // namespace
+
+// The whole stack of L layers: h [B, D] -> the last layer's output. weights/kinds/qtypes/biases: 7 per layer, flat
+// (layer l's linear i at 7 l + i); norms and caches one per layer (q_norms/k_norms: Qwen3's per-head norms, or None).
+// cos/sin: the step's whole-head rope tables [B, 1, hd]; slots [B]: where this step's K/V go; tables/lo/hi: the
+// spans each sequence's query sees (CpuFusedBackend._spans), the same for every layer.
+torch::Tensor decode_layers(const torch::Tensor& h, const std::vector<torch::Tensor>& weights,
+                            const std::vector<int64_t>& kinds, const std::vector<int64_t>& qtypes,
+                            const std::vector<c10::optional<torch::Tensor>>& biases,
+                            const std::vector<torch::Tensor>& in_norms, const std::vector<torch::Tensor>& post_norms,
+                            double eps, const std::vector<c10::optional<torch::Tensor>>& q_norms,
+                            const std::vector<c10::optional<torch::Tensor>>& k_norms, double qk_eps,
+                            const torch::Tensor& cos, const torch::Tensor& sin, int64_t rotary_dim, bool interleaved,
+                            const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
+                            const torch::Tensor& slots, const torch::Tensor& tables, const torch::Tensor& lo,
+                            const torch::Tensor& hi, double scale, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  const size_t L = in_norms.size();
+  TORCH_CHECK(weights.size() == 7 * L && kinds.size() == 7 * L && qtypes.size() == 7 * L && biases.size() == 7 * L,
+              "decode_layers: 7 linears per layer (q, k, v, o, gate, up, down)");
+  TORCH_CHECK(post_norms.size() == L && q_norms.size() == L && k_norms.size() == L && k_caches.size() == L &&
+                  v_caches.size() == L,
+              "decode_layers: one norm pair and one cache pair per layer");
+  check_rows(h, "h");
+  TORCH_CHECK(h.dim() == 2, "h must be [B, D]");
+  torch::Tensor x = h;
+  for (size_t l = 0; l < L; ++l) {
+    const size_t i = 7 * l;
+    x = layer_step(x, &weights[i], &kinds[i], &qtypes[i], &biases[i], in_norms[l], post_norms[l], eps, q_norms[l],
+                   k_norms[l], qk_eps, cos, sin, rotary_dim, interleaved, k_caches[l], v_caches[l], slots, tables,
+                   lo, hi, scale, heads, kv_heads, head_dim);
+  }
+  return x;
+}
+
+}  // namespace autoglm
