@@ -41,6 +41,10 @@ class RMSNorm(nn.Module):
         # x: [..., D] -> [..., D]
         return self.kernels.rms_norm(x, self.weight, self.variance_epsilon, 0.0)
 
+    def decode_operands(self, kernels: Kernels) -> tuple[Tensor, float] | None:
+        """(weight, eps) for `kernels.decode_layers` when this norm computes with `kernels`, else None."""
+        return (self._parameters["weight"], self.variance_epsilon) if self.kernels is kernels else None
+
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 

@@ -261,52 +261,58 @@ class CpuKernels:
         self, h: Tensor, layers: Sequence[DecoderLayerModules], rope: RopeOperands, kv: PagedDecodeKV
     ) -> Tensor | None:
         # one C++ call (csrc/decode_layer.cpp) running the kernels each module's forward would, in its order. The
-        # operands are read afresh each step (~200 attribute reads): a cache would need as many to stay valid.
+        # operands are read afresh each step (modules' decode_operands): a cache would need as many reads to stay
+        # valid (packing, the loader and rebinding replace weights and kernels).
         if not (h.dtype == torch.float32 and h.is_cpu and h.dim() == 2 and h.shape[0] <= GEMV_MAX_ROWS and layers):
             return None
         if rope.cos.dtype != torch.float32 or any(c.dtype not in _FUSED_CACHE_DTYPES for c in kv.k_caches):
             return None
         attn = layers[0].attn
         geometry = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
-        eps, qk_eps = float(layers[0].input_norm.variance_epsilon), 0.0
-        if layers[0].q_norm is not None:
-            qk_eps = float(layers[0].q_norm.variance_epsilon)
         weights: list[Tensor] = []
         kinds: list[int] = []
         qids: list[int] = []
         biases: list[Tensor | None] = []
         norms: tuple[list[Tensor | None], ...] = ([], [], [], [])
+        eps: list[float | None] = [None, None]  # one eps per pair (layer norms, q/k norms) in the C++ signature
+        q8k = self.q8k
         for mods in layers:
             a = mods.attn
             if (a.num_heads, a.num_kv_heads, a.head_dim, a.scale) != geometry:
                 return None
             for lin in mods.linears:
-                fmt = getattr(lin, "weight_format", None)  # GGUFLinear; dense linears run their own forward
-                if fmt is None or getattr(lin, "impl", None) is not self or not lin.weight.is_cpu:
+                # GGUFLinear on these kernels; a dense linear (no such method) runs its own forward
+                get = getattr(lin, "decode_operands", None)
+                ops = get(self) if get is not None else None
+                if ops is None:
                     return None
-                kind = self.gemv_kind(fmt)
-                if kind is None:
+                w, fmt, qid, bias = ops
+                if qid not in _SUPPORTED_IDS or not w.is_cpu:
                     return None
-                weights.append(lin.weight)
-                kinds.append(kind)
-                qids.append(int(fmt.qtype))
-                biases.append(lin.bias)
-            for out, n, want in zip(norms, (mods.input_norm, mods.post_norm, mods.q_norm, mods.k_norm),
-                                    (eps, eps, qk_eps, qk_eps), strict=True):  # fmt: skip
+                weights.append(w)
+                kinds.append(0 if fmt.packed else 2 if q8k and qid in _Q8K_IDS else 1)  # csrc GemvKind
+                qids.append(qid)
+                biases.append(bias)
+            for i, n in enumerate((mods.input_norm, mods.post_norm, mods.q_norm, mods.k_norm)):
                 if n is None:
-                    out.append(None)
+                    if i < 2:
+                        return None
+                    norms[i].append(None)
                     continue
-                # only LLaMA's RMSNorm (scale = weight) bound to these kernels, one eps per pair in the C++ signature
-                if getattr(n, "offset", None) != 0.0 or getattr(n, "kernels", None) is not self:
+                # LLaMA's RMSNorm (scale = weight) on these kernels; Gemma's (1 + weight) has no such method
+                get = getattr(n, "decode_operands", None)
+                ops = get(self) if get is not None else None
+                if ops is None or ops[0].dtype != torch.float32:
                     return None
-                if n.weight.dtype != torch.float32 or float(n.variance_epsilon) != want:
+                e = eps[i // 2]
+                if e is None:
+                    eps[i // 2] = e = ops[1]
+                elif ops[1] != e:
                     return None
-                out.append(n.weight)
-        if any(w is None for w in norms[0] + norms[1]):
-            return None
+                norms[i].append(ops[0])
         return self.ext.decode_layers(
-            h.contiguous(), weights, kinds, qids, biases, norms[0], norms[1], eps, norms[2], norms[3], qk_eps,
-            rope.cos, rope.sin, rope.rotary_dim or attn.head_dim, rope.interleaved,
+            h.contiguous(), weights, kinds, qids, biases, norms[0], norms[1], float(eps[0] or 0.0), norms[2], norms[3],
+            float(eps[1] or 0.0), rope.cos, rope.sin, rope.rotary_dim or attn.head_dim, rope.interleaved,
             kv.k_caches, kv.v_caches, kv.slots, kv.block_tables, kv.lo, kv.hi, float(attn.scale),
             attn.num_heads, attn.num_kv_heads, attn.head_dim,
         )  # fmt: skip

@@ -167,6 +167,13 @@ class GGUFLinear(nn.Module):
         self.weight_format = replace(self.weight_format, packed=True)
         self._direct = self.impl.direct_gemv(self.weight_format)  # the direct kernel is keyed by the layout
 
+    def decode_operands(self, kernels: Kernels) -> tuple[Tensor, GGUFBlockFormat, int, Tensor | None] | None:
+        """(weight, its format, its type id, bias) for `kernels.decode_layers` when this layer computes with
+        `kernels`, else None. Read past nn.Module's attribute fallback: a decode step reads ~200 of these."""
+        if self.impl is not kernels:
+            return None
+        return self._buffers["weight"], self.weight_format, self._qid, self._parameters.get("bias")
+
     def set_batch_invariant(self, enabled: bool) -> None:
         """Compute every row alone, at any M: the fused GEMV (int8 activations per row, each row bitwise independent
         of the others) where the kernels have one, else fixed GEMM tiles. Prefill then runs the decode kernel."""
