@@ -130,3 +130,30 @@ def test_modules_run_where_the_kernel_cannot(llm_of: Any, monkeypatch: pytest.Mo
     assert calls == 0
     # the reference norm sums in another order: tokens stay, log-probabilities within float32 rounding
     assert [t for t, _ in out] == [t for t, _ in before]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_many_weights_in_one_region_are_bitwise_each_alone(rows: int) -> None:
+    """`gemv_packed_many` (a layer's q/k/v and gate/up in one parallel region): each output bitwise `gemv_packed`
+    of its weight alone, for Q4_K and Q6_K together (both on q8_K activations) and for a block-32 type."""
+    from gguf import GGMLQuantizationType as Q
+
+    from autoglm.gguf.quants import quantize
+    from autoglm.kernels.cpu import cpu_kernels
+    from autoglm.layers.linear.gguf import GGUFBlockFormat
+
+    k = cpu_kernels()
+    assert k is not None and k.has_packed
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 512, generator=g)
+    for types in ((Q.Q4_K, Q.Q6_K, Q.Q4_K), (Q.Q8_0, Q.Q8_0)):
+        packed = []
+        for i, qt in enumerate(types):
+            n = (64, 32, 48)[i]
+            raw = torch.from_numpy(quantize((torch.randn(n, 512, generator=g) * 0.05).numpy(), qt))
+            packed.append(k.pack(raw, GGUFBlockFormat(qt, n, 512)))
+        many = k.ext.gemv_packed_many(x, packed, [int(t) for t in types])
+        for y, w, qt in zip(many, packed, types, strict=True):
+            assert torch.equal(y, k.ext.gemv_packed(x, w, int(qt)))
+    with pytest.raises(RuntimeError, match="other activations"):
+        k.ext.gemv_packed_many(x, packed[:1] * 2, [int(Q.Q8_0), int(Q.Q4_K)])

@@ -14,6 +14,12 @@ namespace {
 // activations, or the file-order q8_K kernel
 enum GemvKind : int64_t { kPacked = 0, kFileOrder = 1, kFileOrderQ8K = 2 };
 
+// whether two types take the same packed-kernel activations (gemv_packed_many)
+bool same_activations(int64_t a, int64_t b) {
+  const auto q8k = [](int64_t q) { return q == Q4_K || q == Q6_K; };
+  return q8k(a) ? q8k(b) : a == b;
+}
+
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t kind, int64_t q,
                      const c10::optional<torch::Tensor>& bias) {
   torch::Tensor y;
@@ -46,21 +52,39 @@ torch::Tensor layer_step(const torch::Tensor& h, const torch::Tensor* w, const i
                          int64_t kv_heads, int64_t head_dim) {
   const int64_t B = h.size(0);
   auto lin = [&](const torch::Tensor& x, int i) { return linear(x, w[i], kinds[i], qtypes[i], biases[i]); };
+  // linears i0..i0+n-1 of one input: one parallel region where they are packed and share activations
+  auto lins = [&](const torch::Tensor& x, int i0, int n) {
+    bool together = true;
+    for (int i = i0; i < i0 + n; ++i)
+      together = together && kinds[i] == kPacked && same_activations(qtypes[i0], qtypes[i]);
+    std::vector<torch::Tensor> ys;
+    if (!together) {
+      for (int i = i0; i < i0 + n; ++i) ys.push_back(lin(x, i));
+      return ys;
+    }
+    ys = gemv_packed_many(x, std::vector<torch::Tensor>(w + i0, w + i0 + n),
+                          std::vector<int64_t>(qtypes + i0, qtypes + i0 + n));
+    for (int i = 0; i < n; ++i)
+      if (biases[i0 + i].has_value()) ys[i].add_(*biases[i0 + i]);
+    return ys;
+  };
 
   const torch::Tensor x = rms_norm(h, in_norm, eps, 0.0);
-  auto q = lin(x, 0).view({B, heads, head_dim});
+  const auto qkv = lins(x, 0, 3);
+  auto q = qkv[0].view({B, heads, head_dim});
   q = norm_rope(q, q_norm, qk_eps, 0.0, cos, sin, rotary_dim, interleaved);
-  auto k = lin(x, 1).view({B, kv_heads, head_dim});
+  auto k = qkv[1].view({B, kv_heads, head_dim});
   k = norm_rope(k, k_norm, qk_eps, 0.0, cos, sin, rotary_dim, interleaved);
-  const auto v = lin(x, 2).view({B, kv_heads, head_dim});
+  const auto v = qkv[2].view({B, kv_heads, head_dim});
   k_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, k.to(k_cache.scalar_type()));
   v_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, v.to(v_cache.scalar_type()));
   const auto o = attend_decode_paged(q, k_cache, v_cache, tables, lo, hi, scale);
   const auto h1 = h + lin(o.reshape({B, heads * head_dim}), 3);
 
   const torch::Tensor x2 = rms_norm(h1, post_norm, eps, 0.0);
-  const auto g = torch::silu(lin(x2, 4));
-  return h1 + lin(g * lin(x2, 5), 6);
+  const auto gate_up = lins(x2, 4, 2);
+  const auto g = torch::silu(gate_up[0]);
+  return h1 + lin(g * gate_up[1], 6);
 }
 
 }  // namespace

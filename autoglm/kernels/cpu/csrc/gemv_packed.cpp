@@ -114,25 +114,26 @@ int zero_point(int64_t q) {
     default: return 0;
   }
 }
-#endif
 
-}  // namespace
+// one activation matrix quantized for the packed tiles: q8_K (Q4_K / Q6_K) or per 32 with type q's zero point
+struct PackedActs {
+  std::vector<int8_t> aq;
+  std::vector<float> ad;
+  std::vector<int32_t> ainit, ainit16;
+  std::vector<int16_t> bs16, bs32;
+  std::vector<ActP> acts;
+};
 
-// y [M, N] float32 = x [M, K] float32 @ W.T for a packed W; int8 activations (AVX512-VNNI and AVX2 builds)
-torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, int64_t q) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be float32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  int64_t bs, ts;
-  check_packed(packed, q, K, bs, ts);
-  auto y = torch::empty({M, N}, x.options());
-#if AUTOGLM_PACKED
-  const int64_t nb = K / bs, n32 = K / 32, gbytes = kPackRows * ts;
+void quantize_packed_acts(const torch::Tensor& x, int64_t q, int64_t bs, PackedActs& A) {
+  const int64_t M = x.size(0), K = x.size(1), nb = K / bs, n32 = K / 32;
   const bool q8k = q == Q4_K || q == Q6_K;  // q8_K activations (per 256); the block-32 types: per 32
-  std::vector<int8_t> aq(M * K);
-  std::vector<float> ad(M * n32);
-  std::vector<int32_t> ainit(M * n32), ainit16(M * 2 * n32);
-  std::vector<int16_t> bs16(M * 2 * n32), bs32(M * n32);
-  std::vector<ActP> acts(M);
+  A.aq.resize(M * K);
+  A.ad.resize(M * n32);
+  A.ainit.resize(M * n32);
+  A.ainit16.resize(M * 2 * n32);
+  A.bs16.resize(M * 2 * n32);
+  A.bs32.resize(M * n32);
+  A.acts.resize(M);
   const int off = zero_point(q);
   // prefill quantizes hundreds of rows: in parallel (each row's values do not depend on the split)
   parallel_chunks(M, std::max<int64_t>(1, 4096 / K), [&](int64_t m0, int64_t m1) {
@@ -140,10 +141,10 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
     std::vector<int32_t> ns4(K / 4);
     for (int64_t m = m0; m < m1; ++m) {
       const float* xm = x.data_ptr<float>() + m * K;
-      int8_t* qm = aq.data() + m * K;
-      float* dm = ad.data() + m * n32;
-      int32_t *i32 = ainit.data() + m * n32, *i16 = ainit16.data() + m * 2 * n32;
-      int16_t *b16 = bs16.data() + m * 2 * n32, *b32 = bs32.data() + m * n32;
+      int8_t* qm = A.aq.data() + m * K;
+      float* dm = A.ad.data() + m * n32;
+      int32_t *i32 = A.ainit.data() + m * n32, *i16 = A.ainit16.data() + m * 2 * n32;
+      int16_t *b16 = A.bs16.data() + m * 2 * n32, *b32 = A.bs32.data() + m * n32;
       if (q8k) {
         for (int64_t b = 0; b < nb; ++b) quantize_q8k(xm + 256 * b, qm + 256 * b, dm[b], b16 + 16 * b);
         for (int64_t h = 0; h < 2 * n32; ++h) i16[h] = -32 * b16[h];
@@ -156,48 +157,130 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
           i32[b] = off * s;
         }
       }
-      acts[m] = {qm, dm, i32, i16, b16, b32};
+      A.acts[m] = {qm, dm, i32, i16, b16, b32};
     }
   });
-  const PackedTileFn* tiles = packed_tiles(q);
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t G = N / kPackRows;
+}
+
+// one packed weight's outputs for the activation rows: yp [M, N] row-major (N = its rows)
+struct PackedJob {
+  const uint8_t* w;
+  float* y;
+  int64_t q, N, nb, gbytes;
+  const PackedTileFn* tiles;
+  const PackedTileFn* pairs;  // non-null: units of two row groups
+  int64_t per, U;             // groups per unit, units
+};
+
+PackedJob packed_job(const torch::Tensor& packed, int64_t q, int64_t K, int64_t M, torch::Tensor& y) {
+  int64_t bs, ts;
+  check_packed(packed, q, K, bs, ts);
+  PackedJob j{packed.data_ptr<uint8_t>(), y.data_ptr<float>(), q, packed.size(0), K / bs, kPackRows * ts,
+              packed_tiles(q), M > 1 ? pair_tiles(q) : nullptr, 1, 0};
+  j.per = j.pairs ? 2 : 1;
+  j.U = (j.N / kPackRows + j.per - 1) / j.per;
+  return j;
+}
+
+// units [u0, u1) of job j
+void run_units(const PackedJob& j, const ActP* acts, int64_t M, int64_t u0, int64_t u1) {
+  const int64_t G = j.N / kPackRows, step = packed::tile_rows(j.q);  // activation rows per single-group tile
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t g = j.per * u;
+    const uint8_t* w = j.w + g * j.nb * j.gbytes;
+    float* yg = j.y + kPackRows * g;
+    if (j.per == 2 && g + 1 < G) {
+      for (int64_t m = 0; m < M; m += packed::kPairRows) {
+        const int64_t r = std::min<int64_t>(packed::kPairRows, M - m);
+        j.pairs[r - 1](w, j.nb, j.gbytes, acts + m, yg + m * j.N, j.N, m == 0);
+      }
+      continue;
+    }
+    // ceil(M / step) tiles of balanced sizes (M = 8 at step 5: 4 + 4, not 5 + 3)
+    const int64_t nt = (M + step - 1) / step;
+    for (int64_t t = 0, m = 0; t < nt; ++t) {
+      const int64_t r = M / nt + (t < M % nt ? 1 : 0);
+      j.tiles[r - 1](w, j.nb, j.gbytes, acts + m, yg + m * j.N, j.N, m == 0);
+      m += r;
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+// y [M, N] float32 = x [M, K] float32 @ W.T for a packed W; int8 activations (AVX512-VNNI and AVX2 builds)
+torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, int64_t q) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  int64_t bs, ts;
+  check_packed(packed, q, K, bs, ts);
+  auto y = torch::empty({M, N}, x.options());
+#if AUTOGLM_PACKED
+  PackedActs A;
+  quantize_packed_acts(x, q, bs, A);
+  const PackedJob j = packed_job(packed, q, K, M, y);
   // units of work: one row group, or two for the pair tiles (K-quants on AVX-512, prefill: the last group may be
   // alone). Decode (M = 1) keeps one group per tile: it reads the weights from DRAM once, where a second stream
   // did not measurably help and single groups were the measured-at-the-bound path.
-  const PackedTileFn* pairs = M > 1 ? pair_tiles(q) : nullptr;
-  const int64_t per = pairs ? 2 : 1, U = (G + per - 1) / per;
-  const int64_t step = packed::tile_rows(q);  // activation rows per single-group tile
   // ~8 tasks per thread, each at least kMinTaskBytes of weights x activation rows: a decode k/v projection (0.2 MB)
   // runs inline, where a thread hand-off took longer than its weights' DRAM time
-  const int64_t unit_bytes = per * nb * gbytes * M;
-  const int64_t grain = std::max({int64_t{1}, U / (8 * at::get_num_threads()) + 1, kMinTaskBytes / unit_bytes});
-  parallel_chunks(U, grain, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t g = per * u;
-      const uint8_t* w = wp + g * nb * gbytes;
-      float* yg = yp + kPackRows * g;
-      if (per == 2 && g + 1 < G) {
-        for (int64_t m = 0; m < M; m += packed::kPairRows) {
-          const int64_t r = std::min<int64_t>(packed::kPairRows, M - m);
-          pairs[r - 1](w, nb, gbytes, acts.data() + m, yg + m * N, N, m == 0);
-        }
-        continue;
-      }
-      // ceil(M / step) tiles of balanced sizes (M = 8 at step 5: 4 + 4, not 5 + 3)
-      const int64_t nt = (M + step - 1) / step;
-      for (int64_t t = 0, m = 0; t < nt; ++t) {
-        const int64_t r = M / nt + (t < M % nt ? 1 : 0);
-        tiles[r - 1](w, nb, gbytes, acts.data() + m, yg + m * N, N, m == 0);
-        m += r;
-      }
-    }
-  });
+  const int64_t unit_bytes = j.per * j.nb * j.gbytes * M;
+  const int64_t grain = std::max({int64_t{1}, j.U / (8 * at::get_num_threads()) + 1, kMinTaskBytes / unit_bytes});
+  parallel_chunks(j.U, grain, [&](int64_t u0, int64_t u1) { run_units(j, A.acts.data(), M, u0, u1); });
 #else
   TORCH_CHECK(false, "gemv_packed needs an AVX512-VNNI or AVX2 build");
 #endif
   return y;
+}
+
+// gemv_packed of several weights on one x, in one parallel region over all their row groups, the activations
+// quantized once: every qs[i] must take the same activations (Q4_K / Q6_K: q8_K; a block-32 type: only itself).
+// Per output the same arithmetic as gemv_packed (bitwise). Used for a layer's q/k/v and gate/up, where a 0.2 MB k or
+// v projection alone ran on one thread and the 1.3 MB q split into too few chunks to keep both threads busy.
+std::vector<torch::Tensor> gemv_packed_many(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
+                                            const std::vector<int64_t>& qs) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be float32 [M, K]");
+  TORCH_CHECK(!packed.empty() && packed.size() == qs.size(), "gemv_packed_many: one type per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  const bool q8k = qs[0] == Q4_K || qs[0] == Q6_K;
+  for (int64_t q : qs)
+    TORCH_CHECK(q8k ? (q == Q4_K || q == Q6_K) : q == qs[0], "gemv_packed_many: the weights need other activations");
+  std::vector<torch::Tensor> ys;
+  for (const auto& w : packed) ys.push_back(torch::empty({M, w.size(0)}, x.options()));
+#if AUTOGLM_PACKED
+  int64_t bs, ts;
+  check_packed(packed[0], qs[0], K, bs, ts);
+  PackedActs A;
+  quantize_packed_acts(x, qs[0], bs, A);
+  std::vector<PackedJob> jobs;
+  int64_t total = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    jobs.push_back(packed_job(packed[i], qs[i], K, M, ys[i]));
+    total += jobs.back().per * jobs.back().nb * jobs.back().gbytes * M * jobs.back().U;
+  }
+  // tasks of ~1/8 of a thread's share, at least 32 KiB of weights x rows (balance across threads beats fewer hand-offs
+  // here: the region is one, whatever the task count)
+  const int64_t nth = at::get_num_threads();
+  const int64_t target = std::max<int64_t>(32 * 1024, total / (8 * nth));
+  struct Task {
+    int32_t job;
+    int64_t u0, u1;
+  };
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const int64_t ub = jobs[i].per * jobs[i].nb * jobs[i].gbytes * M;
+    const int64_t g = std::max<int64_t>(1, target / ub);
+    for (int64_t u = 0; u < jobs[i].U; u += g) tasks.push_back({static_cast<int32_t>(i), u, std::min(jobs[i].U, u + g)});
+  }
+  const int64_t grain = total < kMinTaskBytes ? static_cast<int64_t>(tasks.size()) : 1;  // tiny: inline
+  parallel_chunks(static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) run_units(jobs[tasks[t].job], A.acts.data(), M, tasks[t].u0, tasks[t].u1);
+  });
+#else
+  TORCH_CHECK(false, "gemv_packed_many needs an AVX512-VNNI or AVX2 build");
+#endif
+  return ys;
 }
 
 }  // namespace autoglm

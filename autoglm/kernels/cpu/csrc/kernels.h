@@ -84,6 +84,9 @@ torch::Tensor pack(const torch::Tensor& raw, int64_t q, int64_t K);
 torch::Tensor unpack_rows(const torch::Tensor& packed, int64_t q, int64_t K, const torch::Tensor& ids);
 void dequantize_packed_out(const torch::Tensor& packed, int64_t q, int64_t K, int64_t row0, torch::Tensor& out);
 torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, int64_t q);
+// several packed weights on one x in one parallel region (same activations: Q4_K/Q6_K, or one block-32 type)
+std::vector<torch::Tensor> gemv_packed_many(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
+                                            const std::vector<int64_t>& qs);
 torch::Tensor quantize_activations(const torch::Tensor& x, bool q8k);
 torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& w, double eps, double offset);
 std::tuple<torch::Tensor, c10::optional<torch::Tensor>> add_rms_norm(
