@@ -162,3 +162,29 @@ def test_loading_packs_nothing_and_the_runner_prepares_once(gk: CpuKernels, tmp_
         assert prepare_weights(loaded.decoder) == 0
     finally:
         engine.close()
+
+
+def test_a_weight_of_several_huge_pages_packs_into_its_own_mapping(gk: CpuKernels) -> None:
+    """Packed weights of >= 2 MiB live in their own mapping (2 MiB pages asked for, csrc/pack.cpp packed_buffer):
+    the bytes round-trip, the product is the file-order q8_K kernel's, and dropping the tensor unmaps it (no leak over 20)."""
+    import os
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    rows, cols = 16384, 256  # Q4_K: 144 bytes a row -> 2.25 MiB
+    raw, _ = _weights(Q.Q4_K, rows, cols, seed=3)
+    fmt = GGUFBlockFormat(Q.Q4_K, rows, cols)
+    packed = gk.pack(raw, fmt)
+    assert packed.shape == raw.shape and packed.is_contiguous()
+    back = gk.unpack_rows(packed, GGUFBlockFormat(Q.Q4_K, rows, cols, packed=True), torch.arange(rows))
+    assert torch.equal(back, raw)
+    x = torch.randn(2, cols)
+    want = gk.ext.gemv_q8k(x, raw, int(Q.Q4_K))  # type: ignore[attr-defined]  # the packed tiles: bitwise this
+    assert torch.equal(gk.gemv(x, packed, GGUFBlockFormat(Q.Q4_K, rows, cols, packed=True)), want)
+    del packed
+    before = rss()
+    for _ in range(20):
+        gk.pack(raw, fmt)
+    assert rss() - before < 20 << 20  # 20 copies kept would be 45 MiB

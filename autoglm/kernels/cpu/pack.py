@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-import torch
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
@@ -31,9 +30,9 @@ def packable(fmt: GGUFBlockFormat) -> bool:
 
 def pack(ext: ModuleType, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
     """raw [rows, row_bytes] in file order -> a new packed tensor of the same shape, a chunk of rows at a time."""
-    packed = torch.empty(raw.shape, dtype=torch.uint8)
+    packed = ext.packed_buffer(*raw.shape)  # its own mapping on 2 MiB pages (Linux): a decode step streams it whole
     for s in range(0, fmt.rows, _CHUNK_ROWS):
         src = raw[s : s + _CHUNK_ROWS]
-        packed[s : s + src.shape[0]] = ext.pack(src.contiguous(), int(fmt.qtype), fmt.cols)
+        ext.pack_out(src.contiguous(), int(fmt.qtype), fmt.cols, packed[s : s + src.shape[0]])  # no temporary
         release_pages(src)  # the file's pages of this chunk: the packed copy replaces them
     return packed

@@ -81,6 +81,9 @@ torch::Tensor gemv_q8k(const torch::Tensor& x, const torch::Tensor& raw, int64_t
 void dequantize_out(const torch::Tensor& raw, int64_t q, int64_t K, torch::Tensor& out);
 torch::Tensor dequantize(const torch::Tensor& raw, int64_t q, int64_t K, bool bf16);
 torch::Tensor pack(const torch::Tensor& raw, int64_t q, int64_t K);
+void pack_out(const torch::Tensor& raw, int64_t q, int64_t K, torch::Tensor& out);
+// an uninitialized uint8 [rows, cols] for a packed weight, on 2 MiB pages where Linux gives them (pack.cpp)
+torch::Tensor packed_buffer(int64_t rows, int64_t cols);
 torch::Tensor unpack_rows(const torch::Tensor& packed, int64_t q, int64_t K, const torch::Tensor& ids);
 void dequantize_packed_out(const torch::Tensor& packed, int64_t q, int64_t K, int64_t row0, torch::Tensor& out);
 torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, int64_t q);

@@ -17,6 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x -> d * q (q8k: per 256, else per 32)", py::arg("x"),
         py::arg("q8k") = false);
   m.def("pack", &pack, "Q4_0/Q5_0/Q8_0/Q4_K/Q6_K rows -> 16-row interleaved layout", py::call_guard<py::gil_scoped_release>());
+  m.def("pack_out", &pack_out, "pack rows into out (a slice of the whole packed weight)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("packed_buffer", &packed_buffer, "uninitialized uint8 [rows, cols] for a packed weight (2 MiB pages)");
   m.def("unpack_rows", &unpack_rows, "packed rows -> file order", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_packed_out", &dequantize_packed_out, "packed rows -> out (float32/bfloat16)",
         py::call_guard<py::gil_scoped_release>());
