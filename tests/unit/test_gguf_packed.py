@@ -166,7 +166,8 @@ def test_loading_packs_nothing_and_the_runner_prepares_once(gk: CpuKernels, tmp_
 
 def test_a_weight_of_several_huge_pages_packs_into_its_own_mapping(gk: CpuKernels) -> None:
     """Packed weights of >= 2 MiB live in their own mapping (2 MiB pages asked for, csrc/pack.cpp packed_buffer):
-    the bytes round-trip, the product is the file-order q8_K kernel's, and dropping the tensor unmaps it (no leak over 20)."""
+    the bytes round-trip, the product is the file-order q8_K kernel's, and dropping the tensor unmaps it (no leak
+    over 20 packs)."""
     import os
 
     def rss() -> int:
