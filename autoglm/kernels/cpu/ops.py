@@ -198,11 +198,11 @@ class CpuKernels:
     def gemv_kind(self, fmt: GGUFBlockFormat) -> int | None:
         """How `direct_gemv`'s kernel multiplies `fmt` (csrc/decode_layer.cpp's GemvKind): 0 the packed tiles,
         1 file order with per-32 activations, 2 file order on q8_K; None: no direct kernel."""
-        if not self.supports(fmt):
-            return None
-        if fmt.packed:
-            return 0
-        return 2 if self.q8k and int(fmt.qtype) in _Q8K_IDS else 1
+        qid = int(fmt.qtype)
+        return self._gemv_kind(fmt.packed, qid) if qid in _SUPPORTED_IDS else None
+
+    def _gemv_kind(self, packed: bool, qid: int) -> int:
+        return 0 if packed else 2 if self.q8k and qid in _Q8K_IDS else 1
 
     def can_pack(self, fmt: GGUFBlockFormat) -> bool:
         return self.has_packed and packing.packable(fmt)
@@ -265,8 +265,8 @@ class CpuKernels:
         # valid (packing, the loader and rebinding replace weights and kernels).
         if not (h.dtype == torch.float32 and h.is_cpu and h.dim() == 2 and h.shape[0] <= GEMV_MAX_ROWS and layers):
             return None
-        if rope.cos.dtype != torch.float32 or any(c.dtype not in _FUSED_CACHE_DTYPES for c in kv.k_caches):
-            return None
+        if rope.cos.dtype != torch.float32:
+            return None  # kv: the backend's decode_kv hands over only caches attend_decode_paged reads
         attn = layers[0].attn
         geometry = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
         weights: list[Tensor] = []
@@ -275,7 +275,6 @@ class CpuKernels:
         biases: list[Tensor | None] = []
         norms: tuple[list[Tensor | None], ...] = ([], [], [], [])
         eps: list[float | None] = [None, None]  # one eps per pair (layer norms, q/k norms) in the C++ signature
-        q8k = self.q8k
         for mods in layers:
             a = mods.attn
             if (a.num_heads, a.num_kv_heads, a.head_dim, a.scale) != geometry:
@@ -290,7 +289,7 @@ class CpuKernels:
                 if qid not in _SUPPORTED_IDS or not w.is_cpu:
                     return None
                 weights.append(w)
-                kinds.append(0 if fmt.packed else 2 if q8k and qid in _Q8K_IDS else 1)  # csrc GemvKind
+                kinds.append(self._gemv_kind(fmt.packed, qid))
                 qids.append(qid)
                 biases.append(bias)
             for i, n in enumerate((mods.input_norm, mods.post_norm, mods.q_norm, mods.k_norm)):
