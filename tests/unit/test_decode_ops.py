@@ -44,6 +44,17 @@ def ext(gk: CpuKernels) -> Any:
     return gk.ext
 
 
+@pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
+def attn_ext(request: pytest.FixtureRequest, gk: CpuKernels) -> Any:
+    """The attention kernels of each build: AVX-512 (where this CPU has it), AVX2 and the scalar fallback each have
+    their own score, softmax and value loops."""
+    if request.param == "native":
+        return gk.ext
+    k = cpu_kernels(request.param)
+    assert k is not None, f"the {request.param} variant must build on the test machine"
+    return k.ext
+
+
 def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
@@ -112,23 +123,27 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     return F.scaled_dot_product_attention(q[:, None], kk, vv, scale=scale)[:, 0]
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 1, 256), (8, 2, 128), (10, 2, 64), (4, 2, 48)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    # 2, 4, 5, 6, 7, 8 heads per KV head: every grouping of the score and value loops
+    [(4, 1, 256), (8, 2, 128), (10, 2, 64), (4, 2, 48), (12, 2, 128), (14, 2, 64), (16, 2, 128)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_attend_decode_kernel(ext: Any, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+def test_attend_decode_kernel(attn_ext: Any, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(heads * head_dim)
     cache_k = torch.randn(300, kv_heads, head_dim, generator=g).to(dtype)
     cache_v = torch.randn(300, kv_heads, head_dim, generator=g).to(dtype)
     q = torch.randn(heads, head_dim, generator=g)
     for lo, hi in [(0, 1), (17, 250), (0, 300)]:  # views into a bigger cache, as the decode path passes them
         k, v = cache_k[lo:hi], cache_v[lo:hi]
-        _close(ext.attend_decode(q, k, v, 0.125), _sdpa(q, k, v, 0.125), tol=2e-5)
+        _close(attn_ext.attend_decode(q, k, v, 0.125), _sdpa(q, k, v, 0.125), tol=2e-5)
     strided_k = torch.randn(40, kv_heads, 2 * head_dim, generator=g)[..., :head_dim].to(dtype)
     strided_v = torch.randn(40, kv_heads, 2 * head_dim, generator=g)[..., :head_dim].to(dtype)
-    _close(ext.attend_decode(q, strided_k, strided_v, 0.3), _sdpa(q, strided_k, strided_v, 0.3), tol=2e-5)
+    _close(attn_ext.attend_decode(q, strided_k, strided_v, 0.3), _sdpa(q, strided_k, strided_v, 0.3), tol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_attend_decode_paged_equals_the_gathered_span(ext: Any, dtype: torch.dtype) -> None:
+def test_attend_decode_paged_equals_the_gathered_span(attn_ext: Any, dtype: torch.dtype) -> None:
     # the batched paged kernel reads each sequence's blocks in place: bitwise what attend_decode computes on the
     # gathered span (same arithmetic), for one sequence (parallel inside) and several (a sequence per thread)
     g = torch.Generator().manual_seed(3)
@@ -141,12 +156,12 @@ def test_attend_decode_paged_equals_the_gathered_span(ext: Any, dtype: torch.dty
     want = []
     for b in range(3):
         rows = torch.cat([kc[i] for i in tables[b]]), torch.cat([vc[i] for i in tables[b]])
-        want.append(ext.attend_decode(q[b], rows[0][lo[b] : hi[b]], rows[1][lo[b] : hi[b]], 0.125))
-    got = ext.attend_decode_paged(q, kc, vc, tables, lo, hi, 0.125)
+        want.append(attn_ext.attend_decode(q[b], rows[0][lo[b] : hi[b]], rows[1][lo[b] : hi[b]], 0.125))
+    got = attn_ext.attend_decode_paged(q, kc, vc, tables, lo, hi, 0.125)
     assert torch.equal(got, torch.stack(want))
-    assert torch.equal(ext.attend_decode_paged(q[:1], kc, vc, tables[:1], lo[:1], hi[:1], 0.125), want[0][None])
+    assert torch.equal(attn_ext.attend_decode_paged(q[:1], kc, vc, tables[:1], lo[:1], hi[:1], 0.125), want[0][None])
     with pytest.raises(RuntimeError, match="block id out of range"):
-        ext.attend_decode_paged(q[:1], kc, vc, torch.tensor([[blocks, 0, 0, 0]]), lo[:1], hi[:1], 0.125)
+        attn_ext.attend_decode_paged(q[:1], kc, vc, torch.tensor([[blocks, 0, 0, 0]]), lo[:1], hi[:1], 0.125)
 
 
 def _decode_case(

@@ -10,6 +10,8 @@ summation order differs.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,26 @@ def test_tied_embedding_logits_use_the_kernel(gk: CpuKernels) -> None:
     logits = emb.as_logits(h)
     torch.testing.assert_close(logits, gk.gemv(h.view(1, dim), raw, emb.weight_format).view(1, 1, vocab))
     assert logits.argmax() == F.linear(gk.quantize_activations(h.view(1, dim)), w).argmax()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q2_K])
+def test_embedding_rows_equal_the_reference_lookup(gk: CpuKernels, qtype: GGMLQuantizationType) -> None:
+    # the C++ dequantizer behind take_rows (file order, and packed tables where the type packs) gives the reference's
+    # rows bit for bit, in every dtype; Q2_K (no kernel) keeps the reference path
+    vocab, dim = 70, 512
+    raw, w = _weights(qtype, vocab, dim, seed=11)
+    ids = torch.tensor([[3, 0, 69], [3, 41, 7]])
+    fmt = GGUFBlockFormat(qtype, vocab, dim)
+    tables = [(raw, fmt)]
+    if gk.can_pack(fmt):
+        tables.append((gk.pack(raw, fmt), replace(fmt, packed=True)))
+    for table, f in tables:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            got = gk.take_rows(table, f, ids, dtype)
+            assert got.dtype == dtype and torch.equal(got, w[ids.reshape(-1)].to(dtype)), (f.packed, dtype)
+        assert torch.equal(gk.take_rows(table, f, None, torch.float32), w)
+    emb = GGUFEmbedding.from_raw(raw, qtype, (vocab, dim), impl=gk)
+    assert torch.equal(emb(ids), w[ids])
 
 
 def test_bfloat16_activations_keep_their_dtype(gk: CpuKernels) -> None:

@@ -13,6 +13,7 @@ from autoglm.engine.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    argmax_rows,
     compute_logprobs,
 )
 
@@ -108,6 +109,19 @@ def test_greedy_and_top_k_1_equal_argmax() -> None:
     tokens, _ = Sampler()(logits, [_row(temperature=0.0), _row(temperature=1.5, top_k=1, seed=1),
                                    _row(temperature=0.0, top_k=7)])
     assert tokens == logits.argmax(-1).tolist()
+
+
+def test_argmax_rows_is_torch_argmax_with_ties_and_nan() -> None:
+    x = torch.randn(5, 1000)
+    x[1, 10] = x[1, 700] = 50.0  # a tie: the first index wins
+    x[2, 3] = float("nan")  # NaN counts as the maximum
+    x[3, :] = -float("inf")
+    x[4, 999] = float("inf")
+    got = argmax_rows(x)
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(-1))
+    assert got.tolist()[1:3] == [10, 3]
+    assert torch.equal(argmax_rows(x.t().contiguous().t()), x.argmax(-1))  # a strided view
+    assert torch.equal(argmax_rows(x.double()), x.double().argmax(-1))  # other dtypes: torch's own
 
 
 def test_same_seed_same_tokens_regardless_of_batch_mates() -> None:

@@ -79,12 +79,15 @@ torch::Tensor layer_step(const torch::Tensor& h, const torch::Tensor* w, const i
   k_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, k.to(k_cache.scalar_type()));
   v_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, v.to(v_cache.scalar_type()));
   const auto o = attend_decode_paged(q, k_cache, v_cache, tables, lo, hi, scale);
-  const auto h1 = h + lin(o.reshape({B, heads * head_dim}), 3);
+  // the residual adds and silu * up in place on the kernels' fresh outputs: the modules' h + y, F.silu(g) * u
+  // bitwise (a float add commutes), without a tensor allocated per op (each op here costs its cache misses: the
+  // weights streaming through have evicted everything)
+  const auto h1 = lin(o.reshape({B, heads * head_dim}), 3).add_(h);
 
   const torch::Tensor x2 = rms_norm(h1, post_norm, eps, 0.0);
-  const auto gate_up = lins(x2, 4, 2);
-  const auto g = torch::silu(gate_up[0]);
-  return h1 + lin(g * gate_up[1], 6);
+  auto gate_up = lins(x2, 4, 2);
+  torch::silu_(gate_up[0]).mul_(gate_up[1]);
+  return lin(gate_up[0], 6).add_(h1);
 }
 
 }  // namespace

@@ -19,6 +19,7 @@ namespace {
 using packed::ActP;
 constexpr int64_t kPrefetch = 4096;
 constexpr int64_t kMinTaskBytes = 256 * 1024;
+constexpr int64_t kMinChunkBytes = 32 * 1024;
 
 // the weights are one sequential stream: fetch kPrefetch bytes ahead so memory overlaps the arithmetic (the hardware
 // prefetcher alone left the 8-row lm_head at memory time + compute time). Only on the first pass over a group: later
@@ -223,11 +224,11 @@ torch::Tensor gemv_packed(const torch::Tensor& x, const torch::Tensor& packed, i
   // units of work: one row group, or two for the pair tiles (K-quants on AVX-512, prefill: the last group may be
   // alone). Decode (M = 1) keeps one group per tile: it reads the weights from DRAM once, where a second stream
   // did not measurably help and single groups were the measured-at-the-bound path.
-  // ~8 tasks per thread, each at least kMinTaskBytes of weights x activation rows: a decode k/v projection (0.2 MB)
-  // runs inline, where a thread hand-off took longer than its weights' DRAM time
+  // Under kMinTaskBytes of weights x activation rows runs inline: a decode k/v projection (0.2 MB), where a thread
+  // hand-off took longer than its weights' DRAM time. Else guided chunks of at least kMinChunkBytes.
   const int64_t unit_bytes = j.per * j.nb * j.gbytes * M;
-  const int64_t grain = std::max({int64_t{1}, j.U / (8 * at::get_num_threads()) + 1, kMinTaskBytes / unit_bytes});
-  parallel_chunks(j.U, grain, [&](int64_t u0, int64_t u1) { run_units(j, A.acts.data(), M, u0, u1); });
+  const int64_t grain = unit_bytes * j.U < kMinTaskBytes ? j.U : kMinChunkBytes / unit_bytes;
+  parallel_guided(j.U, grain, [&](int64_t u0, int64_t u1) { run_units(j, A.acts.data(), M, u0, u1); });
 #else
   TORCH_CHECK(false, "gemv_packed needs an AVX512-VNNI or AVX2 build");
 #endif
@@ -259,10 +260,7 @@ std::vector<torch::Tensor> gemv_packed_many(const torch::Tensor& x, const std::v
     jobs.push_back(packed_job(packed[i], qs[i], K, M, ys[i]));
     total += jobs.back().per * jobs.back().nb * jobs.back().gbytes * M * jobs.back().U;
   }
-  // tasks of ~1/8 of a thread's share, at least 32 KiB of weights x rows (balance across threads beats fewer hand-offs
-  // here: the region is one, whatever the task count)
-  const int64_t nth = at::get_num_threads();
-  const int64_t target = std::max<int64_t>(32 * 1024, total / (8 * nth));
+  // tasks of ~kMinChunkBytes of weights x rows, taken in guided chunks of tasks (several weights, one region)
   struct Task {
     int32_t job;
     int64_t u0, u1;
@@ -270,11 +268,11 @@ std::vector<torch::Tensor> gemv_packed_many(const torch::Tensor& x, const std::v
   std::vector<Task> tasks;
   for (size_t i = 0; i < jobs.size(); ++i) {
     const int64_t ub = jobs[i].per * jobs[i].nb * jobs[i].gbytes * M;
-    const int64_t g = std::max<int64_t>(1, target / ub);
+    const int64_t g = std::max<int64_t>(1, kMinChunkBytes / ub);
     for (int64_t u = 0; u < jobs[i].U; u += g) tasks.push_back({static_cast<int32_t>(i), u, std::min(jobs[i].U, u + g)});
   }
   const int64_t grain = total < kMinTaskBytes ? static_cast<int64_t>(tasks.size()) : 1;  // tiny: inline
-  parallel_chunks(static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
+  parallel_guided(static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) run_units(jobs[tasks[t].job], A.acts.data(), M, tasks[t].u0, tasks[t].u1);
   });
 #else

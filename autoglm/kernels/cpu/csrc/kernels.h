@@ -58,6 +58,31 @@ void parallel_chunks(int64_t n, int64_t grain, const F& f) {
   });
 }
 
+// f(i0, i1) over [0, n) in guided chunks: each thread takes max(grain, remaining / (4 threads)) indices from a shared
+// counter, so chunks start long (each a long sequential weight stream) and end short (the region's last chunk, where
+// the other threads wait, is ~1/(4 threads) of what a fixed 1/(8 threads) grain left). Same contract as
+// parallel_chunks: the work per index must not depend on which thread runs it.
+template <class F>
+void parallel_guided(int64_t n, int64_t grain, const F& f) {
+  grain = std::max<int64_t>(1, grain);
+  const int64_t nth = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (nth <= 1 || at::in_parallel_region()) {
+    if (n > 0) f(int64_t{0}, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+    int64_t c = next.load(std::memory_order_relaxed);
+    while (c < n) {
+      const int64_t e = std::min(n, c + std::max(grain, (n - c) / (4 * nth)));
+      if (next.compare_exchange_weak(c, e, std::memory_order_relaxed)) {
+        f(c, e);
+        c = next.load(std::memory_order_relaxed);
+      }
+    }
+  });
+}
+
 inline void check_rows(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), name,
               " must be a contiguous CPU float32 tensor");
