@@ -86,12 +86,13 @@ def llm_of(files: dict[str, Path]) -> Iterator[Any]:
     [
         ("qwen2-q4_k_m", {}),
         ("qwen2-q4_k_m", {"kv_cache_dtype": "float16"}),
+        ("qwen2-q4_k_m", {"kv_cache_dtype": "bfloat16"}),
         ("qwen2-q4_k_m", {"deterministic": True}),
         ("qwen2-q4_k_m", {"cpu_isa": "scalar"}),  # no packed tiles: every weight in file order
         ("qwen2-q4_k_m", {"cpu_isa": "avx2"}),
         ("qwen3-q8_0", {}),
     ],
-    ids=["qwen2-q4_k_m", "float16-kv", "deterministic", "scalar-file-order", "avx2", "qwen3-q8_0"],
+    ids=["qwen2-q4_k_m", "float16-kv", "bfloat16-kv", "deterministic", "scalar-file-order", "avx2", "qwen3-q8_0"],
 )
 def test_one_call_is_bitwise_the_modules(llm_of: Any, monkeypatch: pytest.MonkeyPatch, name: str, kw: dict) -> None:
     llm = llm_of(name, **kw)

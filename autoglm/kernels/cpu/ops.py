@@ -292,7 +292,7 @@ class CpuKernels:
                 if ops is None:
                     return None
                 w, fmt, qid, bias = ops
-                if qid not in _SUPPORTED_IDS or not w.is_cpu:
+                if qid not in _SUPPORTED_IDS or not w.is_cpu or (bias is not None and bias.dtype != torch.float32):
                     return None
                 weights.append(w)
                 kinds.append(self._gemv_kind(fmt.packed, qid))

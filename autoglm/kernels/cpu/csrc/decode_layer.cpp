@@ -20,6 +20,64 @@ bool same_activations(int64_t a, int64_t b) {
   return q8k(a) ? q8k(b) : a == b;
 }
 
+// The small ops between the GEMVs as plain loops over float32 rows: each ATen op there cost ~5 us of cache misses
+// (the weights streaming through evict its dispatch code and data), against well under 1 us of arithmetic. One
+// rounding per element, as ATen's add_ / mul_, so the result is bitwise theirs.
+
+// y [rows, n] += b [n] (a bias, or a whole same-shape tensor when b has y's size)
+void add_into(torch::Tensor& y, const torch::Tensor& b) {
+  TORCH_CHECK(y.is_contiguous() && b.is_contiguous() && b.scalar_type() == torch::kFloat32 &&
+                  (b.numel() == y.size(-1) || b.numel() == y.numel()),
+              "decode_layer: add of mismatched operands");
+  float* yp = y.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  const int64_t n = b.numel();
+  for (int64_t r = 0; r < y.numel(); r += n)
+    for (int64_t i = 0; i < n; ++i) yp[r + i] += bp[i];
+}
+
+// a *= b elementwise (same shape)
+void mul_into(torch::Tensor& a, const torch::Tensor& b) {
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.numel() == b.numel(), "decode_layer: mul of mismatched operands");
+  float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  for (int64_t i = 0; i < a.numel(); ++i) ap[i] *= bp[i];
+}
+
+// this step's K or V rows x [B, KV, D] float32 into the cache [blocks, block_size, KV, D] at slots [B], converted
+// to the cache dtype (c10's round-to-nearest-even, as x.to(dtype)); the modules' index_copy_ of the same values
+template <typename T>
+void write_rows_as(const torch::Tensor& cache, const int64_t* slots, int64_t B, const float* x, int64_t row) {
+  T* c = cache.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < row; ++i) c[slots[b] * row + i] = static_cast<T>(x[b * row + i]);
+}
+
+void write_rows(const torch::Tensor& cache, const torch::Tensor& slots, const torch::Tensor& x) {
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4 && x.is_contiguous() && slots.scalar_type() == torch::kLong &&
+                  slots.is_contiguous() && slots.numel() == x.size(0),
+              "decode_layer: cache rows and slots do not match");
+  const int64_t B = x.size(0), row = cache.size(2) * cache.size(3), n = cache.size(0) * cache.size(1);
+  TORCH_CHECK(x.numel() == B * row, "decode_layer: K/V rows of ", x.numel() / std::max<int64_t>(B, 1),
+              " values for a cache row of ", row);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= sp[b] && sp[b] < n, "decode_layer: cache slot ", sp[b], " out of range");
+  const float* xp = x.data_ptr<float>();
+  switch (cache.scalar_type()) {
+    case torch::kFloat32:
+      for (int64_t b = 0; b < B; ++b) std::memcpy(cache.data_ptr<float>() + sp[b] * row, xp + b * row, row * 4);
+      break;
+    case torch::kFloat16:
+      write_rows_as<c10::Half>(cache, sp, B, xp, row);
+      break;
+    case torch::kBFloat16:
+      write_rows_as<c10::BFloat16>(cache, sp, B, xp, row);
+      break;
+    default:
+      TORCH_CHECK(false, "decode_layer: unsupported cache dtype ", cache.scalar_type());
+  }
+}
+
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t kind, int64_t q,
                      const c10::optional<torch::Tensor>& bias) {
   torch::Tensor y;
@@ -36,7 +94,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t kin
     default:
       TORCH_CHECK(false, "decode_layer: unknown gemv kind ", kind);
   }
-  if (bias.has_value()) y.add_(*bias);  // as GGUFLinear.forward: in place on the kernel's output
+  if (bias.has_value()) add_into(y, *bias);  // as GGUFLinear.forward: in place on the kernel's output
   return y;
 }
 
@@ -65,7 +123,7 @@ torch::Tensor layer_step(const torch::Tensor& h, const torch::Tensor* w, const i
     ys = gemv_packed_many(x, std::vector<torch::Tensor>(w + i0, w + i0 + n),
                           std::vector<int64_t>(qtypes + i0, qtypes + i0 + n));
     for (int i = 0; i < n; ++i)
-      if (biases[i0 + i].has_value()) ys[i].add_(*biases[i0 + i]);
+      if (biases[i0 + i].has_value()) add_into(ys[i], *biases[i0 + i]);
     return ys;
   };
 
@@ -76,18 +134,21 @@ torch::Tensor layer_step(const torch::Tensor& h, const torch::Tensor* w, const i
   auto k = qkv[1].view({B, kv_heads, head_dim});
   k = norm_rope(k, k_norm, qk_eps, 0.0, cos, sin, rotary_dim, interleaved);
   const auto v = qkv[2].view({B, kv_heads, head_dim});
-  k_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, k.to(k_cache.scalar_type()));
-  v_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, v.to(v_cache.scalar_type()));
+  write_rows(k_cache, slots, k);
+  write_rows(v_cache, slots, v);
   const auto o = attend_decode_paged(q, k_cache, v_cache, tables, lo, hi, scale);
   // the residual adds and silu * up in place on the kernels' fresh outputs: the modules' h + y, F.silu(g) * u
-  // bitwise (a float add commutes), without a tensor allocated per op (each op here costs its cache misses: the
-  // weights streaming through have evicted everything)
-  const auto h1 = lin(o.reshape({B, heads * head_dim}), 3).add_(h);
+  // bitwise (a float add commutes), without a tensor allocated per op
+  auto h1 = lin(o.reshape({B, heads * head_dim}), 3);
+  add_into(h1, h);
 
   const torch::Tensor x2 = rms_norm(h1, post_norm, eps, 0.0);
   auto gate_up = lins(x2, 4, 2);
-  torch::silu_(gate_up[0]).mul_(gate_up[1]);
-  return lin(gate_up[0], 6).add_(h1);
+  torch::silu_(gate_up[0]);
+  mul_into(gate_up[0], gate_up[1]);
+  auto out = lin(gate_up[0], 6);
+  add_into(out, h1);
+  return out;
 }
 
 }  // namespace
