@@ -267,9 +267,15 @@ def _abs_max_signed(x: Tensor) -> Tensor:
     return x.gather(1, x.abs().argmax(dim=1, keepdim=True))
 
 
+def _finite_or_zero(v: Tensor) -> Tensor:
+    # gguf's astype(uint8 / int8) turns NaN and +-inf into 0 (x86's float -> int conversion gives 0x80000000, whose
+    # low byte is 0). They arise where a block's scale underflows so that 1/d is inf (values ~1e-38).
+    return torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+
+
 def _codes(v: Tensor, hi: int) -> Tensor:
     # trunc toward zero then clip to [0, hi], as gguf does with astype(uint8).clip(0, hi)
-    return v.trunc().clamp(0, hi).to(torch.uint8)
+    return _finite_or_zero(v).trunc().clamp(0, hi).to(torch.uint8)
 
 
 def _enc_q8_0(x: Tensor) -> Tensor:
@@ -278,7 +284,7 @@ def _enc_q8_0(x: Tensor) -> Tensor:
     a = v.abs()
     fl = a.floor()
     r = torch.sign(v) * (fl + (2 * (a - fl)).floor())  # round half away from zero, exactly (gguf np_roundf)
-    return torch.cat((f16_bytes(d), r.to(torch.int8).view(torch.uint8)), dim=1)
+    return torch.cat((f16_bytes(d), _finite_or_zero(r).to(torch.int8).view(torch.uint8)), dim=1)
 
 
 def _enc_q4_0(x: Tensor) -> Tensor:

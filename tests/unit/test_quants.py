@@ -136,6 +136,21 @@ def test_simple_quantizers_bit_exact_vs_gguf(qtype: GGMLQuantizationType, blocks
     assert np.array_equal(gguf.quants.quantize(x, qtype), quantize(x, qtype))
 
 
+@pytest.mark.parametrize("qtype", SIMPLE_QUANTS, ids=lambda t: t.name)
+def test_blocks_whose_scale_underflows_match_gguf(qtype: GGMLQuantizationType) -> None:
+    # values ~1e-38 give a scale whose inverse is inf: gguf's cast turns the NaN / inf codes into 0 (hypothesis found
+    # 4.14e-38 beside zeros for Q5_1)
+    rng = np.random.default_rng(0)
+    for v in (4.1402467e-38, 1.2e-38, 2e-38, 5e-38, -4.14e-38):
+        for pos in (0, 5, 31):
+            x = np.zeros((1, 32), np.float32)
+            x[0, pos] = v
+            y = (rng.standard_normal((1, 32)) * v).astype(np.float32)
+            with np.errstate(all="ignore"):
+                assert np.array_equal(gguf.quants.quantize(x, qtype), quantize(x, qtype)), (v, pos)
+                assert np.array_equal(gguf.quants.quantize(y, qtype), quantize(y, qtype)), (v, pos)
+
+
 def test_float_encoders_match_numpy() -> None:
     x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32) * 1000
     assert np.array_equal(quantize(x, Q.F32).view(np.float32), x)
