@@ -126,6 +126,11 @@ class Kernels(Protocol):
         (Gemma)."""
         ...
 
+    def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
+        """silu(gate) * up (the gated MLP's activation; same shapes). May write into `gate`'s storage: the caller
+        passes a fresh projection output and reads only the result."""
+        ...
+
     def add_rms_norm(
         self, h: Tensor, y: Tensor, post: Tensor, pre: Tensor | None, eps: float, offset: float
     ) -> tuple[Tensor, Tensor | None]:

@@ -43,6 +43,9 @@ class TorchKernels:
     def pack(self, raw: Tensor, fmt: GGUFBlockFormat) -> Tensor:
         raise ValueError(f"the reference kernels keep {fmt.qtype.name} weights in file order (nothing to pack)")
 
+    def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
+        return torch.nn.functional.silu(gate) * up
+
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, offset: float) -> Tensor:
         # x: [..., D]
         if offset == 0.0:  # GLM/LLaMA: cast back to x's dtype before scaling (transformers' order; bf16 parity)

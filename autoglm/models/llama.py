@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoglm.errors import ConfigError
-from autoglm.kernels.base import DecoderLayerModules, RopeOperands
+from autoglm.kernels.base import DecoderLayerModules, Kernels, RopeOperands
+from autoglm.kernels.reference import REFERENCE
 from autoglm.layers.attention import Attention, AttentionContext
 from autoglm.layers.linear import Linear
 from autoglm.layers.norm import RMSNorm
@@ -168,10 +168,14 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(d, i, bias=b)
         self.up_proj = Linear(d, i, bias=b)
         self.down_proj = Linear(i, d, bias=b)
+        self.kernels: Kernels = REFERENCE  # silu * up (bound by the loader, as the norms are)
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        self.kernels = kernels
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [T, D] -> [T, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaAttention(nn.Module):
@@ -259,6 +263,8 @@ class LlamaModel(nn.Module):
         per layer, which costs more than its count suggests: the weights streaming through evict it from cache)."""
         kernels = self.norm.kernels
         if not ctx.is_decode or ctx.backend is None or rope.kernels is not kernels:
+            return None
+        if any(layer.mlp.kernels is not kernels for layer in self.layers):  # silu * up as the modules compute it
             return None
         layers = [layer.decode_modules() for layer in self.layers]
         kv = ctx.backend.decode_kv([m.attn for m in layers], ctx, kernels)

@@ -45,9 +45,9 @@ def ext(gk: CpuKernels) -> Any:
 
 
 @pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
-def attn_ext(request: pytest.FixtureRequest, gk: CpuKernels) -> Any:
-    """The attention kernels of each build: AVX-512 (where this CPU has it), AVX2 and the scalar fallback each have
-    their own score, softmax and value loops."""
+def isa_ext(request: pytest.FixtureRequest, gk: CpuKernels) -> Any:
+    """The kernels of each build: AVX-512 (where this CPU has it), AVX2 and the scalar fallback each have their own
+    attention score, softmax and value loops and their own silu."""
     if request.param == "native":
         return gk.ext
     k = cpu_kernels(request.param)
@@ -57,6 +57,44 @@ def attn_ext(request: pytest.FixtureRequest, gk: CpuKernels) -> Any:
 
 def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 8960), (3, 37), (2, 5, 16), (1, 7), (6, 4099)])
+def test_silu_mul_kernel(isa_ext: Any, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    gate, up = torch.randn(shape, generator=g) * 6, torch.randn(shape, generator=g)
+    want = F.silu(gate) * up
+    gate_copy = gate.clone()
+    got = isa_ext.silu_mul_(gate_copy, up)
+    assert got.data_ptr() == gate_copy.data_ptr()  # in place on the gate projection
+    _close(got, want, tol=1e-6)
+    # each row alone (another tail, another split across threads) gives the same bits
+    rows = gate.reshape(-1, shape[-1])
+    for i in range(rows.shape[0]):
+        one = isa_ext.silu_mul_(rows[i : i + 1].clone(), up.reshape(-1, shape[-1])[i : i + 1])
+        assert torch.equal(one, got.reshape(-1, shape[-1])[i : i + 1])
+
+
+def test_silu_mul_kernel_at_extremes(isa_ext: Any) -> None:
+    x = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, 20.0, -20.0, 87.0, -87.0, 100.0, -100.0, 1e30, -1e30, 3e38])
+    x = x.repeat(3)  # vector lanes and the tail
+    got = isa_ext.silu_mul_(x.clone(), torch.ones_like(x))
+    _close(got, F.silu(x), tol=1e-6)
+    assert torch.isfinite(got).all()
+    special = torch.tensor([float("inf"), float("nan")] * 9)
+    out = isa_ext.silu_mul_(special.clone(), torch.ones_like(special))
+    assert torch.equal(out.isnan(), special.isnan()) and (out[~special.isnan()] == float("inf")).all()
+
+
+def test_silu_mul_dispatch(gk: CpuKernels) -> None:
+    g = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
+    _close(gk.silu_mul(gate.clone(), up), F.silu(gate) * up, tol=1e-6)
+    # other dtypes and strided gates take the reference, bitwise torch's
+    bf = gk.silu_mul(gate.bfloat16(), up.bfloat16())
+    assert bf.dtype == torch.bfloat16 and torch.equal(bf, F.silu(gate.bfloat16()) * up.bfloat16())
+    strided = gate.t()
+    assert torch.equal(gk.silu_mul(strided, up.t()), F.silu(strided) * up.t())
 
 
 @pytest.mark.parametrize("cls", [RMSNorm, GemmaRMSNorm])
@@ -129,21 +167,21 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     [(4, 1, 256), (8, 2, 128), (10, 2, 64), (4, 2, 48), (12, 2, 128), (14, 2, 64), (16, 2, 128)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_attend_decode_kernel(attn_ext: Any, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+def test_attend_decode_kernel(isa_ext: Any, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(heads * head_dim)
     cache_k = torch.randn(300, kv_heads, head_dim, generator=g).to(dtype)
     cache_v = torch.randn(300, kv_heads, head_dim, generator=g).to(dtype)
     q = torch.randn(heads, head_dim, generator=g)
     for lo, hi in [(0, 1), (17, 250), (0, 300)]:  # views into a bigger cache, as the decode path passes them
         k, v = cache_k[lo:hi], cache_v[lo:hi]
-        _close(attn_ext.attend_decode(q, k, v, 0.125), _sdpa(q, k, v, 0.125), tol=2e-5)
+        _close(isa_ext.attend_decode(q, k, v, 0.125), _sdpa(q, k, v, 0.125), tol=2e-5)
     strided_k = torch.randn(40, kv_heads, 2 * head_dim, generator=g)[..., :head_dim].to(dtype)
     strided_v = torch.randn(40, kv_heads, 2 * head_dim, generator=g)[..., :head_dim].to(dtype)
-    _close(attn_ext.attend_decode(q, strided_k, strided_v, 0.3), _sdpa(q, strided_k, strided_v, 0.3), tol=2e-5)
+    _close(isa_ext.attend_decode(q, strided_k, strided_v, 0.3), _sdpa(q, strided_k, strided_v, 0.3), tol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_attend_decode_paged_equals_the_gathered_span(attn_ext: Any, dtype: torch.dtype) -> None:
+def test_attend_decode_paged_equals_the_gathered_span(isa_ext: Any, dtype: torch.dtype) -> None:
     # the batched paged kernel reads each sequence's blocks in place: bitwise what attend_decode computes on the
     # gathered span (same arithmetic), for one sequence (parallel inside) and several (a sequence per thread)
     g = torch.Generator().manual_seed(3)
@@ -156,12 +194,12 @@ def test_attend_decode_paged_equals_the_gathered_span(attn_ext: Any, dtype: torc
     want = []
     for b in range(3):
         rows = torch.cat([kc[i] for i in tables[b]]), torch.cat([vc[i] for i in tables[b]])
-        want.append(attn_ext.attend_decode(q[b], rows[0][lo[b] : hi[b]], rows[1][lo[b] : hi[b]], 0.125))
-    got = attn_ext.attend_decode_paged(q, kc, vc, tables, lo, hi, 0.125)
+        want.append(isa_ext.attend_decode(q[b], rows[0][lo[b] : hi[b]], rows[1][lo[b] : hi[b]], 0.125))
+    got = isa_ext.attend_decode_paged(q, kc, vc, tables, lo, hi, 0.125)
     assert torch.equal(got, torch.stack(want))
-    assert torch.equal(attn_ext.attend_decode_paged(q[:1], kc, vc, tables[:1], lo[:1], hi[:1], 0.125), want[0][None])
+    assert torch.equal(isa_ext.attend_decode_paged(q[:1], kc, vc, tables[:1], lo[:1], hi[:1], 0.125), want[0][None])
     with pytest.raises(RuntimeError, match="block id out of range"):
-        attn_ext.attend_decode_paged(q[:1], kc, vc, torch.tensor([[blocks, 0, 0, 0]]), lo[:1], hi[:1], 0.125)
+        isa_ext.attend_decode_paged(q[:1], kc, vc, torch.tensor([[blocks, 0, 0, 0]]), lo[:1], hi[:1], 0.125)
 
 
 def _decode_case(

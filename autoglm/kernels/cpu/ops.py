@@ -217,6 +217,12 @@ class CpuKernels:
         return packing.pack(self.ext, raw, fmt)
 
     # --- norms and rotary --------------------------------------------------------------------------------------
+    def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
+        # in place on the fresh gate projection, one pass (csrc/norm_ops.cpp); the decode stack calls the same loop
+        if _f32_cpu(gate, up) and gate.shape == up.shape and gate.is_contiguous() and not gate.requires_grad:
+            return self.ext.silu_mul_(gate, up.contiguous())
+        return REFERENCE.silu_mul(gate, up)
+
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, offset: float) -> Tensor:
         if _f32_cpu(x, weight):
             return self.ext.rms_norm(x.contiguous(), weight, eps, offset)

@@ -22,7 +22,7 @@ bool same_activations(int64_t a, int64_t b) {
 
 // The small ops between the GEMVs as plain loops over float32 rows: each ATen op there cost ~5 us of cache misses
 // (the weights streaming through evict its dispatch code and data), against well under 1 us of arithmetic. One
-// rounding per element, as ATen's add_ / mul_, so the result is bitwise theirs.
+// rounding per element, as ATen's add_, so the result is bitwise theirs.
 
 // y [rows, n] += b [n] (a bias, or a whole same-shape tensor when b has y's size)
 void add_into(torch::Tensor& y, const torch::Tensor& b) {
@@ -34,14 +34,6 @@ void add_into(torch::Tensor& y, const torch::Tensor& b) {
   const int64_t n = b.numel();
   for (int64_t r = 0; r < y.numel(); r += n)
     for (int64_t i = 0; i < n; ++i) yp[r + i] += bp[i];
-}
-
-// a *= b elementwise (same shape)
-void mul_into(torch::Tensor& a, const torch::Tensor& b) {
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.numel() == b.numel(), "decode_layer: mul of mismatched operands");
-  float* ap = a.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
-  for (int64_t i = 0; i < a.numel(); ++i) ap[i] *= bp[i];
 }
 
 // this step's K or V rows x [B, KV, D] float32 into the cache [blocks, block_size, KV, D] at slots [B], converted
@@ -137,15 +129,14 @@ torch::Tensor layer_step(const torch::Tensor& h, const torch::Tensor* w, const i
   write_rows(k_cache, slots, k);
   write_rows(v_cache, slots, v);
   const auto o = attend_decode_paged(q, k_cache, v_cache, tables, lo, hi, scale);
-  // the residual adds and silu * up in place on the kernels' fresh outputs: the modules' h + y, F.silu(g) * u
-  // bitwise (a float add commutes), without a tensor allocated per op
+  // the residual adds and silu * up in place on the kernels' fresh outputs: bitwise the modules' h + y (a float add
+  // commutes) and LlamaMLP's kernels.silu_mul (the same silu_mul_), without a tensor allocated per op
   auto h1 = lin(o.reshape({B, heads * head_dim}), 3);
   add_into(h1, h);
 
   const torch::Tensor x2 = rms_norm(h1, post_norm, eps, 0.0);
   auto gate_up = lins(x2, 4, 2);
-  torch::silu_(gate_up[0]);
-  mul_into(gate_up[0], gate_up[1]);
+  silu_mul_(gate_up[0], gate_up[1]);
   auto out = lin(gate_up[0], 6);
   add_into(out, h1);
   return out;

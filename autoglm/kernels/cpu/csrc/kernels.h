@@ -117,6 +117,7 @@ std::vector<torch::Tensor> gemv_packed_many(const torch::Tensor& x, const std::v
                                             const std::vector<int64_t>& qs);
 torch::Tensor quantize_activations(const torch::Tensor& x, bool q8k);
 torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& w, double eps, double offset);
+torch::Tensor silu_mul_(torch::Tensor& g, const torch::Tensor& u);
 std::tuple<torch::Tensor, c10::optional<torch::Tensor>> add_rms_norm(
     const torch::Tensor& h, const torch::Tensor& y, const torch::Tensor& w1, const c10::optional<torch::Tensor>& w2,
     double eps, double offset);

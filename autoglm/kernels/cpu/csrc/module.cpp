@@ -27,6 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_packed_many", &gemv_packed_many, "gemv_packed of several weights on one x, in one parallel region",
         py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "rms_norm(x) * (offset + w)");
+  m.def("silu_mul_", &silu_mul_, "g = silu(g) * u in place (the gated MLP activation)");
   m.def("add_rms_norm", &add_rms_norm, "h + rms_norm(y) * (offset + w1), then its rms_norm * (offset + w2)");
   m.def("norm_rope", &norm_rope, "optional per-head rms_norm, then rotary (x * cos + x[perm] * sin)");
   m.def("attend_decode", &attend_decode, "one query per head over n visible cached keys",

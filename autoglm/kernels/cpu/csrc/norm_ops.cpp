@@ -1,4 +1,5 @@
 #include "kernels.h"
+#include "vec_exp.h"
 
 namespace autoglm {
 
@@ -37,6 +38,34 @@ const float* weight_ptr(const c10::optional<torch::Tensor>& w, int64_t D) {
   TORCH_CHECK(w->numel() == D, "norm weight has ", w->numel(), " elements for rows of ", D);
   return w->data_ptr<float>();
 }
+
+// silu(x) = x / (1 + exp(-x)), written with e = exp(-|x|) <= 1 so that the exponent never overflows: x / (1 + e) for
+// x >= 0, x e / (1 + e) below. NaN stays NaN (x is the numerator).
+inline float silu1(float x) {
+  const float e = std::exp(-std::fabs(x));
+  return (x < 0.f ? x * e : x) / (1.f + e);
+}
+#if defined(__AVX512F__)
+constexpr int64_t kSiluLanes = 16;
+inline void silu_mul_lanes(float* g, const float* u) {
+  const __m512 x = _mm512_loadu_ps(g), one = _mm512_set1_ps(1.f);
+  const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+  const __m512 num = _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, e);
+  _mm512_storeu_ps(g, _mm512_mul_ps(_mm512_div_ps(num, _mm512_add_ps(one, e)), _mm512_loadu_ps(u)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kSiluLanes = 8;
+inline void silu_mul_lanes(float* g, const float* u) {
+  const __m256 x = _mm256_loadu_ps(g), one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
+  const __m256 e = exp_neg(_mm256_sub_ps(zero, a));
+  const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+  _mm256_storeu_ps(g, _mm256_mul_ps(_mm256_div_ps(num, _mm256_add_ps(one, e)), _mm256_loadu_ps(u)));
+}
+#else
+constexpr int64_t kSiluLanes = 1;
+inline void silu_mul_lanes(float* g, const float* u) { g[0] = silu1(g[0]) * u[0]; }
+#endif
 
 }  // namespace
 
@@ -122,6 +151,29 @@ torch::Tensor norm_rope(const torch::Tensor& x, const c10::optional<torch::Tenso
     }
   });
   return out;
+}
+
+// g = silu(g) * u in place (the gated MLP's activation; g and u the same shape): every element takes the vector
+// path, the last partial group through a buffer, so the result does not depend on where a row or a chunk ends
+// (the decode stack and the MLP module call this same function: bitwise equal)
+torch::Tensor silu_mul_(torch::Tensor& g, const torch::Tensor& u) {
+  check_rows(g, "g");
+  check_rows(u, "u");
+  TORCH_CHECK(g.sizes() == u.sizes(), "silu_mul_: g and u must have the same shape");
+  float* gp = g.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  const int64_t n = g.numel(), full = n / kSiluLanes;
+  parallel_chunks(full, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) silu_mul_lanes(gp + b * kSiluLanes, up + b * kSiluLanes);
+  });
+  if (const int64_t tail = n - full * kSiluLanes; tail > 0) {
+    float gb[kSiluLanes] = {0}, ub[kSiluLanes] = {0};
+    std::copy(gp + full * kSiluLanes, gp + n, gb);
+    std::copy(up + full * kSiluLanes, up + n, ub);
+    silu_mul_lanes(gb, ub);
+    std::copy(gb, gb + tail, gp + full * kSiluLanes);
+  }
+  return g;
 }
 
 }  // namespace autoglm
