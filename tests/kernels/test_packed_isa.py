@@ -144,13 +144,21 @@ def _llama_q8k(x: np.ndarray) -> np.ndarray:
     return (q * d[:, None]).reshape(x.shape)
 
 
-def test_k_quant_activations_are_llama_cpp_q8k(avx2: CpuKernels) -> None:
-    x = _x(5, 768, seed=11)
+def test_k_quant_activations_are_llama_cpp_q8k(avx2: CpuKernels, avx512: CpuKernels) -> None:
+    x = _x(6, 768, seed=11)
     x[2, 256:512] = 0.0  # an all-zero super-block
     x[3, 7] = -x[3, :256].abs().max() * 2  # the extreme is negative: d > 0 for that block
+    peak = x[4].abs().max() * 3
+    x[4, 10], x[4, 200] = peak, -peak  # a tie of |x|: the first decides the sign (strict scan)
+    x[4, 300], x[4, 301] = -peak, peak
+    x[5, 512:768] *= 1e-30  # tiny values: the grid is relative
+    x[5, 0] = -127.0  # iscale exactly 1: halves round to even (2.5 -> 2, 3.5 -> 4, -0.5 -> 0)
+    x[5, 1:4] = torch.tensor([2.5, 3.5, -0.5])
     fmt = GGUFBlockFormat(Q.Q4_K, 16, 768, packed=True)
+    want = torch.from_numpy(_llama_q8k(x.numpy()))
     got = avx2.quantize_activations(x, fmt)
-    assert torch.equal(got, torch.from_numpy(_llama_q8k(x.numpy())))
+    assert torch.equal(got, want)
+    assert torch.equal(avx512.quantize_activations(x, fmt), want)
     assert not torch.equal(got, avx2.quantize_activations(x))  # per 32 is another grid
     assert torch.equal(avx2.quantize_activations(x, GGUFBlockFormat(Q.Q4_K, 16, 768)), avx2.quantize_activations(x))
 

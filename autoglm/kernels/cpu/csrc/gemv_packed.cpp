@@ -266,6 +266,7 @@ std::vector<torch::Tensor> gemv_packed_many(const torch::Tensor& x, const std::v
     int64_t u0, u1;
   };
   std::vector<Task> tasks;
+  tasks.reserve(total / kMinChunkBytes + 2 * jobs.size());  // ~470 for a 15 MB gate/up: no regrowth per call
   for (size_t i = 0; i < jobs.size(); ++i) {
     const int64_t ub = jobs[i].per * jobs[i].nb * jobs[i].gbytes * M;
     const int64_t g = std::max<int64_t>(1, kMinChunkBytes / ub);
