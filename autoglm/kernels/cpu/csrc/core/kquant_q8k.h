@@ -43,7 +43,7 @@ inline const char* kq_isa() {
 #endif
 }
 
-// k multiple of 256; the same plain C++ on every ISA (the activation grid is part of the contract: common.h quantize_q8k)
+// k multiple of 256; plain C++ on every ISA (the activation grid is part of the contract: common.h quantize_q8k)
 inline void quantize_row_q8k(const float* x, BlockQ8K* y, int64_t k) {
   for (int64_t b = 0; b < k / 256; ++b) quantize_q8k(x + 256 * b, y[b].qs, y[b].d, y[b].bsums);
 }
