@@ -23,6 +23,7 @@ from autoglm.errors import UnsupportedModality
 from autoglm.layers.attention import AttentionContext, make_backend
 from autoglm.layers.linear.batch_invariant import set_batch_invariant
 from autoglm.layers.linear.gguf import prepare_weights
+from autoglm.models.base import PreparesDecode
 from autoglm.models.loaded import LoadedModel
 
 
@@ -46,6 +47,8 @@ class ModelRunner:
         prepare_weights(model.decoder)  # explicit one-time repack for the chosen kernels (no-op when done/none)
         self.deterministic = deterministic
         set_batch_invariant(model.decoder, deterministic)  # per model: the engine's choice, set both ways
+        if isinstance(self.decoder, PreparesDecode):  # the weights are final: the one-call stack's operands, once
+            self.decoder.prepare_decode()
         # the decoder lives on one device (encoders may be elsewhere)
         self.backend = make_backend(
             self.layers, num_blocks=num_blocks, block_size=block_size, dtype=cache_dtype, device=self.device,

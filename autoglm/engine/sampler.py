@@ -146,6 +146,10 @@ class Sampler:
     def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
         assert logits.shape[0] == len(rows)
         raw = logits.float()
+        if all(_plain_greedy(r) for r in rows):
+            # nothing to transform or report: the argmax alone (the general path's torch ops cost ~0.3 ms a step,
+            # cold, against ~0.1 ms for the argmax)
+            return argmax_list(raw), [None] * len(rows)
         dev = raw.device
 
         def col(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -199,6 +203,26 @@ class Sampler:
                 lp.top = lp.top[: rows[i].logprobs]
                 logprobs[i] = lp
         return tokens.tolist(), logprobs
+
+
+def _plain_greedy(r: SamplingRow) -> bool:
+    """A greedy row with no bias, mask, penalty or logprobs: its token is the argmax of the raw logits."""
+    return (
+        r.temperature < _GREEDY_EPS
+        and r.logprobs is None
+        and not r.logit_bias
+        and r.token_bitmask is None
+        and r.presence_penalty == 0
+        and r.frequency_penalty == 0
+        and r.repetition_penalty == 1
+    )
+
+
+def argmax_list(x: Tensor) -> list[int]:
+    """argmax_rows(x).tolist() with fewer conversions on CPU (each op here runs cold in a decode step)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[-1] > 0 and x.is_contiguous():
+        return np.argmax(x.numpy(), axis=-1).tolist()  # type: ignore[no-any-return]
+    return argmax_rows(x).tolist()  # type: ignore[no-any-return]
 
 
 def argmax_rows(x: Tensor) -> Tensor:

@@ -91,6 +91,21 @@ class RopeOperands(NamedTuple):
     interleaved: bool
 
 
+class DecodeStack(Protocol):
+    """A stack of decoder layers' operands, read once by `Kernels.decode_stack` for that object's
+    `decode_layers`: valid while the modules keep their weights, norms and kernels."""
+
+    @property
+    def kernels(self) -> Kernels:
+        """The implementation that read it (only its decode_layers runs it)."""
+        ...
+
+    @property
+    def attn(self) -> Sequence[AttentionShape]:
+        """Each layer's attention, in order (the backend finds its caches by these)."""
+        ...
+
+
 class Kernels(Protocol):
     """Ops over GGUF blocks, norms, rotary and decode attention. Shapes: T tokens, H heads, D head dim."""
 
@@ -165,12 +180,15 @@ class Kernels(Protocol):
         ...
 
     # --- a stack of decoder layers ----------------------------------------------------------------------------
-    def decode_layers(
-        self, h: Tensor, layers: Sequence[DecoderLayerModules], rope: RopeOperands, kv: PagedDecodeKV
-    ) -> Tensor | None:
+    def decode_stack(self, layers: Sequence[DecoderLayerModules]) -> DecodeStack | None:
+        """The operands `decode_layers` runs for these layers, read from the modules now; None when this
+        implementation has no one-call kernel for them (the caller runs the modules)."""
+        ...
+
+    def decode_layers(self, h: Tensor, stack: DecodeStack, rope: RopeOperands, kv: PagedDecodeKV) -> Tensor | None:
         """LLaMA-family pre-norm layers for a decode step in one call: h [B, D] -> for each layer h + attn(norm(h)),
         then + mlp(norm(.)) ([B, D]), storing the step's K/V at `kv.slots`. Must equal the modules' own forward
-        bitwise; None when this implementation cannot run these operands (the caller runs the modules)."""
+        bitwise; None when this implementation cannot run these inputs (the caller runs the modules)."""
         ...
 
 

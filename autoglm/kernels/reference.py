@@ -12,7 +12,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from autoglm.kernels.base import DecoderLayerModules, GemvKernel, GGUFBlockFormat, PagedDecodeKV, RopeOperands
+from autoglm.kernels.base import (
+    DecoderLayerModules,
+    DecodeStack,
+    GemvKernel,
+    GGUFBlockFormat,
+    PagedDecodeKV,
+    RopeOperands,
+)
 
 
 class TorchKernels:
@@ -97,10 +104,11 @@ class TorchKernels:
     ) -> Tensor | None:
         return None  # no single-call kernel: the torch backend gathers blocks and masks (attention/torch_ref.py)
 
-    def decode_layers(
-        self, h: Tensor, layers: Sequence[DecoderLayerModules], rope: RopeOperands, kv: PagedDecodeKV
-    ) -> Tensor | None:
+    def decode_stack(self, layers: Sequence[DecoderLayerModules]) -> DecodeStack | None:
         return None  # the modules' own forward is the reference
+
+    def decode_layers(self, h: Tensor, stack: DecodeStack, rope: RopeOperands, kv: PagedDecodeKV) -> Tensor | None:
+        return None
 
 
 REFERENCE = TorchKernels()

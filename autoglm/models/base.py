@@ -44,3 +44,11 @@ class DecoderModel(Protocol):
     ) -> Tensor: ...
 
     def compute_logits(self, hidden: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class PreparesDecode(Protocol):
+    """A decoder that can read its decode step's operands once, when its weights are final (`ModelRunner` calls it
+    after `prepare_weights`); a module changed afterwards is not seen until it is called again."""
+
+    def prepare_decode(self) -> bool: ...

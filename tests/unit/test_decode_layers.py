@@ -120,15 +120,20 @@ def test_the_files_exercise_what_the_kernel_takes_apart(llm_of: Any) -> None:
 
 def test_modules_run_where_the_kernel_cannot(llm_of: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A decoder whose norms are not LLaMA's RMSNorm on these kernels (here: one norm rebound to the torch
-    reference) keeps the module path, with the same result as before the change."""
+    reference) keeps the module path, with the same result as before the change. The runner read the stack's
+    operands once (`prepare_decode`), so a change made afterwards counts once that is called again."""
     from autoglm.kernels.reference import REFERENCE
 
     llm = llm_of("qwen2-q4_k_m")
+    decoder = llm.model.decoder
     before, _ = _generate(llm, False, monkeypatch)
-    norm = llm.model.decoder.model.layers[1].post_attention_layernorm
+    norm = decoder.model.layers[1].post_attention_layernorm
     monkeypatch.setattr(norm, "kernels", REFERENCE)
+    assert decoder.prepare_decode() is False  # no stack kept: every step reads the modules and finds the norm
     out, calls = _generate(llm, True, monkeypatch)
     assert calls == 0
+    monkeypatch.undo()
+    assert decoder.prepare_decode() is True
     # the reference norm sums in another order: tokens stay, log-probabilities within float32 rounding
     assert [t for t, _ in out] == [t for t, _ in before]
 

@@ -13,6 +13,7 @@ from autoglm.engine.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    argmax_list,
     argmax_rows,
     compute_logprobs,
 )
@@ -122,6 +123,33 @@ def test_argmax_rows_is_torch_argmax_with_ties_and_nan() -> None:
     assert got.tolist()[1:3] == [10, 3]
     assert torch.equal(argmax_rows(x.t().contiguous().t()), x.argmax(-1))  # a strided view
     assert torch.equal(argmax_rows(x.double()), x.double().argmax(-1))  # other dtypes: torch's own
+
+
+def test_argmax_list_is_argmax_rows() -> None:
+    x = torch.randn(5, 1000)
+    x[1, 10] = x[1, 700] = 50.0
+    x[2, 3] = float("nan")
+    x[3, :] = -float("inf")
+    for y in (x, x.t().contiguous().t(), x.double()):
+        assert argmax_list(y) == x.argmax(-1).tolist()
+
+
+def test_plain_greedy_rows_take_the_general_paths_tokens() -> None:
+    """An all-greedy batch with nothing to transform takes the argmax alone; each row's token is the one the full
+    path picks for it when that path runs (a logprobs row in the batch), including ties and NaN rows."""
+    logits = _logits(4)
+    logits[1, 5] = logits[1, 9] = 99.0
+    logits[2, 7] = float("nan")
+    plain, lps = Sampler()(logits, [_row(temperature=0.0) for _ in range(4)])
+    assert lps == [None] * 4
+    full, _ = Sampler()(logits, [_row(temperature=0.0) for _ in range(3)] + [_row(temperature=0.0, logprobs=2)])
+    assert plain == full == logits.argmax(-1).tolist()
+    assert plain[1:3] == [5, 7]
+    # any setting that changes the pick leaves the fast path
+    biased, _ = Sampler()(logits, [_row(temperature=0.0, logit_bias={3: 500.0})] + [_row(temperature=0.0)] * 3)
+    assert biased[0] == 3 and biased[1:] == plain[1:]
+    penal, _ = Sampler()(logits[:1], [_row(temperature=0.0, repetition_penalty=1e9, output_token_ids=[plain[0]])])
+    assert penal != plain[:1]
 
 
 def test_same_seed_same_tokens_regardless_of_batch_mates() -> None:

@@ -28,13 +28,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
-from autoglm.kernels.base import DecoderLayerModules, GemvKernel, GGUFBlockFormat, PagedDecodeKV, RopeOperands
+from autoglm.kernels.base import (
+    AttentionShape,
+    DecoderLayerModules,
+    DecodeStack,
+    GemvKernel,
+    GGUFBlockFormat,
+    PagedDecodeKV,
+    RopeOperands,
+)
 from autoglm.kernels.cpu import pack as packing
 from autoglm.kernels.cpu import variants
 from autoglm.kernels.reference import REFERENCE
@@ -52,6 +61,24 @@ _PACKED_Q8K_IDS = frozenset((12, 14))  # the packed tiles' K-quants: q8_K activa
 # prefill dequantizes at most this many weight elements at a time into a reused buffer (16 MiB of float32)
 DEQUANT_SLAB_ELEMENTS = 1 << 22
 _FUSED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # KV cache dtypes attention.cpp reads
+
+
+class _CpuDecodeStack(NamedTuple):
+    """`CpuKernels.decode_stack`: csrc/decode_layer.cpp's operands, 7 linears per layer (q, k, v, o, gate, up,
+    down) flat, one norm of each kind per layer (q/k norms: Qwen3's, or None)."""
+
+    kernels: CpuKernels
+    attn: list[AttentionShape]
+    weights: list[Tensor]
+    kinds: list[int]  # CpuKernels.gemv_kind of each weight
+    qids: list[int]
+    biases: list[Tensor | None]
+    in_norms: list[Tensor | None]
+    post_norms: list[Tensor | None]
+    eps: float
+    q_norms: list[Tensor | None]
+    k_norms: list[Tensor | None]
+    qk_eps: float
 
 
 def cpu_has_amx_bf16() -> bool:
@@ -269,16 +296,11 @@ class CpuKernels:
         return self.ext.attend_decode_paged(q.contiguous(), k_cache, v_cache, block_tables, lo, hi, scale)
 
     # --- a stack of decoder layers ----------------------------------------------------------------------------
-    def decode_layers(
-        self, h: Tensor, layers: Sequence[DecoderLayerModules], rope: RopeOperands, kv: PagedDecodeKV
-    ) -> Tensor | None:
-        # one C++ call (csrc/decode_layer.cpp) running the kernels each module's forward would, in its order. The
-        # operands are read afresh each step (modules' decode_operands): a cache would need as many reads to stay
-        # valid (packing, the loader and rebinding replace weights and kernels).
-        if not (h.dtype == torch.float32 and h.is_cpu and h.dim() == 2 and h.shape[0] <= GEMV_MAX_ROWS and layers):
+    def decode_stack(self, layers: Sequence[DecoderLayerModules]) -> _CpuDecodeStack | None:
+        # what csrc/decode_layer.cpp runs for these modules (each module's forward's kernels, in its order), as
+        # flat lists: read once where the model keeps the stack (`LlamaModel.prepare_decode`), else every step
+        if not layers:
             return None
-        if rope.cos.dtype != torch.float32:
-            return None  # kv: the backend's decode_kv hands over only caches attend_decode_paged reads
         attn = layers[0].attn
         geometry = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
         weights: list[Tensor] = []
@@ -321,9 +343,23 @@ class CpuKernels:
                 elif ops[1] != e:
                     return None
                 norms[i].append(ops[0])
+        return _CpuDecodeStack(
+            self, [m.attn for m in layers], weights, kinds, qids, biases, norms[0], norms[1], float(eps[0] or 0.0),
+            norms[2], norms[3], float(eps[1] or 0.0),
+        )  # fmt: skip
+
+    def decode_layers(self, h: Tensor, stack: DecodeStack, rope: RopeOperands, kv: PagedDecodeKV) -> Tensor | None:
+        # one C++ call (csrc/decode_layer.cpp) over the stack's operands
+        if not isinstance(stack, _CpuDecodeStack) or stack.kernels is not self:
+            return None
+        if not (h.dtype == torch.float32 and h.is_cpu and h.dim() == 2 and h.shape[0] <= GEMV_MAX_ROWS):
+            return None
+        if rope.cos.dtype != torch.float32:
+            return None  # kv: the backend's decode_kv hands over only caches attend_decode_paged reads
+        a = stack.attn[0]
         return self.ext.decode_layers(
-            h.contiguous(), weights, kinds, qids, biases, norms[0], norms[1], float(eps[0] or 0.0), norms[2], norms[3],
-            float(eps[1] or 0.0), rope.cos, rope.sin, rope.rotary_dim or attn.head_dim, rope.interleaved,
-            kv.k_caches, kv.v_caches, kv.slots, kv.block_tables, kv.lo, kv.hi, float(attn.scale),
-            attn.num_heads, attn.num_kv_heads, attn.head_dim,
+            h.contiguous(), stack.weights, stack.kinds, stack.qids, stack.biases, stack.in_norms, stack.post_norms,
+            stack.eps, stack.q_norms, stack.k_norms, stack.qk_eps, rope.cos, rope.sin, rope.rotary_dim or a.head_dim,
+            rope.interleaved, kv.k_caches, kv.v_caches, kv.slots, kv.block_tables, kv.lo, kv.hi, float(a.scale),
+            a.num_heads, a.num_kv_heads, a.head_dim,
         )  # fmt: skip
