@@ -163,6 +163,26 @@ def test_k_quant_activations_are_llama_cpp_q8k(avx2: CpuKernels, avx512: CpuKern
     assert torch.equal(avx2.quantize_activations(x, GGUFBlockFormat(Q.Q4_K, 16, 768)), avx2.quantize_activations(x))
 
 
+def test_q8k_activations_of_extremes_are_the_same_integers_on_every_isa(avx2: CpuKernels, avx512: CpuKernels) -> None:
+    """The q8_K quantizer has AVX-512, AVX2 and plain bodies (csrc/core/common.h): every one yields the same
+    activations bit for bit, also where x holds NaN, infinities, denormals, exact halves and all-NaN blocks; the
+    finite rows are llama.cpp's."""
+    scalar = _kernels("scalar")
+    x = _x(4, 1536, seed=5)
+    x[0, 3], x[0, 300], x[0, 600] = float("nan"), float("inf"), -float("inf")
+    x[0, 800:1024] = float("nan")  # most of a block NaN, the rest finite
+    x[1, 256:512] = float("nan")  # a whole block NaN
+    x[1, 512:768] = -float("inf")
+    x[1, 768:1024] = torch.arange(256) % 3 * 1e-38  # denormal-sized values
+    x[2, 0] = -127.0  # iscale exactly 1: halves round to even
+    x[2, 1:256] = (torch.arange(255) % 7) * 0.5 - 1.5
+    x[2, 256:512] = 0.0
+    got = {k.isa: k.ext.quantize_activations(x, True).view(torch.int32) for k in (scalar, avx2, avx512)}
+    assert torch.equal(got["scalar"], got[avx2.isa]) and torch.equal(got["scalar"], got["avx512"])
+    want = torch.from_numpy(_llama_q8k(x[2:].numpy()))
+    assert torch.equal(got["avx512"][2:].view(torch.float32), want)
+
+
 def test_an_avx2_model_packs_its_weights(avx2: CpuKernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from autoglm.layers.linear.gguf import GGUFEmbedding, GGUFLinear, prepare_weights
     from autoglm.loader.gguf import load_gguf

@@ -180,6 +180,26 @@ def test_attend_decode_kernel(isa_ext: Any, heads: int, kv_heads: int, head_dim:
     _close(isa_ext.attend_decode(q, strided_k, strided_v, 0.3), _sdpa(q, strided_k, strided_v, 0.3), tol=2e-5)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads"), [(12, 2), (8, 4), (6, 3), (4, 1)])
+def test_attend_decode_is_bitwise_the_same_at_any_thread_count(isa_ext: Any, heads: int, kv_heads: int) -> None:
+    # at 2 threads a long span with an even number of KV heads runs a KV head per thread (scores, softmax and
+    # values in one region); at 1 thread, and for 3 or 1 KV heads, keys and value columns are split instead: the
+    # same arithmetic per head either way
+    g = torch.Generator().manual_seed(heads)
+    k, v = torch.randn(2, 150, kv_heads, 128, generator=g)
+    q = torch.randn(heads, 128, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = isa_ext.attend_decode(q, k, v, 0.09)
+        torch.set_num_threads(2)
+        two = isa_ext.attend_decode(q, k, v, 0.09)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    _close(two, _sdpa(q, k, v, 0.09), tol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_attend_decode_paged_equals_the_gathered_span(isa_ext: Any, dtype: torch.dtype) -> None:
     # the batched paged kernel reads each sequence's blocks in place: bitwise what attend_decode computes on the

@@ -202,73 +202,90 @@ void attend_impl(const float* q, const T* const* krow, const T* const* vrow, int
   const int64_t G = H / KV;
   std::vector<float> s(H * n);  // scores / probabilities [H, n]
   const bool fast = AUTOGLM_ATTN_AVX && D % 64 == 0;
-  parallel_chunks(n, 64, [&](int64_t j0, int64_t j1) {
-    for (int64_t kh = 0; kh < KV; ++kh) {
-      const int64_t ho = kh * ks1;
-      int64_t g = 0;
+  const int64_t chunks = (D + 63) / 64;
+  // s[h, j0:j1] = q[h] . k[j] for the G query heads of KV head kh
+  auto scores = [&](int64_t kh, int64_t j0, int64_t j1) {
+    const int64_t ho = kh * ks1;
+    int64_t g = 0;
 #if AUTOGLM_ATTN_AVX
-      if (fast) {
-        for (int gb; g < G; g += gb) {
-          gb = score_heads(G - g);
-          const float* qg = q + (kh * G + g) * D;
-          float* sg = s.data() + (kh * G + g) * n;
-          switch (gb) {
-            case 8: scores_avx<8>(qg, krow, ho, j0, j1, D, sg, n); break;
-            case 6: scores_avx<6>(qg, krow, ho, j0, j1, D, sg, n); break;
-            case 4: scores_avx<4>(qg, krow, ho, j0, j1, D, sg, n); break;
-            case 2: scores_avx<2>(qg, krow, ho, j0, j1, D, sg, n); break;
-            default: scores_avx<1>(qg, krow, ho, j0, j1, D, sg, n);
-          }
-        }
-      }
-#endif
-      for (; g < G; ++g) {
-        const float* qh = q + (kh * G + g) * D;
-        for (int64_t j = j0; j < j1; ++j) {
-          const T* kr = krow[j] + ho;
-          float a = 0.f;
-          for (int64_t d = 0; d < D; ++d) a += qh[d] * to_f(kr[d]);
-          s[(kh * G + g) * n + j] = a;
+    if (fast) {
+      for (int gb; g < G; g += gb) {
+        gb = score_heads(G - g);
+        const float* qg = q + (kh * G + g) * D;
+        float* sg = s.data() + (kh * G + g) * n;
+        switch (gb) {
+          case 8: scores_avx<8>(qg, krow, ho, j0, j1, D, sg, n); break;
+          case 6: scores_avx<6>(qg, krow, ho, j0, j1, D, sg, n); break;
+          case 4: scores_avx<4>(qg, krow, ho, j0, j1, D, sg, n); break;
+          case 2: scores_avx<2>(qg, krow, ho, j0, j1, D, sg, n); break;
+          default: scores_avx<1>(qg, krow, ho, j0, j1, D, sg, n);
         }
       }
     }
+#endif
+    for (; g < G; ++g) {
+      const float* qh = q + (kh * G + g) * D;
+      for (int64_t j = j0; j < j1; ++j) {
+        const T* kr = krow[j] + ho;
+        float a = 0.f;
+        for (int64_t d = 0; d < D; ++d) a += qh[d] * to_f(kr[d]);
+        s[(kh * G + g) * n + j] = a;
+      }
+    }
+  };
+  // out[h, c0:c0+64] = sum_j p[h, j] v[j, c0:c0+64] for the G query heads of KV head kh
+  auto values = [&](int64_t kh, int64_t c0) {
+    const int64_t c = std::min<int64_t>(64, D - c0), ho = kh * vs1;
+    int64_t g = 0;
+#if AUTOGLM_ATTN_AVX
+    if (fast) {
+      for (int gb; g < G; g += gb) {
+        gb = value_heads(G - g);
+        const float* pg = s.data() + (kh * G + g) * n;
+        float* og = out + (kh * G + g) * D;
+        switch (gb) {
+#if defined(__AVX512F__)
+          case 6: values_avx<6>(pg, n, vrow, ho, n, c0, D, og); break;
+          case 4: values_avx<4>(pg, n, vrow, ho, n, c0, D, og); break;
+          case 2: values_avx<2>(pg, n, vrow, ho, n, c0, D, og); break;
+#endif
+          default: values_avx<1>(pg, n, vrow, ho, n, c0, D, og);
+        }
+      }
+    }
+#endif
+    for (; g < G; ++g) {
+      const float* p = s.data() + (kh * G + g) * n;
+      float* o = out + (kh * G + g) * D + c0;
+      std::fill(o, o + c, 0.f);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < c; ++d) o[d] += p[j] * to_f(vrow[j][ho + c0 + d]);
+    }
+  };
+  const int64_t nth = at::get_num_threads();
+  if (n >= 64 && nth > 1 && KV % nth == 0 && !at::in_parallel_region()) {
+    // a KV head per thread, whole: its scores, softmax and values in one parallel region. The same arithmetic per
+    // head as the split below (the split's key chunks only choose who computes a score), without its second thread
+    // hand-off and the softmax on one thread in between (Qwen2.5's 2 KV heads at 2 threads: -1 region a layer)
+    at::parallel_for(0, KV, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t kh = k0; kh < k1; ++kh) {
+        scores(kh, 0, n);
+        for (int64_t h = kh * G; h < (kh + 1) * G; ++h) softmax_row(s.data() + h * n, n, scale);
+        for (int64_t c = 0; c < chunks; ++c) values(kh, c * 64);
+      }
+    });
+    return;
+  }
+  parallel_chunks(n, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t kh = 0; kh < KV; ++kh) scores(kh, j0, j1);
   });
   for (int64_t h = 0; h < H; ++h) softmax_row(s.data() + h * n, n, scale);
-  // out[h] = sum_j p[h, j] v[j]: threads take (kv head, 64-column chunk) units, so V is read once, no reduction
-  const int64_t chunks = (D + 63) / 64;
-  // a task gets at least ~64K multiply-adds: a short context's few units run inline (a thread hand-off cost more
+  // out[h] = sum_j p[h, j] v[j]: threads take (kv head, 64-column chunk) units, so V is read once, no reduction.
+  // A task gets at least ~64K multiply-adds: a short context's few units run inline (a thread hand-off cost more
   // than the work, measured 2x slower at 2 threads on a 40-token context)
   const int64_t vgrain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * 64 * G));
   parallel_chunks(KV * chunks, vgrain, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t kh = u / chunks, c0 = (u % chunks) * 64, c = std::min<int64_t>(64, D - c0);
-      const int64_t ho = kh * vs1;
-      int64_t g = 0;
-#if AUTOGLM_ATTN_AVX
-      if (fast) {
-        for (int gb; g < G; g += gb) {
-          gb = value_heads(G - g);
-          const float* pg = s.data() + (kh * G + g) * n;
-          float* og = out + (kh * G + g) * D;
-          switch (gb) {
-#if defined(__AVX512F__)
-            case 6: values_avx<6>(pg, n, vrow, ho, n, c0, D, og); break;
-            case 4: values_avx<4>(pg, n, vrow, ho, n, c0, D, og); break;
-            case 2: values_avx<2>(pg, n, vrow, ho, n, c0, D, og); break;
-#endif
-            default: values_avx<1>(pg, n, vrow, ho, n, c0, D, og);
-          }
-        }
-      }
-#endif
-      for (; g < G; ++g) {
-        const float* p = s.data() + (kh * G + g) * n;
-        float* o = out + (kh * G + g) * D + c0;
-        std::fill(o, o + c, 0.f);
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t d = 0; d < c; ++d) o[d] += p[j] * to_f(vrow[j][ho + c0 + d]);
-      }
-    }
+    for (int64_t u = u0; u < u1; ++u) values(u / chunks, (u % chunks) * 64);
   });
 }
 

@@ -3,7 +3,7 @@
 // each weight super-block is unpacked once. ISA by macro (AUTOGLM_ISA_AVX512 / AUTOGLM_ISA_AVX2 / none: scalar).
 //
 // Numeric contract (every ISA bitwise equal to scalar):
-//  - quantize_row_q8k is the same plain C++ everywhere: llama.cpp's quantize_row_q8_K_ref (common.h quantize_q8k).
+//  - quantize_row_q8k gives the same integers on every ISA: llama.cpp's quantize_row_q8_K_ref (common.h quantize_q8k).
 //  - per super-block the weight is unpacked to unsigned u[256] with one int16 scale per 16; the integer dot
 //    sumi = sum_g sc_g * sum_{i in g} u_i q_i (and the min/offset term from bsums) is exact int32, so any SIMD
 //    order gives the same value.
@@ -43,7 +43,7 @@ inline const char* kq_isa() {
 #endif
 }
 
-// k multiple of 256; plain C++ on every ISA (the activation grid is part of the contract: common.h quantize_q8k)
+// k multiple of 256; the same integers on every ISA (the activation grid is part of the contract: common.h quantize_q8k)
 inline void quantize_row_q8k(const float* x, BlockQ8K* y, int64_t k) {
   for (int64_t b = 0; b < k / 256; ++b) quantize_q8k(x + 256 * b, y[b].qs, y[b].d, y[b].bsums);
 }
