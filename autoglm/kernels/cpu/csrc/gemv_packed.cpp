@@ -138,8 +138,8 @@ void quantize_packed_acts(const torch::Tensor& x, int64_t q, int64_t bs, PackedA
   const int off = zero_point(q);
   // prefill quantizes hundreds of rows: in parallel (each row's values do not depend on the split)
   parallel_chunks(M, std::max<int64_t>(1, 4096 / K), [&](int64_t m0, int64_t m1) {
-    std::vector<float> as(n32);
-    std::vector<int32_t> ns4(K / 4);
+    std::vector<float> as(q8k ? 0 : n32);  // the per-32 path's scratch
+    std::vector<int32_t> ns4(q8k ? 0 : K / 4);
     for (int64_t m = m0; m < m1; ++m) {
       const float* xm = x.data_ptr<float>() + m * K;
       int8_t* qm = A.aq.data() + m * K;
@@ -260,21 +260,23 @@ std::vector<torch::Tensor> gemv_packed_many(const torch::Tensor& x, const std::v
     jobs.push_back(packed_job(packed[i], qs[i], K, M, ys[i]));
     total += jobs.back().per * jobs.back().nb * jobs.back().gbytes * M * jobs.back().U;
   }
-  // tasks of ~kMinChunkBytes of weights x rows, taken in guided chunks of tasks (several weights, one region)
-  struct Task {
-    int32_t job;
-    int64_t u0, u1;
-  };
-  std::vector<Task> tasks;
-  tasks.reserve(total / kMinChunkBytes + 2 * jobs.size());  // ~470 for a 15 MB gate/up: no regrowth per call
+  // tasks of ~kMinChunkBytes of weights x rows, taken in guided chunks of tasks (several weights, one region):
+  // weight i's tasks are numbered first[i] .. first[i + 1] - 1, each `units[i]` of its units (computed, not
+  // listed: a 15 MB gate/up has ~470, and filling a list of them cost ~4 us a call while the other threads waited)
+  std::vector<int64_t> units(jobs.size()), first(jobs.size() + 1, 0);
   for (size_t i = 0; i < jobs.size(); ++i) {
-    const int64_t ub = jobs[i].per * jobs[i].nb * jobs[i].gbytes * M;
-    const int64_t g = std::max<int64_t>(1, kMinChunkBytes / ub);
-    for (int64_t u = 0; u < jobs[i].U; u += g) tasks.push_back({static_cast<int32_t>(i), u, std::min(jobs[i].U, u + g)});
+    units[i] = std::max<int64_t>(1, kMinChunkBytes / (jobs[i].per * jobs[i].nb * jobs[i].gbytes * M));
+    first[i + 1] = first[i] + (jobs[i].U + units[i] - 1) / units[i];
   }
-  const int64_t grain = total < kMinTaskBytes ? static_cast<int64_t>(tasks.size()) : 1;  // tiny: inline
-  parallel_guided(static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) run_units(jobs[tasks[t].job], A.acts.data(), M, tasks[t].u0, tasks[t].u1);
+  const int64_t ntasks = first.back();
+  const int64_t grain = total < kMinTaskBytes ? ntasks : 1;  // tiny: inline
+  parallel_guided(ntasks, grain, [&](int64_t t0, int64_t t1) {
+    size_t i = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      while (t >= first[i + 1]) ++i;  // tasks ascend within a chunk: the weight index only moves forward
+      const int64_t u0 = (t - first[i]) * units[i];
+      run_units(jobs[i], A.acts.data(), M, u0, std::min(jobs[i].U, u0 + units[i]));
+    }
   });
 #else
   TORCH_CHECK(false, "gemv_packed_many needs an AVX512-VNNI or AVX2 build");
