@@ -96,9 +96,14 @@ def llm_of(files: dict[str, Path]) -> Iterator[Any]:
 )
 def test_one_call_is_bitwise_the_modules(llm_of: Any, monkeypatch: pytest.MonkeyPatch, name: str, kw: dict) -> None:
     llm = llm_of(name, **kw)
+    reads = []
+    read = CpuKernels.decode_stack
+    monkeypatch.setattr(CpuKernels, "decode_stack", lambda self, layers: reads.append(1) or read(self, layers))
     fused, calls = _generate(llm, True, monkeypatch)
-    # every decode step ran as one call (12 tokens: 11 decode steps, all three sequences in each)
+    # every decode step ran as one call (12 tokens: 11 decode steps, all three sequences in each), over the operands
+    # the runner read once when it was built (prepare_decode): no step read the modules again
     assert calls == 11
+    assert reads == []
     modules, none = _generate(llm, False, monkeypatch)
     assert none == 0
     assert fused == modules
