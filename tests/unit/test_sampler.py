@@ -13,7 +13,6 @@ from autoglm.engine.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
-    argmax_list,
     argmax_rows,
     compute_logprobs,
 )
@@ -125,13 +124,14 @@ def test_argmax_rows_is_torch_argmax_with_ties_and_nan() -> None:
     assert torch.equal(argmax_rows(x.double()), x.double().argmax(-1))  # other dtypes: torch's own
 
 
-def test_argmax_list_is_argmax_rows() -> None:
+def test_argmax_rows_as_a_list_is_torch_argmax() -> None:
+    # the sampler's all-greedy fast path returns argmax_rows(...).tolist()
     x = torch.randn(5, 1000)
     x[1, 10] = x[1, 700] = 50.0
     x[2, 3] = float("nan")
     x[3, :] = -float("inf")
     for y in (x, x.t().contiguous().t(), x.double()):
-        assert argmax_list(y) == x.argmax(-1).tolist()
+        assert argmax_rows(y).tolist() == x.argmax(-1).tolist()
 
 
 def test_plain_greedy_rows_take_the_general_paths_tokens() -> None:
