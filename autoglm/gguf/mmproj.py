@@ -9,7 +9,8 @@ With the decoder's CPU kernels (`kernels`, the GGUF loader's), every block-quant
 its file blocks as a `GGUFLinear` (packed by `prepare_weights` here, like the decoder's): a Q8_0 mmproj of the 9B holds
 0.9 GiB instead of 3.3 GiB of float32, and its matmuls run on the int8 kernels (per-32 int8 activations, as
 llama.cpp's clip computes a Q8_0 projector). F32/F16/BF16 tensors, the patch and merge convolutions, the position
-table and the norms are float (`dtype`); without kernels (CUDA, or none built) the whole tower is dequantized.
+table and the norms are float (`dtype`), and the norms, the rotary and silu * up run on the same kernels; without
+kernels (CUDA, or none built) the whole tower is dequantized and runs in torch.
 
 Rules (issue 4): the projection size (`clip.vision.projection_dim`) must equal the text model's embedding size, and
 the projector type must be one the text model can use (`glm4v` needs the GLM-4.1V text model, i.e. M-RoPE); each
@@ -30,7 +31,7 @@ from torch import Tensor
 from autoglm.errors import ConfigError, ModelLoadError
 from autoglm.gguf.quants import dequantize
 from autoglm.gguf.reader import GGUFFile
-from autoglm.kernels import Kernels, kernels_label
+from autoglm.kernels import Kernels, bind_kernels, kernels_label
 from autoglm.layers.linear import Linear
 from autoglm.layers.linear.gguf import GGUFBlockFormat, GGUFLinear, prepare_weights
 from autoglm.loader.weights import expected_tensors, fill_parameters
@@ -238,6 +239,8 @@ def load_mmproj(
                     device=device)
     tower.eval()
     prepare_weights(tower)  # the packed layout where the kernels have one (as the runner does for the decoder)
+    if kernels is not None and on_cpu:
+        bind_kernels(tower, kernels)  # norms, rotary and silu * up: fused float32 loops at 13k-patch sizes
     if image_token_id is None:
         raise ConfigError(f"{f.path}: the text vocabulary has no {IMAGE_PLACEHOLDER} token for image placeholders")
     return MmprojVisionEncoder(

@@ -202,7 +202,7 @@ def load_gguf(
         info.bytes / 2**20,
         seconds,
     )
-    # the decoder's norms, rotary and attention run with the same kernels (encoders keep the torch reference);
+    # the decoder's norms, rotary and attention run with the same kernels (the mmproj tower binds its own);
     # packing weights is the explicit `prepare_weights` step (server start-up / engine runner), not part of loading
     bind_kernels(loaded.decoder, kernels)
     log.info("%s: %s kernels%s", path.name, info.kernels, f", weights dequantized to {act_dtype}" if dense else "")

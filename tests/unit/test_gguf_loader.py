@@ -262,6 +262,36 @@ def test_mmproj_attaches_the_vision_encoder(tiny_glm4v_text_gguf: Path, tiny_mmp
     assert load_gguf(tiny_glm4v_text_gguf, mmproj=tiny_mmproj, no_vision=True).encoders == {}
 
 
+def test_mmproj_tower_runs_on_the_decoders_kernels(
+    tiny_glm4v_text_gguf: Path, tiny_mmproj: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tower's norms, rotary and silu * up take the decoder's CPU kernels (fused loops), and compute what the
+    torch reference computes."""
+    from PIL import Image
+
+    from autoglm.kernels import REFERENCE, bind_kernels
+    from autoglm.kernels.base import UsesKernels
+
+    monkeypatch.setenv("AUTOGLM_GGUF_KERNELS", "1")  # this test is about the kernels (the file's default is off)
+    m = load_gguf(tiny_glm4v_text_gguf, mmproj=tiny_mmproj)
+    kernels = next(mod.kernels for mod in m.decoder.modules() if isinstance(mod, UsesKernels))
+    assert kernels is not REFERENCE
+    enc = m.encoders["image"]
+    tower = enc.visual
+    bound = [mod for mod in tower.modules() if isinstance(mod, UsesKernels)]
+    depth = len(tower.blocks)
+    # per block: 2 norms + silu * up; the rotary, the 2 outer norms and the merger's silu * up
+    assert len(bound) == 3 * depth + 4
+    assert all(mod.kernels is kernels for mod in bound)
+    img = Image.new("RGB", (90, 130), (200, 30, 60))
+    for x in range(0, 90, 7):
+        img.putpixel((x, x % 130), (0, 255, 0))
+    inputs = enc.preprocess(img)
+    ours = enc.encode(inputs)
+    assert bind_kernels(tower, REFERENCE) == len(bound)
+    torch.testing.assert_close(ours, enc.encode(inputs), rtol=1e-4, atol=1e-5)
+
+
 def test_mmproj_that_does_not_fit_names_both(
     tiny_glm4v_text_gguf: Path, tiny_glm4_gguf: Path, tiny_mmproj: Path, tmp_path: Path
 ) -> None:
