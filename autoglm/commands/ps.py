@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             models = json.loads(response.read())["models"]
+    except urllib.error.HTTPError as e:  # a server answered, with an error (before URLError: it is one)
+        hint = (" (the server wants an API key: set AUTOGLM_API_KEY to the key it was started with)"
+                if e.code == 401 else "")
+        raise ServiceUnavailable(f"the server at {url} answered HTTP {e.code} {e.reason}{hint}") from None
     except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
         raise ServiceUnavailable(f"no autoglm server answered at {url} ({getattr(e, 'reason', e)}); start one with "
                                  "`autoglm serve` or set AUTOGLM_HOST / AUTOGLM_PORT") from None

@@ -27,6 +27,7 @@ from autoglm.tokenizer.tool_calls import (
     ParsedReply,
     StreamDelta,
     ToolCallDelta,
+    arguments_mapping,
     assemble,
     dumps_arguments,
     new_call_id,
@@ -335,9 +336,21 @@ class ToolFormat:
         raise NotImplementedError
 
     def parse(self, text: str, tools: Sequence[Any] | None) -> ParsedReply:
-        """Whole reply -> content + tool calls (what the non-streaming response carries)."""
+        """Whole reply -> content + tool calls (what the non-streaming response carries).
+
+        Unlike the stream, which cannot take back a call it has announced, a call whose arguments are not a JSON
+        object (cut by max_tokens, or malformed) is left out here, so clients can json.loads every call they get
+        (vLLM's parsers do the same); when that leaves no call, the whole reply is the content, so nothing is lost."""
         stream = self.stream(tools)
-        return assemble([stream.feed(text), stream.finish()])
+        reply = assemble([stream.feed(text), stream.finish()])
+        calls = [c for c in reply.tool_calls if isinstance(arguments_mapping(c.arguments), dict)]
+        if len(calls) == len(reply.tool_calls):
+            return reply
+        log.warning("left out %d tool call(s) whose arguments are not a JSON object",
+                    len(reply.tool_calls) - len(calls))
+        if not calls:
+            return ParsedReply(content=text if text.strip() else None, tool_calls=[])
+        return ParsedReply(content=reply.content, tool_calls=calls)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

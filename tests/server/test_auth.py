@@ -60,3 +60,19 @@ def test_image_to_text_only_server_is_400(keyed_server: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError, match="no encoder loaded"):
         client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}])
+
+
+def test_ps_names_the_missing_key(
+    keyed_server: ServerProcess, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`autoglm ps` against a keyed server: without AUTOGLM_API_KEY it says a key is wanted (not "start a server")."""
+    from autoglm.cli import main
+
+    port = str(httpx.URL(keyed_server.base_url).port)
+    monkeypatch.delenv("AUTOGLM_API_KEY", raising=False)
+    assert main(["ps", "--host", "127.0.0.1", "--port", port]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "AUTOGLM_API_KEY" in err and "start one" not in err
+    monkeypatch.setenv("AUTOGLM_API_KEY", KEY)
+    assert main(["ps", "--host", "127.0.0.1", "--port", port]) == 0
+    assert "NAME" in capsys.readouterr().out

@@ -169,11 +169,8 @@ def test_glm45_call_without_arguments() -> None:
     (Glm4ToolFormat(), "Sure! Here you go."),
 ])
 def test_malformed_calls_stay_content(fmt: ToolFormat, text: str) -> None:
+    # (GLM-4-0414 announces `get_time` at the first newline, so its stream sends that call; the whole reply does not)
     parsed = fmt.parse(text, TOOLS)
-    if fmt.name == "glm4" and text.startswith("get_time\n"):
-        # GLM-4-0414 announces the call at the first newline (streaming cannot take it back); the text is kept
-        assert parsed.tool_calls[0].arguments == "not json"
-        return
     assert parsed.tool_calls == [] and parsed.content == text
 
 
@@ -183,6 +180,21 @@ def test_truncated_call_is_content_when_unparsable_and_a_call_when_complete() ->
     assert fmt.parse(cut, TOOLS).content == cut
     done = fmt.parse('<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}', TOOLS)
     assert [(c.name, json.loads(c.arguments)) for c in done.tool_calls] == [("get_time", {"tz": "UTC"})]
+
+
+def test_a_call_cut_after_its_name_is_left_out_of_the_whole_reply() -> None:
+    """max_tokens ends the reply inside a call's arguments: the stream has announced it, the non-streaming reply
+    keeps only the calls whose arguments parse (every `arguments` there is a JSON object), the rest as text."""
+    fmt = HermesToolFormat()
+    one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "'
+    parsed = fmt.parse(one, TOOLS)
+    assert parsed.tool_calls == [] and parsed.content == one
+    two = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>\n' + one
+    parsed = fmt.parse(two, TOOLS)
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [("get_time", {"tz": "UTC"})]
+    stream = fmt.stream(TOOLS)  # the stream still sends what it announced
+    streamed = assemble([stream.feed(one), stream.finish()])
+    assert [c.name for c in streamed.tool_calls] == ["get_weather"]
 
 
 def test_plain_content_streams_through_without_waiting() -> None:
