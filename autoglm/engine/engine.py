@@ -275,13 +275,24 @@ class Engine:
 
     def _grammar_failed(self, req: Request, token: int) -> RequestOutput:
         """The sampled token broke the request's grammar (the mask should make this impossible): end it alone."""
+        from autoglm.engine.grammar import is_limit_error, short_error  # here: the engine does not need llguidance
+
         why = req.grammar_state.error if req.grammar_state is not None else None
         final = self.abort(req.request_id)
         assert final is not None
-        final.error = RequestFailed(
-            f"request {req.request_id}: token {token} does not follow the output grammar ({why or 'refused'})",
-            code="grammar_violation",
-        )
+        if why is not None and is_limit_error(why):  # the client's grammar outgrew the parser: theirs to fix
+            grammar = req.params.grammar
+            param = grammar.spec.param if grammar is not None else None
+            final.error = InvalidRequest(
+                f"{param or 'grammar'}: the grammar is too large or complex for the output parser: {short_error(why)}",
+                param=param, code="grammar_too_complex",
+            )
+        else:
+            final.error = RequestFailed(
+                f"request {req.request_id}: token {token} does not follow the output grammar "
+                f"({short_error(why) if why else 'refused'})",
+                code="grammar_violation",
+            )
         self.num_failed += 1
         return final
 

@@ -126,6 +126,18 @@ def _llguidance_grammar(spec: GrammarSpec) -> str:
         raise InvalidRequest(f"{spec.param}: invalid {spec.kind.replace('_', ' ')}: {e}", param=spec.param) from e
 
 
+def short_error(message: str, limit: int = 300) -> str:
+    """The first line of a grammar-engine error, without the parser state and grammar it appends."""
+    head = message.split("<state>", 1)[0].strip().splitlines()
+    text = head[0] if head else "refused"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_limit_error(message: str) -> bool:
+    """A grammar-engine error from its size limits (a grammar too large for it), not from a disallowed token."""
+    return "; max is " in message or "fuel" in message
+
+
 class CompiledGrammar:
     """A validated grammar for one tokenizer; `new_state()` per generated sequence."""
 
@@ -228,6 +240,29 @@ class GrammarCompiler:
     def bitmask_width(self) -> int:
         return bitmask_width(self.vocab_size)
 
+    def _probe(self, compiled: CompiledGrammar, tries: int = 16) -> None:
+        """The parser's size limits (items per Earley row, lexer fuel) show only while tokens are consumed: a wide
+        object or a long choice list overflows right after its first token. Walk the first mask and up to `tries`
+        of its tokens one step, so such a grammar is the client's 400 here and not a failure mid-generation."""
+        mask = allocate_token_bitmask(1, self.vocab_size)
+        state = compiled.new_state()
+        state.fill_mask(mask[0])
+        failed = state.error
+        if failed is None:
+            bits = (mask[0].view(-1, 1) >> torch.arange(32, dtype=torch.int32)) & 1
+            allowed = bits.flatten().nonzero().flatten()[: tries + len(self.eos_token_ids)].tolist()
+            for token in [t for t in allowed if t not in self.eos_token_ids][:tries]:
+                step = state.fork()
+                if step.accept(token):
+                    step.fill_mask(mask[0])
+                if step.error is not None and is_limit_error(step.error):
+                    failed = step.error
+                    break
+        if failed is not None:
+            spec = compiled.spec
+            raise InvalidRequest(f"{spec.param}: the grammar is too large or complex for the output parser: "
+                                 f"{short_error(failed)}", param=spec.param)
+
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """Validate and compile; a bad or unsupported grammar -> InvalidRequest naming the field and the cause."""
         hit = self._cache.get(spec)
@@ -243,6 +278,7 @@ class GrammarCompiler:
         for message in messages:
             log.warning("%s grammar warning: %s", spec.param, message)
         compiled = CompiledGrammar(spec, grammar, self._tokenizer, self.vocab_size)
+        self._probe(compiled)
         self._cache[spec] = compiled
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -150,6 +150,20 @@ def test_bad_schema_is_400(client: openai.OpenAI, fmt: dict[str, Any]) -> None:
     assert "response_format" in str(info.value)
 
 
+def test_schema_past_the_parsers_limits_is_400(client: openai.OpenAI) -> None:
+    """700 properties overflow the grammar parser's row limit on its first token, at the top of the schema or nested:
+    a 400 before anything is generated (the compile-time probe), with the parser's first line and none of its state
+    or grammar, and the server unharmed."""
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(700)}}
+    nested = {"type": "object", "properties": {"a": wide}, "required": ["a"], "additionalProperties": False}
+    for schema in (wide, nested):
+        fmt = {"type": "json_schema", "json_schema": {"name": "wide", "schema": schema}}
+        with pytest.raises(openai.BadRequestError, match="too large or complex") as info:
+            _chat(client, response_format=fmt, max_tokens=16)
+        assert "<state>" not in str(info.value) and len(str(info.value)) < 1000
+    assert _chat(client, max_tokens=2).choices[0].finish_reason in ("stop", "length")  # the server is unharmed
+
+
 @pytest.mark.parametrize("kw", [
     {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
     {"tool_choice": "required"},

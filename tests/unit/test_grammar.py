@@ -252,3 +252,26 @@ def test_state_rejects_rolls_back_and_forks(tok: Tokenizer, compiler: GrammarCom
     assert not bad.accept(d[0]) and bad.error and bad.is_terminated()
     with pytest.raises(ValueError, match="bitmask row"):
         bad.fill_mask(torch.zeros(3, dtype=torch.int32))
+
+
+def test_a_grammar_past_the_parsers_limits_is_a_400_at_compile(tok: Tokenizer, compiler: GrammarCompiler) -> None:
+    """700 properties compile but overflow the parser's row limit at the first mask: a 400 naming the field, with
+    the engine's first line of the cause and none of the parser state or grammar it appends."""
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(700)}}
+    with pytest.raises(InvalidRequest, match=r"^response_format: the grammar is too large") as e:
+        compiler.compile(GrammarSpec.json_schema(wide))
+    assert e.value.param == "response_format" and "<state>" not in e.value.message and len(e.value.message) < 500
+    many = [f"choice number {i}" for i in range(20000)]
+    with pytest.raises(InvalidRequest, match=r"^guided_choice: the grammar is too large"):
+        compiler.compile(GrammarSpec.choice(many))
+    compiler.compile(GrammarSpec.json_schema({"type": "object", "properties": {f"p{i}": {"type": "string"}
+                                                                               for i in range(50)}}))
+    # the engine's mid-generation check classifies the parser's own message the same way (a limit, not a bad token)
+    from autoglm.engine.grammar import CompiledGrammar, _llguidance_grammar, is_limit_error, short_error
+
+    spec = GrammarSpec.json_schema(wide)
+    state = CompiledGrammar(spec, _llguidance_grammar(spec), compiler._tokenizer, compiler.vocab_size).new_state()
+    assert not state.accept(tok.encode('{"', add_special_tokens=False)[0]) and state.error is not None
+    assert is_limit_error(state.error) and "<state>" in state.error and "<state>" not in short_error(state.error)
+    ok = compiler.compile(GrammarSpec.json_schema({"type": "object"})).new_state()
+    assert not ok.accept(tok.encode("x", add_special_tokens=False)[0]) and not is_limit_error(ok.error or "")
