@@ -32,9 +32,10 @@ from autoglm.engine.structured_output import structured_output_spec
 from autoglm.errors import AutoGLMError, ContextTooLong, InvalidRequest
 from autoglm.server import ollama_models, ollama_tools
 from autoglm.server.constraints import ChatConstraints, keeps_special_tokens
-from autoglm.server.errors_http import request_id_of
+from autoglm.server.errors_http import SafeJSONResponse, request_id_of
 from autoglm.server.generation import Completion, Delta, Failed, Finished, Generation, Usage
 from autoglm.server.ollama_models import ServedModel
+from autoglm.server.protocol import find_lone_surrogate
 from autoglm.server.state import ServerState, get_state
 from autoglm.store.options import merge_options, sampling_kwargs
 from autoglm.store.store import ModelStore
@@ -59,9 +60,14 @@ class _OllamaRoute(APIRoute):
             except AutoGLMError as e:
                 request.state.metrics_recorded = True
                 log.info("request %s: /api error (%d): %s", request_id_of(request), e.status, e.message)
-                return JSONResponse({"error": e.message}, status_code=e.status)
+                return SafeJSONResponse({"error": e.message}, status_code=e.status)  # echoed text may be odd
             except RequestValidationError as e:
-                return JSONResponse({"error": f"invalid request: {e.errors()[:1]}"}, status_code=400)
+                return SafeJSONResponse({"error": f"invalid request: {e.errors()[:1]}"}, status_code=400)
+            except Exception:  # a bug: Ollama's shape too, the details only in the log
+                rid = request_id_of(request)
+                log.exception("request %s: /api %s failed", rid, request.url.path)
+                return JSONResponse({"error": f"internal server error (request id {rid}); the details are in the "
+                                              "server log"}, status_code=500)
 
         return wrapped
 
@@ -83,7 +89,21 @@ async def _body(request: Request) -> dict[str, Any]:
         raise InvalidRequest(f"invalid JSON in the request body: {e}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    where = find_lone_surrogate(body)
+    if where is not None:
+        raise InvalidRequest(f"{where}: text contains a lone UTF-16 surrogate, which is not valid Unicode")
+    for key in _STRING_FIELDS:
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise InvalidRequest(f"{key} must be a string, got {type(body[key]).__name__}")
+    for key in ("options", "messages"):
+        kind = dict if key == "options" else list
+        if body.get(key) is not None and not isinstance(body[key], kind):
+            raise InvalidRequest(f"{key} must be {'an object' if kind is dict else 'a list'}, "
+                                 f"got {type(body[key]).__name__}")
     return body
+
+
+_STRING_FIELDS = ("model", "name", "source", "destination", "from", "prompt", "system", "suffix", "template")
 
 
 def _now_iso() -> str:

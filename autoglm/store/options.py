@@ -20,10 +20,15 @@ def merge_options(defaults: Mapping[str, Any], options: Mapping[str, Any] | None
     """`options` typed as Ollama types them, over `defaults`; unknown names are logged and ignored (as Ollama
     does), a value of the wrong type raises InvalidRequest naming the option."""
     merged = dict(defaults)
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidRequest(f"options must be an object, got {type(options).__name__}", param="options")
     for key, value in (options or {}).items():
         k = key.lower()
         if k == "stop":
-            merged["stop"] = [value] if isinstance(value, str) else [str(s) for s in value or []]
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, list) and all(isinstance(s, str) for s in value)):
+                raise InvalidRequest("option stop must be a string or a list of strings", param="stop")
+            merged["stop"] = [value] if isinstance(value, str) else list(value or [])
             continue
         try:
             typed = parse_parameter(k, value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -202,6 +203,29 @@ def test_errors(client: ollama.Client, env: Env) -> None:
     status, message = error(lambda: client.chat(model="elsewhere", messages=[{"role": "user", "content": "x"}]))
     assert status == 400 and "one model per server process" in message and "autoglm serve" in message
     client.delete("elsewhere")
+
+
+@pytest.mark.parametrize(("path", "body", "cause"), [
+    ("/api/chat", {"options": "x"}, "options must be an object"),
+    ("/api/chat", {"options": [1, 2]}, "options must be an object"),
+    ("/api/chat", {"options": {"stop": 5}}, "option stop must be a string or a list of strings"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "lone UTF-16 surrogate"),
+    ("/api/generate", {"prompt": "a\ud800b"}, "lone UTF-16 surrogate"),
+    ("/api/generate", {"prompt": 5}, "prompt must be a string"),
+    ("/api/chat", {"model": "a\ud800b"}, "lone UTF-16 surrogate"),
+    ("/api/chat", {"model": 5}, "model must be a string"),
+    ("/api/chat", {"messages": "hi"}, "messages must be a list"),
+    ("/api/show", {"model": None, "name": 5}, "name must be a string"),
+    ("/api/copy", {"source": 5, "destination": 6}, "source must be a string"),
+])
+def test_wrong_types_and_bad_text_are_400s_in_ollamas_shape(env: Env, path: str, body: dict, cause: str) -> None:
+    base = {"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": "x"}], "prompt": "x",
+            "stream": False}
+    payload = json.dumps({**base, **body}).encode()  # json.dumps writes a lone surrogate as its \ud800 escape
+    r = httpx.post(env.server.base_url + path, content=payload, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    assert list(r.json()) == ["error"] and cause in r.json()["error"]
 
 
 def test_context_window_and_options(client: ollama.Client) -> None:
