@@ -357,18 +357,19 @@ class Engine:
         self.runner.release()
 
 
-def check_context(n_prompt: int, max_tokens: int | None, max_model_len: int) -> None:
-    """ContextTooLong (OpenAI's wording) when the prompt, or the prompt plus `max_tokens`, exceeds the context."""
+def check_context(n_prompt: int, max_tokens: int | None, max_model_len: int, what: str = "messages") -> None:
+    """ContextTooLong (OpenAI's wording) when the prompt, or the prompt plus `max_tokens`, exceeds the context.
+    `what` names the input ("messages" for chat, "prompt" for completions): the prompt alone is blamed on it."""
+    if n_prompt >= max_model_len:
+        raise ContextTooLong(
+            f"This model's maximum context length is {max_model_len} tokens. However, your {what} resulted in "
+            f"{n_prompt} tokens. Please reduce the length of the {what}.",
+            param=what,
+        )
     if max_tokens is not None and n_prompt + max_tokens > max_model_len:
         raise ContextTooLong(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the "
-            "completion). Please reduce the length of the messages or completion.",
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the {what}, {max_tokens} in the "
+            f"completion). Please reduce the length of the {what} or completion.",
             param="max_tokens",
-        )
-    if n_prompt >= max_model_len:
-        raise ContextTooLong(
-            f"This model's maximum context length is {max_model_len} tokens. However, your messages resulted in "
-            f"{n_prompt} tokens. Please reduce the length of the messages.",
-            param="messages",
         )

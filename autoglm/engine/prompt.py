@@ -64,21 +64,24 @@ class MediaPart:
     where: str = "messages"
 
 
-def check_fits(model: LoadedModel, text: str, param: str) -> None:
-    """ContextTooLong before tokenizing a text that cannot fit the model's context whatever its tokens are."""
+def check_fits(model: LoadedModel, text: str, param: str, max_len: int | None = None) -> None:
+    """ContextTooLong before tokenizing a text that cannot fit the context (`max_len`: the one served, default the
+    model's) whatever its tokens are."""
+    limit = max_len or model.max_model_len
     n_min = model.tokenizer.literal.min_tokens(text)
-    if n_min >= model.max_model_len:
+    if n_min >= limit:
         raise ContextTooLong(
-            f"This model's maximum context length is {model.max_model_len} tokens. However, your {param} "
+            f"This model's maximum context length is {limit} tokens. However, your {param} "
             f"({len(text)} characters) would be at least {n_min} tokens. Please reduce the length of the {param}.",
             param=param,
         )
 
 
-def build_text_prompt(model: LoadedModel, prompt: str | list[int]) -> PromptInputs:
-    """A raw completion prompt: text is tokenized with the tokenizer's special tokens (BOS if it adds one)."""
+def build_text_prompt(model: LoadedModel, prompt: str | list[int], *, max_len: int | None = None) -> PromptInputs:
+    """A raw completion prompt: text is tokenized with the tokenizer's special tokens (BOS if it adds one).
+    max_len: the context served (for the early too-long check; default the model's)."""
     if isinstance(prompt, str):
-        check_fits(model, prompt, "prompt")
+        check_fits(model, prompt, "prompt", max_len)
         return PromptInputs(token_ids=model.tokenizer.encode(prompt, add_special_tokens=True), text=prompt)
     ids = [int(t) for t in prompt]
     if not ids:
@@ -97,6 +100,7 @@ def build_chat_prompt(
     add_generation_prompt: bool = True,
     max_media: int | None = None,
     tools: Sequence[Any] | None = None,
+    max_len: int | None = None,
 ) -> PromptInputs:
     """OpenAI-style messages -> PromptInputs (template rendered, media routed, preprocessed, placeholders expanded).
 
@@ -105,6 +109,7 @@ def build_chat_prompt(
     media_policy: where media may come from (None: in-memory objects and data URLs only; the server passes its
     policy, the Python API allows local paths). max_media: at most this many items per modality.
     tools: OpenAI tool definitions, passed to the template (it decides how the model sees them).
+    max_len: the context served (for the early too-long check; default the model's).
     """
     if not messages:
         raise InvalidRequest("messages must not be empty", param="messages")
@@ -127,7 +132,7 @@ def build_chat_prompt(
         tok = model.tokenizer
         if tok.token_to_id("<think>") is not None and tok.token_to_id("</think>") is not None:
             text += "<think></think>"
-    check_fits(model, text, "messages")
+    check_fits(model, text, "messages", max_len)
     # the template wrote the prefix tokens itself; client text is never parsed as control tokens
     ids = encode_prompt(model.tokenizer.backend, model.tokenizer.literal, text, client_texts(messages))
     media = [(p.encoder, _load(p, media_policy)) for p in parts]

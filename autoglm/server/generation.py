@@ -148,7 +148,8 @@ class Generation:
     # --- admission ------------------------------------------------------------------------------------------------
     async def start(self, prompt: PromptInputs, params: SamplingParams) -> None:
         self.prompt_tokens = len(prompt.token_ids)
-        check_context(self.prompt_tokens, params.max_tokens, self.state.max_model_len)
+        check_context(self.prompt_tokens, params.max_tokens, self.state.max_model_len,
+                      "prompt" if self.endpoint == "completions" else "messages")
         model = self.state.ready_model()
         params = params.resolve(model.generation_defaults)
         engine = self.state.ready_engine()

@@ -325,7 +325,8 @@ def _prepare(state: ServerState, served: ServedModel, messages: list[dict[str, A
     model = state.ready_model()
     mc = state.output_constraints()
     if raw_text is not None:
-        return _Prepared(build_text_prompt(model, raw_text), mc.compile(spec) if spec is not None else None)
+        return _Prepared(build_text_prompt(model, raw_text, max_len=state.max_model_len),
+                         mc.compile(spec) if spec is not None else None)
     if tools is not None and not ollama_models.supports_tools(model, served.template):
         why = ("its Modelfile TEMPLATE does not use .Tools" if served.template is not None else
                "its chat template has no tool-call syntax autoglm can parse")
@@ -345,7 +346,7 @@ def _prepare(state: ServerState, served: ServedModel, messages: list[dict[str, A
     constraints = ChatConstraints.make(mc, _engine_messages(history), tools=tools, output_spec=spec)
     prompt = build_chat_prompt(model, constraints.messages, enable_thinking=enable_thinking, content_format="string",
                                media_policy=state.media, max_media=state.config.limit_mm_per_prompt,
-                               tools=constraints.tools)
+                               tools=constraints.tools, max_len=state.max_model_len)
     return _Prepared(prompt, constraints.grammar, constraints.tool_format, constraints.tools,
                      constraints.keep_special_tokens)
 

@@ -96,7 +96,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     prompt = await asyncio.to_thread(
         build_chat_prompt, model, constraints.messages, enable_thinking=thinking, chat_template_kwargs=kwargs,
         content_format="string", media_policy=state.media, max_media=state.config.limit_mm_per_prompt,
-        tools=constraints.tools,
+        tools=constraints.tools, max_len=state.max_model_len,
     )
     gens = await _start_choices(body.n, prompt, params, lambda i: Generation(
         state, request, rid=rid, endpoint="chat", model_name=name, stream=body.stream, mode=mode, arrival=arrival,
@@ -115,7 +115,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     _log_unknown(rid, body)
     params = body.sampling_params()
     model = state.ready_model()
-    prompt = await asyncio.to_thread(build_text_prompt, model, body.single_prompt())
+    prompt = await asyncio.to_thread(build_text_prompt, model, body.single_prompt(), max_len=state.max_model_len)
     if (spec := body.output_spec()) is not None:
         params.grammar = await asyncio.to_thread(state.output_constraints().compile, spec)
     gens = await _start_choices(body.n, prompt, params, lambda i: Generation(
