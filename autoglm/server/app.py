@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from autoglm.engine.openmp import ReleasingExecutor
 from autoglm.server import audio_api, health_api, ollama_api, openai_api, status_page
+from autoglm.server.browser import CORSMiddleware, HeadAsGetMiddleware, cors_options
 from autoglm.server.config import ServerConfig
 from autoglm.server.engine_client import EngineClient
 from autoglm.server.errors_http import RequestIdMiddleware, SafeJSONResponse, install_error_handlers
@@ -62,7 +63,9 @@ def create_app(
     app.state.autoglm = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
-    app.add_middleware(RequestIdMiddleware)  # added last = outermost: the limit's errors carry the request id
+    app.add_middleware(RequestIdMiddleware)  # outside the limit: its errors carry the request id
+    app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(CORSMiddleware, **cors_options(config.allowed_origins))  # outermost: errors get CORS too
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(health_api.router)

@@ -37,6 +37,7 @@ class ServerConfig:
     strict_model_name: bool = False  # True: only served names are accepted (vLLM); else ARTICLE_MODEL_NAME too
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that omit max_tokens; 0: the rest of the context
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # browser origins beyond the local ones (server/browser.py); "*": any
     max_model_len: int | None = None
     reasoning_format: str = "merged"
     allowed_local_media_path: str | None = None
@@ -160,7 +161,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--default-max-tokens",), "default_max_tokens", int,
             f"tokens a request without max_tokens may generate (default {DEFAULT_MAX_TOKENS}; 0: up to the "
             "context)"),
-    _Option(("--api-key",), "api_key", str, "require `Authorization: Bearer KEY` on /v1 (default: off)"),
+    _Option(("--api-key",), "api_key", str, "require `Authorization: Bearer KEY` on /v1 and /api (default: off)"),
+    _Option(("--allowed-origins",), "allowed_origins", list,
+            "browser origins (CORS) allowed beyond this machine's own pages; repeat or comma-separate, * for any "
+            "(default: localhost origins only, as Ollama)", metavar="ORIGIN"),
     _Option(("--max-model-len",), "max_model_len", int,
             "context window in tokens (default: the model's, cut to the default KV pool; README)"),
     _Option(
@@ -234,8 +238,8 @@ def _coerce(opt: _Option, value: Any, *, source: str) -> Any:
             # vLLM's form: '{"image": 2}' (only images are limited here)
             return int(json.loads(str(value)).get("image", 0))
         if opt.kind is list:
-            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-            return tuple(s.strip() for s in items if s.strip())
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return tuple(s.strip() for item in items for s in str(item).split(",") if s.strip())
         result = opt.kind(value)
         if opt.choices and result not in opt.choices:
             raise ValueError(f"expected one of {', '.join(opt.choices)}")
