@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from autoglm.engine.grammar import CompiledGrammar, GrammarCompiler, GrammarSpec
 from autoglm.engine.tool_grammar import tool_call_grammar
 from autoglm.errors import InvalidRequest
-from autoglm.tokenizer.tool_calls import tool_functions
+from autoglm.tokenizer.tool_calls import parameters_schema, tool_function, tool_functions
 from autoglm.tokenizer.tool_history import messages_for_template
 from autoglm.tokenizer.tool_parsers import ToolFormat, detect_tool_format
 
@@ -92,9 +92,21 @@ class ChatConstraints:
         if spec is not None and output_spec is not None:
             raise InvalidRequest(f"tool_choice {tool_choice!r} and {output_spec.param} both constrain the output; "
                                  "send one", param=output_spec.param)
-        spec = spec or output_spec
-        grammar = mc.compile(spec) if spec is not None else None
+        try:
+            grammar = mc.compile(spec or output_spec) if (spec or output_spec) is not None else None
+        except InvalidRequest:
+            if spec is not None and tools is not None:
+                _blame_a_tool(mc, tools)  # a bad `parameters` schema is that tool's fault, not tool_choice's
+            raise
         return cls(msgs, tools if choice != "none" else None, fmt, grammar, keeps_special_tokens(fmt, model))
+
+
+def _blame_a_tool(mc: ModelConstraints, tools: list[dict[str, Any]]) -> None:
+    """The call grammar did not compile: compile each tool's schema alone, raising the first failure under
+    `tools[i].function.parameters`; returns when each compiles alone (the combined grammar is at fault)."""
+    for i, tool in enumerate(tools):
+        params = parameters_schema(tool_function(tool, i))
+        mc.compile(GrammarSpec.json_schema(params, param=f"tools[{i}].function.parameters"))
 
 
 def keeps_special_tokens(fmt: ToolFormat | None, model: LoadedModel) -> bool:

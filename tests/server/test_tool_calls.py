@@ -164,6 +164,16 @@ def test_schema_past_the_parsers_limits_is_400(client: openai.OpenAI) -> None:
     assert _chat(client, max_tokens=2).choices[0].finish_reason in ("stop", "length")  # the server is unharmed
 
 
+@pytest.mark.parametrize("schema", [{"type": "banana"}, {"$ref": "#/$defs/missing"}])
+def test_a_bad_tool_schema_is_blamed_on_that_tool(client: openai.OpenAI, schema: dict[str, Any]) -> None:
+    bad = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, tools=[WEATHER, bad], tool_choice="required")
+    error = info.value.body
+    assert error["param"] == "tools[1].function.parameters", error
+    assert error["message"].startswith("tools[1].function.parameters: unsupported or invalid JSON schema")
+
+
 @pytest.mark.parametrize("kw", [
     {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
     {"tool_choice": "required"},
