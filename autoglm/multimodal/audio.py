@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import struct
 from dataclasses import dataclass
 
@@ -86,6 +87,11 @@ def _too_long(seconds: float, max_seconds: float | None, param: str) -> MediaErr
     return MediaError(f"Maximum clip duration ({max_seconds:g}s) exceeded: the audio is {seconds:.1f}s", param=param)
 
 
+# sample rates accepted: telephone-band 1 kHz up to studio 768 kHz (a header claiming more is corrupt or hostile)
+MIN_RATE, MAX_RATE = 1000, 768_000
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 class _NotForSoundfile(Exception):
     """libsndfile cannot open these bytes (a container or codec it lacks): PyAV gets a try."""
 
@@ -116,11 +122,13 @@ def _read_soundfile(data: bytes, limit: float, max_seconds: float | None, param:
     try:
         f = sf.SoundFile(io.BytesIO(data))
     except Exception as e:  # libsndfile says "Format not recognised" etc.: let PyAV try
-        raise _NotForSoundfile(str(e).strip()) from e
+        # its message names our in-memory buffer by address ("Error opening <_io.BytesIO object at 0x..>")
+        raise _NotForSoundfile(_BUFFER_REPR.sub("the file", str(e)).strip()) from e
     with f:
         rate, frames = int(f.samplerate), int(f.frames)
-        if rate <= 0 or f.channels <= 0:
-            raise MediaError(f"invalid audio header: {rate} Hz, {f.channels} channel(s)", param=param)
+        if not MIN_RATE <= rate <= MAX_RATE or f.channels <= 0:
+            raise MediaError(f"invalid audio header: {rate} Hz, {f.channels} channel(s) (sample rates "
+                             f"{MIN_RATE}-{MAX_RATE} Hz are accepted)", param=param)
         if frames / rate > limit:
             raise _too_long(frames / rate, max_seconds, param)
         try:
@@ -152,6 +160,9 @@ def _read_pyav(
         rate = int(stream.codec_context.sample_rate or stream.rate or 0)
         if rate <= 0:
             raise MediaError("invalid audio stream: unknown sample rate", param=param)
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise MediaError(f"invalid audio stream: {rate} Hz (sample rates {MIN_RATE}-{MAX_RATE} Hz are accepted)",
+                             param=param)
         if stream.duration is not None and stream.time_base is not None:
             declared = float(stream.duration * stream.time_base)
             if declared > limit:
