@@ -25,6 +25,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     max_num_seqs: int = 16  # requests in one batch
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decode tokens)
+    # While other requests decode or wait, one prompt's prefill chunk is at most this many tokens (vLLM's name): a
+    # short request is admitted at once and decodes every step instead of waiting behind a long prompt's whole
+    # budget-sized chunks (10 s a step on 2 cores). Alone, a prompt takes the whole budget. 0: off.
+    long_prefill_token_threshold: int = 512
     block_size: int = 16  # tokens per KV cache block
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: the default rule of engine/memory.py
     kv_cache_fraction: float = 0.25  # default rule: at most this share of the available RAM
@@ -57,6 +61,9 @@ class EngineConfig:
                 raise InvalidRequest(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}", param=name)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequest(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.long_prefill_token_threshold < 0:
+            raise InvalidRequest("EngineConfig.long_prefill_token_threshold must be >= 0 (0: off), got "
+                                 f"{self.long_prefill_token_threshold}", param="long_prefill_token_threshold")
         if self.encoder_cache_memory < 0:
             raise InvalidRequest(f"EngineConfig.encoder_cache_memory must be >= 0, got {self.encoder_cache_memory}")
         if self.request_timeout is not None and self.request_timeout <= 0:

@@ -54,7 +54,8 @@ class Engine:
         self.kv_cache_rule = plan.rule
         log.info("KV cache: %s; context %d tokens", plan.rule, self.max_model_len)
         self.scheduler = Scheduler(
-            self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+            self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
         )
         self.runner = ModelRunner(
             model, plan, encoder_cache_memory=config.encoder_cache_memory,

@@ -10,7 +10,9 @@ Each step is a token budget (`max_num_batched_tokens`) shared by the running req
    whose next uncached block is being prefilled by a running request waits for it (FIFO, usually one step) and then
    shares it: N phone agents arriving together with the same system prompt compute it once, not N times.
 A request's scheduled tokens are `num_tokens - num_computed_tokens` (capped by the budget): the whole prompt,
-the rest of a chunked prompt, a recompute after preemption, or the single last token when decoding.
+the rest of a chunked prompt, a recompute after preemption, or the single last token when decoding. In a step that
+others share (another request runs, or one waits for admission with a slot free), each prefill chunk is also capped
+at `long_prefill_token_threshold`: a long prompt no longer takes the whole budget while a short one waits behind it.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: a prefill may take the whole budget
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival (admission) order: newest last
         self.num_preemptions = 0
@@ -62,6 +66,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         # decodes first (one token each, latency-critical), then unfinished prefills
         order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        shared = len(self.running) > 1 or (bool(self.waiting) and len(self.running) < self.max_num_seqs)
+        cap = self.long_prefill_token_threshold or budget
         scheduled: set[str] = set()
         for req in order:
             if budget == 0:
@@ -69,6 +75,8 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if shared and n > 1:
+                n = min(n, cap)
             while not self.kv.can_allocate(req.block_table, req.num_computed_tokens + n):
                 victim = self._newest_unscheduled(scheduled)
                 self._preempt(victim, batch)
@@ -102,6 +110,8 @@ class Scheduler:
             req.num_cached_tokens += req.num_computed_tokens
             self.num_cached_tokens += req.num_computed_tokens
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if batch.requests or self.waiting:  # others share this step
+                n = min(n, cap)
             self.kv.allocate(req.block_table, req.num_tokens)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

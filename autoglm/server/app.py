@@ -148,6 +148,7 @@ def build_engine(model: LoadedModel, config: ServerConfig) -> EngineClient:
             "max_num_seqs": config.max_num_seqs,
             "kv_cache_memory": config.kv_cache_memory,
             "max_num_batched_tokens": config.max_num_batched_tokens,
+            "long_prefill_token_threshold": config.long_prefill_token_threshold,
             "max_waiting": config.max_waiting,
             "request_timeout": config.request_timeout,
             "enable_prefix_caching": False if config.no_prefix_caching else None,

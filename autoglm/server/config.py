@@ -61,6 +61,7 @@ class ServerConfig:
     log_level: str = "info"
     # concurrency and backpressure (engine options; None: the engine's default)
     max_num_batched_tokens: int | None = None
+    long_prefill_token_threshold: int | None = None
     max_waiting: int | None = None
     request_timeout: float | None = None
     no_prefix_caching: bool = False
@@ -194,6 +195,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(("--kv-cache-memory",), "kv_cache_memory", int, "bytes for the KV cache (default: engine's choice)"),
     _Option(("--max-num-batched-tokens",), "max_num_batched_tokens", int,
             "token budget of one engine step: prefill chunks + decodes (default 2048)"),
+    _Option(("--long-prefill-token-threshold",), "long_prefill_token_threshold", int,
+            "while others decode or wait, one prompt's prefill chunk is at most this many tokens (default 512; "
+            "0: a prompt may take the whole step)"),
     _Option(("--max-waiting",), "max_waiting", int, "queued requests beyond which new ones get 429 (default 1024)"),
     _Option(("--request-timeout",), "request_timeout", float,
             "seconds after which a request is ended with a timeout error (default: none)"),

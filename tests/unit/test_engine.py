@@ -77,6 +77,28 @@ def test_batched_equals_alone(model: LoadedModel, alone: list[list[int]]) -> Non
     assert run(model, PROMPTS, greedy(24)) == alone
 
 
+def test_a_long_prompt_shares_its_steps(model: LoadedModel, alone: list[list[int]]) -> None:
+    """A long prompt alone takes the whole budget; once a short request waits, the long one's chunks shrink to
+    long_prefill_token_threshold, so the short one is admitted the next step and decodes every step after, while
+    the long prefill goes on beside it. The tokens are the same as alone."""
+    long_ids = build_text_prompt(model, PROMPTS[2] * 3).token_ids
+    engine = Engine(model, EngineConfig(block_size=4, max_num_batched_tokens=48, long_prefill_token_threshold=8))
+    engine.add_request("long", PromptInputs(token_ids=long_ids), greedy(4))
+    assert engine.step() == [] and engine.scheduler.running[0].num_computed_tokens == 48  # alone: the whole budget
+    engine.add_request("short", build_text_prompt(model, PROMPTS[0]), greedy(24))
+    outs: dict[str, list[RequestOutput]] = {}
+    steps_with_short_decoding = 0
+    while engine.scheduler.running or engine.scheduler.waiting:
+        running = {r.request_id: r for r in engine.scheduler.running}
+        long_left = running["long"].num_tokens - running["long"].num_computed_tokens if "long" in running else 0
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+        if long_left > 1 and "short" in running and running["short"].num_generated > 0:
+            steps_with_short_decoding += 1
+    assert tokens(outs["short"]) == alone[0]
+    assert steps_with_short_decoding >= 3  # it decoded while the long prompt was still being prefilled
+
+
 def test_chunked_prefill_equals_whole_prefill(model: LoadedModel, alone: list[list[int]]) -> None:
     assert run(model, PROMPTS, greedy(24), max_num_batched_tokens=5) == alone
     assert run(model, PROMPTS, greedy(24), max_num_batched_tokens=1) == alone
