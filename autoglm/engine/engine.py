@@ -87,7 +87,7 @@ class Engine:
         timeout: seconds from now until the request is ended with RequestTimeout (default: `request_timeout`)."""
         self._check_prompt(prompt)
         params = params.resolve(self.model.generation_defaults)
-        self._check_logit_bias(params)
+        self._check_token_ids(params)
         max_tokens = self._max_tokens(len(prompt.token_ids), params)
         timeout = self._timeout(timeout)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -118,11 +118,15 @@ class Engine:
         if bad := [t for t in prompt.token_ids if not 0 <= t < vocab]:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
 
-    def _check_logit_bias(self, params: SamplingParams) -> None:
+    def _check_token_ids(self, params: SamplingParams) -> None:
         vocab = self.model.decoder.vocab_size
         if bad := [t for t in params.logit_bias or {} if t >= vocab]:
             raise InvalidRequest(
                 f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="logit_bias"
+            )
+        if bad := [t for t in params.stop_token_ids if t >= vocab]:  # could never match: a client mistake
+            raise InvalidRequest(
+                f"stop_token_ids: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="stop_token_ids"
             )
 
     def _max_tokens(self, n_prompt: int, params: SamplingParams) -> int:

@@ -64,6 +64,8 @@ CASES: list[tuple[str, Any, int, str, str | None]] = [
      f"maximum context length is {MAX_MODEL_LEN} tokens", "prompt"),
     ("completion max_tokens over context", {"model": SERVED_NAMES[0], "prompt": "hi", "max_tokens": MAX_MODEL_LEN},
      400, "in the prompt, ", "max_tokens"),
+    ("stop token id past the vocabulary", _chat(stop_token_ids=[1_000_000_000]), 400, "outside the vocabulary",
+     "stop_token_ids"),
     ("n too large", _chat(n=17), 400, "n must be between 1 and 16", "n"),
     ("top_p out of range", _chat(top_p=1.5), 400, "top_p", "top_p"),
     ("bad reasoning_format", _chat(reasoning_format="sideways"), 400, "reasoning_format", "reasoning_format"),
