@@ -62,6 +62,7 @@ class MediaPart:
     encoder: Encoder
     part: Mapping[str, Any]
     where: str = "messages"
+    message: int = 0  # index of the message it came from
 
 
 def check_fits(model: LoadedModel, text: str, param: str, max_len: int | None = None) -> None:
@@ -135,8 +136,26 @@ def build_chat_prompt(
     check_fits(model, text, "messages", max_len)
     # the template wrote the prefix tokens itself; client text is never parsed as control tokens
     ids = encode_prompt(model.tokenizer.backend, model.tokenizer.literal, text, client_texts(messages))
+    _check_placed(ids, parts, messages)
     media = [(p.encoder, _load(p, media_policy)) for p in parts]
     return assemble_prompt(ids, media, text=text)
+
+
+def _check_placed(ids: Sequence[int], parts: Sequence[MediaPart], messages: Sequence[Mapping[str, Any]]) -> None:
+    """Every media part got its placeholder from the template; a template that leaves a message's content out
+    (many have no branch for role "tool") would otherwise surface as a placeholder-count mismatch."""
+    wanted = {p.encoder.placeholder_id for p in parts}
+    placed = sum(1 for t in ids if t in wanted)
+    if placed >= len(parts):
+        return
+    roles = sorted({str(messages[p.message].get("role")) for p in parts})
+    odd = next((p for p in parts if messages[p.message].get("role") not in ("user", "system")), parts[0])
+    raise InvalidRequest(
+        f"the chat template placed {placed} of the {len(parts)} media item(s): it leaves out the content of some "
+        f"messages (media sent in role(s) {', '.join(roles)}; {odd.where} is in a "
+        f"{messages[odd.message].get('role')!r} message); send images and audio in user messages",
+        param=odd.where,
+    )
 
 
 def assemble_prompt(
@@ -213,7 +232,7 @@ def media_parts(model: LoadedModel, messages: Sequence[Mapping[str, Any]]) -> li
             encoder = by_type.get(kind)
             if encoder is None:
                 raise _no_encoder(model, str(kind), where)
-            out.append(MediaPart(encoder, part, where))
+            out.append(MediaPart(encoder, part, where, i))
     return out
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from autoglm.errors import ConfigError, MediaError
 from autoglm.multimodal.encoder import EncoderInputs
-from autoglm.multimodal.media import MediaPolicy
+from autoglm.multimodal.media import MediaPolicy, displayed_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -107,13 +107,15 @@ def smart_resize(
         raise MediaError(f"image has an empty side ({width}x{height})")
     if num_frames < temporal_factor:
         raise MediaError(f"num_frames {num_frames} must be at least temporal_factor {temporal_factor}")
+    sent = (width, height)
     if height < factor or width < factor:
         # tiny images are scaled up so their short side reaches one merged patch
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
+        ratio = max(sent) / min(sent)
         raise MediaError(
-            f"image aspect ratio {max(height, width) / min(height, width):.1f} is over 200 ({width}x{height})"
+            f"image aspect ratio {ratio:.4g} ({sent[0]}x{sent[1]}) is over the model's limit of 200", param="image_url"
         )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -130,12 +132,9 @@ def smart_resize(
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy; transparency is composited onto white (as transformers does)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    """RGB copy as a browser shows the image (media.displayed_rgb: EXIF orientation, 16-bit grey, transparency onto
+    white)."""
+    return displayed_rgb(image)
 
 
 def _check_image(image: Any) -> Image.Image:

@@ -17,7 +17,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from autoglm.errors import MediaError
 
@@ -57,12 +58,14 @@ def load_image(
     """Resolve `source` to an RGB PIL image, enforcing the permissions and caps. Raises MediaError."""
     if isinstance(source, Image.Image):
         _check_pixels(source.width, source.height, max_pixels)
-        return source.convert("RGB")
+        return displayed_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), max_bytes=max_bytes, max_pixels=max_pixels)
     if not isinstance(source, str):
         raise MediaError(f"image source must be a URL string, got {type(source).__name__}", param="image_url")
     text = source.strip()
+    if not text:
+        raise MediaError("image URL is empty", param="image_url")
     scheme = text.split(":", 1)[0].lower() if ":" in text[:16] else ""
     if scheme == "data":
         return decode_image(_data_url_bytes(text), max_bytes=max_bytes, max_pixels=max_pixels)
@@ -107,10 +110,25 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         try:
             image.seek(0)  # first frame of an animated GIF/WebP
             image.load()
-            rgb = image.convert("RGB")
+            rgb = displayed_rgb(image)
         except Exception as exc:  # truncated or corrupt pixel data
             raise MediaError(f"{image.format} image data is truncated or corrupt ({exc})", param="image_url") from exc
     return rgb
+
+
+def displayed_rgb(image: Image.Image) -> Image.Image:
+    """The image as a browser shows it, in RGB: EXIF orientation applied (phone photos), 16-bit grey scaled to 8
+    bits (Pillow's convert would clip it), transparency composited onto white (as transformers does; convert("RGB")
+    alone would turn transparent pixels black)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey PNG: 0..65535 -> 0..255
+        grey = np.asarray(image.convert("I"), dtype=np.int64)
+        return Image.fromarray(np.clip((grey + 128) // 257, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

@@ -95,6 +95,9 @@ async def _body(request: Request) -> dict[str, Any]:
     for key in _STRING_FIELDS:
         if body.get(key) is not None and not isinstance(body[key], str):
             raise InvalidRequest(f"{key} must be a string, got {type(body[key]).__name__}")
+    images = body.get("images")
+    if images is not None and (not isinstance(images, list) or not all(isinstance(b, str) for b in images)):
+        raise InvalidRequest("images must be a list of base64 strings")
     for key in ("options", "messages"):
         kind = dict if key == "options" else list
         if body.get(key) is not None and not isinstance(body[key], kind):
@@ -288,6 +291,8 @@ def _engine_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(m, Mapping):
             raise InvalidRequest(f"messages[{i}] must be an object", param="messages")
         images = m.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(b, str) for b in images):
+            raise InvalidRequest(f"messages[{i}].images must be a list of base64 strings", param="images")
         content: Any = m.get("content") or ""
         if images:
             parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": _data_url(b)}} for b in images]

@@ -66,6 +66,12 @@ CASES: list[tuple[str, Any, int, str, str | None]] = [
      400, "in the prompt, ", "max_tokens"),
     ("stop token id past the vocabulary", _chat(stop_token_ids=[1_000_000_000]), 400, "outside the vocabulary",
      "stop_token_ids"),
+    ("image in a message the template drops", _chat(messages=[
+        {"role": "user", "content": "look"},
+        {"role": "tool", "tool_call_id": "c1", "content": [
+            {"type": "text", "text": "screenshot"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _b64(SMALL_PNG)}}]}]),
+     400, "the chat template placed 0 of the 1 media item(s)", "messages[1].content[1]"),
     ("n too large", _chat(n=17), 400, "n must be between 1 and 16", "n"),
     ("top_p out of range", _chat(top_p=1.5), 400, "top_p", "top_p"),
     ("bad reasoning_format", _chat(reasoning_format="sideways"), 400, "reasoning_format", "reasoning_format"),

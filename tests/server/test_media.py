@@ -50,6 +50,33 @@ def test_gif_first_frame() -> None:
     assert r > 200 and b < 50
 
 
+def test_decoded_as_a_browser_shows_it() -> None:
+    """Transparency onto white (not black), EXIF orientation applied, 16-bit grey scaled (not clipped)."""
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    clear.putpixel((0, 0), (0, 0, 0, 255))  # one opaque black pixel: black text on a transparent background
+    out = load_image(_data_url(_encode(clear, "PNG")))
+    assert out.getpixel((4, 4)) == (255, 255, 255) and out.getpixel((0, 0)) == (0, 0, 0)
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    out = load_image(_data_url(_encode(pal, "PNG", transparency=0)))
+    assert out.getpixel((1, 1)) == (255, 255, 255)
+    photo = _image(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    out = load_image(_data_url(_encode(photo, "JPEG", exif=exif.tobytes()), "image/jpeg"))
+    assert out.size == (20, 40)
+    grey16 = Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16))  # ~46 % grey
+    assert grey16.mode.startswith("I")
+    out = load_image(_data_url(_encode(grey16, "PNG")))
+    assert out.getpixel((0, 0)) == (117, 117, 117)  # 30000 / 257, not 255
+
+
+def test_empty_url_and_a_pil_image_with_alpha() -> None:
+    with pytest.raises(MediaError, match="image URL is empty"):
+        load_image("   ")
+    assert load_image(Image.new("RGBA", (4, 4), (0, 0, 0, 0))).getpixel((1, 1)) == (255, 255, 255)
+
+
 def test_missing_base64_marker_tolerated() -> None:
     src = _image()
     out = load_image(_data_url(_encode(src, "PNG"), b64_marker=False))

@@ -217,6 +217,11 @@ def test_errors(client: ollama.Client, env: Env) -> None:
     ("/api/chat", {"messages": "hi"}, "messages must be a list"),
     ("/api/show", {"model": None, "name": 5}, "name must be a string"),
     ("/api/copy", {"source": 5, "destination": 6}, "source must be a string"),
+    ("/api/chat", {"model": SERVED, "messages": [{"role": "user", "content": "x", "images": "AAAA"}]},
+     "messages[0].images must be a list of base64 strings"),
+    ("/api/chat", {"model": SERVED, "messages": [{"role": "user", "content": "x", "images": [5]}]},
+     "images must be a list"),
+    ("/api/generate", {"images": {"a": 1}}, "images must be a list of base64 strings"),
 ])
 def test_wrong_types_and_bad_text_are_400s_in_ollamas_shape(env: Env, path: str, body: dict, cause: str) -> None:
     base = {"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": "x"}], "prompt": "x",

@@ -150,8 +150,11 @@ def test_truncated_image_is_media_error() -> None:
 
 
 def test_degenerate_sizes_are_media_errors() -> None:
-    with pytest.raises(MediaError, match="aspect ratio"):
+    with pytest.raises(MediaError, match=r"aspect ratio 300 \(3000x10\) is over") as info:
         preprocess_image(Image.new("RGB", (3000, 10)))
+    assert info.value.param == "image_url"
+    with pytest.raises(MediaError, match=r"\(1x10000\)"):  # the size sent, not the upscaled one
+        preprocess_image(Image.new("RGB", (1, 10000)))
     with pytest.raises(MediaError, match="empty"):
         smart_resize(0, 10)
     with pytest.raises(MediaError, match="empty"):
