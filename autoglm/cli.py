@@ -150,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `autoglm models --json | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not raise again
         return 141
+    except (OSError, ValueError, TypeError, KeyError, IndexError, RecursionError, UnicodeError, ZeroDivisionError,
+            OverflowError, MemoryError) as e:
+        # a file or argument no check anticipated: one line naming the cause (the traceback at --log-level debug)
+        log.debug("autoglm %s failed", args.command, exc_info=True)
+        print(f"autoglm {args.command}: error: {type(e).__name__}: {str(e)[:500]} (run with --log-level debug for "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from autoglm.errors import AutoGLMError
+from autoglm.errors import AutoGLMError, InvalidRequest
 
 # mirrors autoglm.gguf.writer.OUTTYPES (a test checks): importing the writer here would load torch for --help
 OUTTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -41,6 +41,16 @@ def run(args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     try:
+        src = Path(args.hf_dir).resolve()
+        for out_path in filter(None, (args.outfile, args.mmproj_out)):
+            dst = Path(out_path).resolve()
+            if dst.is_dir():
+                raise InvalidRequest(f"{out_path}: is a directory; give the .gguf file to write", param="outfile")
+            if dst == src or src in dst.parents:  # writing into the checkpoint would destroy what is being read
+                raise InvalidRequest(f"{out_path}: is inside the input checkpoint {args.hf_dir}; write elsewhere",
+                                     param="outfile")
+        if args.mmproj_out:
+            _check_has_vision(args.hf_dir)  # before the text file is written, not after
         t0 = time.perf_counter()
         out = convert_text(args.hf_dir, args.outfile, outtype=args.outtype, model_name=args.name, progress=progress)
         print(f"{out}: {args.outtype} text model, {Path(out).stat().st_size / 2**20:.1f} MiB "
@@ -54,3 +64,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"autoglm convert: error: {e.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_has_vision(hf_dir: str) -> None:
+    import json
+
+    try:
+        config = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # convert_text reports the unreadable config with its own message
+    if isinstance(config, dict) and not isinstance(config.get("vision_config"), dict):
+        raise InvalidRequest(f"{hf_dir}: --mmproj-out given, but the checkpoint has no vision tower (no "
+                             "vision_config in config.json)", param="mmproj_out")

@@ -91,12 +91,10 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, file_type: int) -> No
 
 def quantize_gguf(src: str | Path, dst: str | Path, target: str, *, progress: bool = True) -> QuantizeReport:
     """Write `dst`: `src` with its weights re-encoded to `target` ("q4_k_m", "q8_0", "f16", ...)."""
-    import numpy as np
     from gguf import GGMLQuantizationType as Q
-    from gguf import GGUFWriter, Keys
-    from tqdm import tqdm
+    from gguf import Keys
 
-    from autoglm.gguf.quants import QuantMix, dequantize, quantize, row_nbytes
+    from autoglm.gguf.quants import QuantMix
 
     float_types, quant_source = _source_types()
     mix = QuantMix.parse(target)
@@ -122,7 +120,28 @@ def quantize_gguf(src: str | Path, dst: str | Path, target: str, *, progress: bo
         plan.append((t, shape, new))
         report.tensor_types[t.name] = new
 
-    writer = GGUFWriter(dst, arch)
+    out = Path(dst)
+    if out.is_dir():
+        raise InvalidRequest(f"{dst}: is a directory; give the .gguf file to write", param="output")
+    if not out.parent.is_dir():
+        raise InvalidRequest(f"{dst}: the directory {out.parent} does not exist", param="output")
+    part = out.with_name(out.name + ".part")  # renamed into place when complete: a failure leaves no OUT behind
+    try:
+        report = _write(reader, part, arch, mix, plan, report, progress)
+        part.replace(out)
+    finally:
+        part.unlink(missing_ok=True)
+    return report
+
+
+def _write(reader: Any, part: Path, arch: str, mix: Any, plan: list, report: Any, progress: bool) -> Any:
+    import numpy as np
+    from gguf import GGUFWriter
+    from tqdm import tqdm
+
+    from autoglm.gguf.quants import dequantize, quantize, row_nbytes
+
+    writer = GGUFWriter(part, arch)
     _copy_metadata(reader, writer, int(mix.file_type))
     for t, shape, new in plan:
         rows = int(np.prod(shape[:-1], dtype=np.int64))

@@ -85,6 +85,7 @@ def serve(config: Any, model: Any = None) -> int:
         print(f"autoglm serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return EXIT_PORT_IN_USE
     app = create_app(config, model=model)
+    logging.getLogger("uvicorn.error").addFilter(_no_startup_traceback)
     server = uvicorn.Server(uvicorn.Config(
         app, log_config=None, log_level=config.log_level.lower(),
         timeout_graceful_shutdown=getattr(config, "drain_grace", 10.0) + 5,  # the drain ends streams before this
@@ -101,6 +102,11 @@ def serve(config: Any, model: Any = None) -> int:
         log.error("Server did not start (see the errors above)")
         return EXIT_STARTUP_FAILED
     return 0
+
+
+def _no_startup_traceback(record: logging.LogRecord) -> bool:
+    """Drop the ASGI traceback of a start-up error the app already logged in one line (app.StartupFailed)."""
+    return "StartupFailed" not in record.getMessage()
 
 
 def _drain_on_exit(server: Any, app: Any, grace: float) -> Any:

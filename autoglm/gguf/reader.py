@@ -40,6 +40,7 @@ _SCALARS: dict[GGUFValueType, tuple[str, str]] = {  # value type -> (struct form
     GGUFValueType.FLOAT64: ("<d", "<f8"),
 }
 _MAX_DIMS = 8
+_MAX_NESTING = 8  # array-of-array levels accepted in metadata
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ class _Cursor:
         # llama.cpp's vocabularies may hold invalid UTF-8 pieces; keep them round-trippable
         return raw.decode("utf-8", errors="surrogateescape")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        if depth > _MAX_NESTING:  # llama.cpp's own files nest one level (arrays of strings)
+            raise CorruptFile(f"{self.path}: GGUF arrays nested over {_MAX_NESTING} levels deep at byte {self.pos}")
         try:
             vt = GGUFValueType(vtype)
         except ValueError:
@@ -106,7 +109,9 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
                 self.pos = end
                 return arr
-            return [self.value(etype) for _ in range(count)]
+            if count > len(self.buf) - self.pos:  # every element takes at least one byte
+                raise CorruptFile(f"{self.path}: truncated GGUF header (array of {count} at {self.pos})")
+            return [self.value(etype, depth + 1) for _ in range(count)]
         return self.unpack(_SCALARS[vt][0])
 
 
@@ -155,7 +160,11 @@ class GGUFFile:
             qtype_id = cur.unpack("<I")
             offset = cur.unpack("<Q")
             infos.append((name, dims, qtype_id, offset))
-        alignment = int(self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+        alignment = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if isinstance(alignment, bool) or not isinstance(alignment, (int, np.integer)) or alignment < 1 or (
+                alignment & (alignment - 1)):  # llama.cpp: a power of two
+            raise CorruptFile(f"{self.path}: general.alignment must be a positive power of two, got {alignment!r}")
+        alignment = int(alignment)
         self.data_offset = -(-cur.pos // alignment) * alignment
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, qtype_id, offset in infos:

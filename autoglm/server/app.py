@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from autoglm.engine.openmp import ReleasingExecutor
+from autoglm.errors import AutoGLMError
 from autoglm.server import audio_api, health_api, ollama_api, openai_api, status_page
 from autoglm.server.browser import CORSMiddleware, HeadAsGetMiddleware, cors_options
 from autoglm.server.config import ServerConfig
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("autoglm.server")
 
 
+class StartupFailed(Exception):
+    """Start-up stopped on an error already logged in one line (`commands/serve.py` keeps its traceback out)."""
+
+
 def create_app(
     config: ServerConfig, *, model: LoadedModel | None = None, engine: EngineClient | None = None
 ) -> FastAPI:
@@ -45,7 +50,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await _start(state, model, engine)
+        try:
+            await _start(state, model, engine)
+        except AutoGLMError as e:  # a bad file or setting: one clear line, not the ASGI traceback
+            log.error("autoglm serve: error: %s", e.message)
+            raise StartupFailed(e.message) from None
         try:
             yield
         finally:

@@ -13,6 +13,7 @@ Content modes (vLLM's `--chat-template-content-format`):
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import re
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import jinja2.sandbox
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -119,10 +121,80 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
 
 
+MAX_TEMPLATE_ITEMS = 1_000_000  # longest string or list a template may build with * / % / center, and its loop budget
+_LOOP_BUDGET: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("_LOOP_BUDGET", default=None)
+
+
+def _too_big(what: str) -> jinja2.exceptions.SecurityError:
+    return jinja2.exceptions.SecurityError(f"{what} is over the chat template limit of {MAX_TEMPLATE_ITEMS} items")
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, plus bounds on what a template (a file's metadata: hostile input) can make the process do:
+    `*`, `**` and `%` are checked before they run (and so never folded at compile time, where `'x' * 10**10`
+    would allocate while merely loading the file), and `range` counts against one budget per render, so nested
+    loops cannot run for hours."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_ITEMS:
+                    raise _too_big(f"a repetition of {len(seq)} x {n}")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and (
+                right > 64 and abs(left) > 1 or abs(left).bit_length() * max(right, 0) > 4096):
+            raise _too_big(f"{left} ** {right}")
+        if operator == "%" and isinstance(left, str) and re.search(r"%[-+ #0]*(\d{6,}|\*)", left):
+            raise _too_big("a %-format width")
+        return super().call_binop(context, operator, left, right)
+
+
+class _CountedRange:
+    """`range` whose iteration draws on the render's loop budget (len, indexing and reversal as a range)."""
+
+    def __init__(self, r: range) -> None:
+        self.r = r
+
+    def __len__(self) -> int:
+        return len(self.r)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.r[i]
+
+    def __iter__(self) -> Any:
+        return _counted(iter(self.r))
+
+    def __reversed__(self) -> Any:
+        return _counted(reversed(self.r))
+
+
+def _counted(it: Any) -> Any:
+    budget = _LOOP_BUDGET.get()
+    for item in it:
+        if budget is not None:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _too_big("the loops of one render")
+        yield item
+
+
+def _range(*args: int) -> _CountedRange:
+    return _CountedRange(jinja2.sandbox.safe_range(*args))
+
+
+def _center(value: Any, width: int = 80) -> str:
+    if isinstance(width, int) and width > MAX_TEMPLATE_ITEMS:
+        raise _too_big(f"center width {width}")
+    return str(value).center(width)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
+    env.globals["range"] = _range
+    env.filters["center"] = _center
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -210,6 +282,9 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as e:
             where = name or "the model"
             raise ConfigError(f"chat template of {where} has a syntax error at line {e.lineno}: {e}") from e
+        except (RecursionError, MemoryError, OverflowError, jinja2.exceptions.TemplateError) as e:
+            raise ConfigError(f"chat template of {name or 'the model'} cannot be compiled: {type(e).__name__}: "
+                              f"{str(e)[:200]}") from e
 
     # --- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -267,6 +342,7 @@ class ChatTemplate:
         chat = [self._message(m, i, content_format) for i, m in enumerate(_plain(list(messages)))]
         variables: dict[str, Any] = dict(self.special_tokens)
         variables.update({k: _plain(v) for k, v in kwargs.items() if v is not None})
+        token = _LOOP_BUDGET.set([MAX_TEMPLATE_ITEMS])
         try:
             return self._template.render(
                 messages=chat,
@@ -280,9 +356,12 @@ class ChatTemplate:
                                  param="messages") from e
         except jinja2.exceptions.TemplateError as e:
             raise InvalidRequest(f"chat template error: {e}", param="messages") from e
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+                RecursionError) as e:
             raise InvalidRequest(f"chat template cannot render these messages: {type(e).__name__}: {e}",
                                  param="messages") from e
+        finally:
+            _LOOP_BUDGET.reset(token)
 
     def _message(self, msg: Any, index: int, content_format: ContentFormat) -> dict[str, Any]:
         if not isinstance(msg, dict):

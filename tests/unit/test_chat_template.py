@@ -170,6 +170,31 @@ def test_sandbox_escape_attempts_raise(attack: str) -> None:
         tpl.render([{"role": "user", "content": "x"}])
 
 
+@pytest.mark.parametrize(("bomb", "cause"), [
+    ("{{ 'x' * 10**10 }}", "repetition"),  # would allocate 10 GB while compiling, by constant folding
+    ("{{ 'x' * 10000000000 }}", "repetition"),
+    ("{{ 2 ** 100000000 }}", r"2 \*\* 100000000"),
+    ("{{ '%0999999999d' % 1 }}", "format width"),
+    ("{{ 'x'|center(10000000000) }}", "center width"),
+    ("{% for a in range(99999) %}{% for b in range(99999) %}{% for c in range(99999) %}{% endfor %}{% endfor %}"
+     "{% endfor %}", "loops of one render"),  # 10**15 iterations, each range under the sandbox's own cap
+    ("{{ range(10**12) }}", "Range too big"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+])
+def test_templates_cannot_exhaust_the_process(bomb: str, cause: str) -> None:
+    """A template is a model file's metadata: hostile input. Each of these is a 400 that uses no memory to speak
+    of (and the loops stop at a budget instead of running for hours); ordinary uses of the operators still work."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InvalidRequest, match=cause):
+        ChatTemplate.from_string(bomb).render([{"role": "user", "content": "x"}])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 500 * 1024  # KiB: under 500 MiB more
+    ok = ("{% for i in range(messages|length - 1, -1, -1) %}{{ i }}{% endfor %}{{ range(3)|list }}{{ range(5)|length }}"
+          "{{ 'ab' * 3 }}{{ 2 ** 10 }}{{ '%d-%s' % (1, 'a') }}{{ 'x'|center(5) }}")
+    assert ChatTemplate.from_string(ok).render([{"role": "user", "content": "x"}]) == "0[0, 1, 2]5ababab10241-a  x  "
+
+
 def test_template_sources(tmp_path: Path) -> None:
     source = TEMPLATE_PATH.read_text(encoding="utf-8")
     msgs = [{"role": "user", "content": "hi"}]

@@ -111,3 +111,58 @@ def test_frame_skips_missing_command_modules(monkeypatch: pytest.MonkeyPatch,
     out = capsys.readouterr().out
     assert "chat" in out and "inspect" in out and "no_such_command_yet" not in out
     assert cli.main([]) == 2  # no command: help, usage exit code
+
+
+def _with_metadata(src: Path, dst: Path, **changes: object) -> Path:
+    """A copy of GGUF `src` with some metadata values replaced (gguf's own writer, tensors copied as they are)."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "glm4")
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
+            continue
+        vt = field.types[0]
+        w.add_key_value(key, field.contents(), vt, sub_type=field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for key, (value, vt) in changes.items():
+        w.add_key_value(key, value, vt)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_hostile_files_and_outputs_are_one_line_errors(tiny_glm4_gguf: Path, tiny_glm4_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """Each is `autoglm CMD: error: ...` with exit 1: no traceback, no partial output, the input untouched."""
+    import shutil
+
+    import gguf
+
+    U32, STR = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
+    cases = [
+        (_with_metadata(tiny_glm4_gguf, tmp_path / "a0.gguf", **{"general.alignment": (0, U32)}), "power of two"),
+        (_with_metadata(tiny_glm4_gguf, tmp_path / "a3.gguf", **{"general.alignment": (3, U32)}), "power of two"),
+        (_with_metadata(tiny_glm4_gguf, tmp_path / "bs.gguf", **{"glm4.block_count": ("two", STR)}), "error:"),
+    ]
+    for path, cause in cases:
+        proc = _autoglm("inspect", str(path))
+        assert proc.returncode == 1 and cause in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # quantize: OUT a directory, or in a missing one; nothing left behind
+    for out, cause in ((tmp_path, "is a directory"), (tmp_path / "nope" / "x.gguf", "does not exist")):
+        proc = _autoglm("quantize", str(tiny_glm4_gguf), str(out), "q8_0")
+        assert proc.returncode == 1 and cause in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("*.part"))
+    # convert: an output inside the checkpoint would overwrite what it reads
+    ckpt = shutil.copytree(tiny_glm4_dir, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    proc = _autoglm("convert", str(ckpt), "-o", str(ckpt / "model.safetensors"), "--no-progress")
+    assert proc.returncode == 1 and "inside the input checkpoint" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
+    proc = _autoglm("convert", str(ckpt), "-o", str(tmp_path / "t.gguf"), "--mmproj-out", str(tmp_path / "m.gguf"),
+                    "--no-progress")
+    assert proc.returncode == 1 and "no vision tower" in proc.stderr and not (tmp_path / "t.gguf").exists()
