@@ -469,25 +469,36 @@ def plan_gguf(
     """Plan for a GGUF file from its metadata and tensor types (the file's own quantization); with an mmproj, its
     tower as the loader holds it (block-quantized linears in their blocks, the rest float32) and one image of
     `image_size` (default: the largest its processor allows)."""
-    from gguf import GGUFReader
+    from autoglm.errors import CorruptFile
+    from autoglm.gguf.reader import GGUFFile
 
-    reader = GGUFReader(str(path))
+    f = GGUFFile(path)  # our reader: bounded parsing of hostile headers, errors naming the file and the key
 
     def meta(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+        return f.metadata.get(key, default)
+
+    def count(key: str, default: Any = None) -> int:
+        value = meta(key, default)
+        if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+            value = max(value) if len(value) else None  # per-layer arrays (e.g. head_count_kv): the largest
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise CorruptFile(f"{f.path}: {key} is {value!r}, not a count") from None
+        if n < 1:
+            raise CorruptFile(f"{f.path}: {key} is {n}; it must be at least 1")
+        return n
 
     arch = meta("general.architecture", "?")
-    n_layers = int(meta(f"{arch}.block_count"))
-    d = int(meta(f"{arch}.embedding_length"))
-    heads = int(meta(f"{arch}.attention.head_count"))
-    kv_heads = meta(f"{arch}.attention.head_count_kv", heads)
-    kv_heads = int(max(kv_heads) if isinstance(kv_heads, list) else kv_heads)
-    hd = int(meta(f"{arch}.attention.key_length", d // heads))
+    n_layers = count(f"{arch}.block_count")
+    d = count(f"{arch}.embedding_length")
+    heads = count(f"{arch}.attention.head_count")
+    kv_heads = count(f"{arch}.attention.head_count_kv", heads)
+    hd = count(f"{arch}.attention.key_length", d // heads)
     weights: list[Tensor2D] = []
     priced: dict[str, tuple[str, int]] = {}
     types: dict[str, int] = {}
-    for t in reader.tensors:
+    for t in f.tensors.values():
         name = t.name
         module = (
             "embeddings"
@@ -502,22 +513,20 @@ def plan_gguf(
             if ".ffn_" in name
             else "norms"
         )
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        weights.append(Tensor2D(name, shape, module, linear=False))
-        priced[name] = (t.tensor_type.name, int(t.n_bytes))
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
+        weights.append(Tensor2D(name, tuple(t.shape), module, linear=False))
+        priced[name] = (t.qtype.name, t.nbytes)
+        types[t.qtype.name] = types.get(t.qtype.name, 0) + t.nbytes
     if mmproj is not None:
-        for t in GGUFReader(str(mmproj)).tensors:
+        for t in GGUFFile(mmproj).tensors.values():
             name = "mmproj:" + t.name
-            weights.append(Tensor2D(name, tuple(int(s) for s in t.shape.tolist()), "vision", linear=False))
-            kept = len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16", "BF16") and "position" not in name
+            weights.append(Tensor2D(name, tuple(t.shape), "vision", linear=False))
+            kept = len(t.shape) == 2 and t.qtype.name not in ("F32", "F16", "BF16") and "position" not in name
             # the loader keeps block-quantized linears in their blocks (gguf/mmproj.py), the rest in float32
-            priced[name] = (t.tensor_type.name, int(t.n_bytes)) if kept else (MMPROJ_HELD, int(t.n_elements) * 4)
+            priced[name] = (t.qtype.name, t.nbytes) if kept else (MMPROJ_HELD, t.n_elements * 4)
     main_type = max(types, key=lambda k: types[k]) if types else "?"
-    ff = meta(f"{arch}.feed_forward_length", 4 * d)
     cfg = {
         "hidden_size": d,
-        "intermediate_size": int(max(ff) if isinstance(ff, list) else ff),
+        "intermediate_size": count(f"{arch}.feed_forward_length", 4 * d),
         "num_attention_heads": heads,
         "head_dim": hd,
         "vocab_size": len(meta("tokenizer.ggml.tokens", [])) or 32000,

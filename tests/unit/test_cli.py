@@ -152,6 +152,9 @@ def test_hostile_files_and_outputs_are_one_line_errors(tiny_glm4_gguf: Path, tin
     for path, cause in cases:
         proc = _autoglm("inspect", str(path))
         assert proc.returncode == 1 and cause in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    for path, cause in ((cases[0][0], "power of two"), (cases[2][0], "glm4.block_count is 'two', not a count")):
+        proc = _autoglm("plan", str(path))  # `plan` reads the header with the same reader
+        assert proc.returncode == 1 and cause in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # quantize: OUT a directory, or in a missing one; nothing left behind
     for out, cause in ((tmp_path, "is a directory"), (tmp_path / "nope" / "x.gguf", "does not exist")):
         proc = _autoglm("quantize", str(tiny_glm4_gguf), str(out), "q8_0")
