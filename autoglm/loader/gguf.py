@@ -143,6 +143,7 @@ def load_gguf(
     arch = f.architecture
     for info in f.tensors.values():
         _check_supported(info, path)
+    _check_block_count(f, arch)  # before building: a claimed 10**9 layers would hang while making modules
     model = build_decoder(f)
     n_blocks = int(_need(f, f"{arch}.block_count"))
     names = gguf_names_for(arch, n_blocks, expected_tensors(model))
@@ -207,6 +208,22 @@ def load_gguf(
     bind_kernels(loaded.decoder, kernels)
     log.info("%s: %s kernels%s", path.name, info.kernels, f", weights dequantized to {act_dtype}" if dense else "")
     return loaded
+
+
+def _check_block_count(f: GGUFFile, arch: str) -> None:
+    """`{arch}.block_count` must name the layers the file holds (`blk.N.*` tensors for N below it)."""
+    key = f"{arch}.block_count"
+    claimed = f.metadata.get(key)
+    if claimed is None:
+        return  # build_decoder names the missing key
+    try:
+        n = int(claimed)
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{f.path}: {key} is {claimed!r}, not a layer count") from None
+    held = {int(name.split(".")[1]) for name in f.tensors if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    if n < 1 or n > len(held):
+        raise ModelLoadError(f"{f.path}: {key} is {n}, but the file holds tensors for {len(held)} layer(s) "
+                             f"(blk.0 .. blk.{max(held) if held else -1})")
 
 
 def dense_weights(f: GGUFFile) -> Iterator[tuple[str, Tensor]]:
