@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -80,6 +81,33 @@ def safetensors_files(root: Path) -> list[Path]:
             raise ModelLoadError(f"{root}: only pickle weights (*.bin/*.pt) found; we load safetensors only")
         raise ModelLoadError(f"{root}: no *.safetensors weight files")
     return files
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_layer_count(config: dict[str, Any], files: list[Path], root: Path) -> None:
+    """config's num_hidden_layers must not exceed the layers the safetensors hold (`...layers.N.` tensor names)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    claimed = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    if not isinstance(claimed, int) or isinstance(claimed, bool):
+        return  # the model's own config parsing names a missing or mistyped value
+    held: set[int] = set()
+    for f in files:
+        try:
+            size = f.stat().st_size
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n <= size - 8:
+                    return  # a corrupt header: the weight reader names it
+                keys = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            return
+        if isinstance(keys, dict):
+            held.update(int(m.group(1)) for k in keys if (m := _LAYER_KEY.search(k)))
+    if held and claimed > len(held):
+        raise ConfigError(f"{root / 'config.json'}: num_hidden_layers is {claimed}, but the weights hold "
+                          f"{len(held)} layer(s)", param="num_hidden_layers")
 
 
 _ST_DTYPES = {
@@ -244,6 +272,7 @@ def load_hf(
     if str(dtype).removeprefix("torch.") == "auto":  # on CUDA: the checkpoint's 16-bit dtype, else bfloat16
         torch_dtype = accelerator_dtype(devices["decoder"], torch_dtype) or torch_dtype
     files = safetensors_files(root)
+    _check_layer_count(config, files, root)  # before building: a claimed 10**6 layers would hang making modules
 
     try:
         with torch.device("meta"):

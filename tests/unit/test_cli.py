@@ -171,3 +171,9 @@ def test_hostile_files_and_outputs_are_one_line_errors(tiny_glm4_gguf: Path, tin
     proc = _autoglm("convert", str(ckpt), "-o", str(tmp_path / "t.gguf"), "--mmproj-out", str(tmp_path / "m.gguf"),
                     "--no-progress")
     assert proc.returncode == 1 and "no vision tower" in proc.stderr and not (tmp_path / "t.gguf").exists()
+    # a config claiming a million layers: an error naming both counts (building them on meta hung)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"] = 10**6
+    (ckpt / "config.json").write_text(json.dumps(config))
+    proc = _autoglm("inspect", str(ckpt))
+    assert proc.returncode == 1 and "num_hidden_layers is 1000000, but the weights hold" in proc.stderr, proc.stderr
