@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
             dst = Path(out_path).resolve()
             if dst.is_dir():
                 raise InvalidRequest(f"{out_path}: is a directory; give the .gguf file to write", param="outfile")
-            if dst == src or src in dst.parents:  # writing into the checkpoint would destroy what is being read
-                raise InvalidRequest(f"{out_path}: is inside the input checkpoint {args.hf_dir}; write elsewhere",
-                                     param="outfile")
+            if dst == src or (src in dst.parents and dst.exists()):  # would overwrite a file being read
+                raise InvalidRequest(f"{out_path}: is an existing file inside the input checkpoint {args.hf_dir}; "
+                                     "write to a new name", param="outfile")
         if args.mmproj_out:
             _check_has_vision(args.hf_dir)  # before the text file is written, not after
         t0 = time.perf_counter()

@@ -166,7 +166,7 @@ def test_hostile_files_and_outputs_are_one_line_errors(tiny_glm4_gguf: Path, tin
     ckpt = shutil.copytree(tiny_glm4_dir, tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
     proc = _autoglm("convert", str(ckpt), "-o", str(ckpt / "model.safetensors"), "--no-progress")
-    assert proc.returncode == 1 and "inside the input checkpoint" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "existing file inside the input checkpoint" in proc.stderr, proc.stderr
     assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
     proc = _autoglm("convert", str(ckpt), "-o", str(tmp_path / "t.gguf"), "--mmproj-out", str(tmp_path / "m.gguf"),
                     "--no-progress")
