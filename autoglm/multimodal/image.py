@@ -131,12 +131,6 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy as a browser shows the image (media.displayed_rgb: EXIF orientation, 16-bit grey, transparency onto
-    white)."""
-    return displayed_rgb(image)
-
-
 def _check_image(image: Any) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise MediaError(f"expected a decoded image (PIL.Image), got {type(image).__name__}")
@@ -191,7 +185,7 @@ def preprocess_image(
     cfg = cfg or ImageProcessorConfig()
     image = _check_image(image)
     try:
-        rgb = to_rgb(image)
+        rgb = displayed_rgb(image)  # as a browser shows it: EXIF, 16-bit grey, alpha onto white
         w, h = resized_size(rgb.width, rgb.height, cfg)
         if cfg.do_resize:
             rgb = rgb.resize((w, h), resample=Image.Resampling.BICUBIC)

@@ -16,6 +16,7 @@ from autoglm.commands.chat import TerminalPrinter
 from autoglm.commands.inspect import describe
 from autoglm.llm import LLM
 from autoglm.loader import load_model
+from tests.fixtures.gguf import rewrite_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,29 +114,6 @@ def test_frame_skips_missing_command_modules(monkeypatch: pytest.MonkeyPatch,
     assert cli.main([]) == 2  # no command: help, usage exit code
 
 
-def _with_metadata(src: Path, dst: Path, **changes: object) -> Path:
-    """A copy of GGUF `src` with some metadata values replaced (gguf's own writer, tensors copied as they are)."""
-    import gguf
-    import numpy as np
-
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), "glm4")
-    for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment") or key in changes:
-            continue
-        vt = field.types[0]
-        w.add_key_value(key, field.contents(), vt, sub_type=field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    for key, (value, vt) in changes.items():
-        w.add_key_value(key, value, vt)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_hostile_files_and_outputs_are_one_line_errors(tiny_glm4_gguf: Path, tiny_glm4_dir: Path,
                                                        tmp_path: Path) -> None:
     """Each is `autoglm CMD: error: ...` with exit 1: no traceback, no partial output, the input untouched."""
@@ -145,10 +123,10 @@ def test_hostile_files_and_outputs_are_one_line_errors(tiny_glm4_gguf: Path, tin
 
     U32, STR = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
     cases = [
-        (_with_metadata(tiny_glm4_gguf, tmp_path / "a0.gguf", **{"general.alignment": (0, U32)}), "power of two"),
-        (_with_metadata(tiny_glm4_gguf, tmp_path / "a3.gguf", **{"general.alignment": (3, U32)}), "power of two"),
-        (_with_metadata(tiny_glm4_gguf, tmp_path / "bs.gguf", **{"glm4.block_count": ("two", STR)}), "error:"),
-        (_with_metadata(tiny_glm4_gguf, tmp_path / "b9.gguf", **{"glm4.block_count": (10**9, U32)}),
+        (rewrite_gguf(tiny_glm4_gguf, tmp_path / "a0.gguf", {"general.alignment": (0, U32)}), "power of two"),
+        (rewrite_gguf(tiny_glm4_gguf, tmp_path / "a3.gguf", {"general.alignment": (3, U32)}), "power of two"),
+        (rewrite_gguf(tiny_glm4_gguf, tmp_path / "bs.gguf", {"glm4.block_count": ("two", STR)}), "error:"),
+        (rewrite_gguf(tiny_glm4_gguf, tmp_path / "b9.gguf", {"glm4.block_count": (10**9, U32)}),
          "glm4.block_count is 1000000000, but the file holds tensors for"),  # was a hang building 10**9 layers
     ]
     for path, cause in cases:

@@ -16,6 +16,7 @@ from autoglm.gguf.reader import GGUFFile
 from autoglm.layers.attention import AttentionContext
 from autoglm.layers.linear.gguf import GGUFEmbedding, GGUFLinear
 from autoglm.loader.gguf import MISSING_MMPROJ, load_gguf
+from tests.fixtures.gguf import rewrite_gguf
 
 IDS = [2, 40, 283, 284, 285, 7, 301, 302, 299, 100, 12, 265, 266, 297, 298, 303, 290, 291]  # < 306
 
@@ -301,20 +302,8 @@ def test_mmproj_that_does_not_fit_names_both(
     with pytest.raises(ModelLoadError, match=r"glm4v.*tiny-glm4-f32"):
         load_gguf(tiny_glm4_gguf, mmproj=tiny_mmproj)
     # projection size != embedding size
-    r = gguf.GGUFReader(str(tiny_mmproj))
-    proj = int(r.fields["clip.vision.projection_dim"].contents())
-    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "clip")
-    for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vt = field.types[0]
-        value = proj * 2 if key == "clip.vision.projection_dim" else field.contents()
-        w.add_key_value(key, value, vt, sub_type=field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    field = gguf.GGUFReader(str(tiny_mmproj)).fields["clip.vision.projection_dim"]
+    proj = int(field.contents())
+    rewrite_gguf(tiny_mmproj, tmp_path / "bad.gguf", {"clip.vision.projection_dim": (proj * 2, field.types[0])})
     with pytest.raises(ModelLoadError, match=rf"projection size {proj * 2}.*embedding size {proj}"):
         load_gguf(tiny_glm4v_text_gguf, mmproj=tmp_path / "bad.gguf")
